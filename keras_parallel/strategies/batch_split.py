@@ -1,0 +1,189 @@
+"""Global batches split across replicas inside the step function.
+
+`tf.distribute.MirroredStrategy` feeds replicas through a multi-device
+iterator that Keras rebuilds every epoch (about 0.2 s each on TF 2.21) and
+that cannot run inside the `tf.while_loop` Keras uses for
+`steps_per_execution > 1` (keras-team/keras#19246). Here the dataset keeps
+yielding global batches on the host, and each batch is cut into per-replica
+pieces by ops traced into the step itself: `tf.split` on the host, then one
+copy to each replica's device. Creating an epoch's iterator costs what a plain
+`iter(dataset)` costs.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.distribute import values as values_lib
+from tensorflow.python.framework import composite_tensor
+from tensorflow.python.framework import type_spec
+
+
+def replica_batch_sizes(global_size: tf.Tensor, num_replicas: int) -> tf.Tensor:
+    """Sizes of the per-replica pieces of a batch of `global_size` samples.
+
+    The first `global_size % num_replicas` replicas get one sample more, so
+    that an uneven last batch is split as evenly as possible.
+
+    Args:
+        global_size: Scalar int32 tensor, the number of samples in the batch.
+        num_replicas: Number of replicas.
+
+    Returns:
+        An int32 tensor of shape `[num_replicas]` that sums to `global_size`.
+    """
+    base = global_size // num_replicas
+    remainder = global_size % num_replicas
+    extra = tf.cast(tf.range(num_replicas) < remainder, tf.int32)
+    return base + extra
+
+
+def split_batch(batch, host: str, devices: tuple[str, ...]):
+    """Splits every tensor of `batch` along axis 0, one piece per device.
+
+    Args:
+        batch: A nest of tensors sharing their first dimension.
+        host: Device on which the global batch lives.
+        devices: The replica devices, in replica order.
+
+    Returns:
+        The nest of `batch`, with each tensor replaced by a `PerReplica`
+        whose i-th value is placed on `devices[i]`.
+    """
+    leaves = tf.nest.flatten(batch)
+    for leaf in leaves:
+        if not isinstance(leaf, tf.Tensor):
+            raise TypeError(
+                "DataParallel splits batches of dense tensors; the dataset "
+                f"yields a {type(leaf).__name__}. Convert it to a dense "
+                "tensor in the dataset (e.g. `x.to_tensor()` for ragged)."
+            )
+    with tf.device(host):
+        sizes = replica_batch_sizes(tf.shape(leaves[0])[0], len(devices))
+        pieces = [tf.split(leaf, sizes, num=len(devices)) for leaf in leaves]
+    per_replica = []
+    for i, device in enumerate(devices):
+        with tf.device(device):
+            local = [tf.identity(leaf_pieces[i]) for leaf_pieces in pieces]
+        per_replica.append(tf.nest.pack_sequence_as(batch, local))
+    return distribute_utils.regroup(tuple(per_replica), always_wrap=True)
+
+
+def _replica_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
+    return tf.TensorSpec([None] + spec.shape[1:].as_list(), spec.dtype)
+
+
+def per_replica_element_spec(global_spec, num_replicas: int):
+    """The element spec of `split_batch` applied to elements of `global_spec`."""
+    return tf.nest.map_structure(
+        lambda s: values_lib.PerReplicaSpec(*[_replica_spec(s)] * num_replicas),
+        global_spec,
+    )
+
+
+class SplitBatchDataset(tf.distribute.DistributedDataset):
+    """A dataset of global batches whose iterators yield per-replica pieces.
+
+    Args:
+        dataset: A `tf.data.Dataset` yielding global batches.
+        host: The device holding the input pipeline.
+        devices: The replica devices.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, host: str, devices):
+        self._dataset = dataset
+        self._host = host
+        self._devices = tuple(devices)
+
+    def __iter__(self) -> SplitBatchIterator:
+        with tf.device(self._host):
+            iterator = iter(self._dataset)
+        return SplitBatchIterator(iterator, self._host, self._devices)
+
+    @property
+    def element_spec(self):
+        return per_replica_element_spec(
+            self._dataset.element_spec, len(self._devices)
+        )
+
+    def reduce(self, initial_state, reduce_func):
+        raise NotImplementedError(
+            "DataParallel datasets do not support `reduce`; iterate them in "
+            "a `tf.function` instead."
+        )
+
+
+class SplitBatchIteratorSpec(type_spec.TypeSpec):
+    """Type spec of `SplitBatchIterator`, so that a `tf.function` taking an
+    iterator is traced once for all epochs."""
+
+    __slots__ = ["_iterator_spec", "_host", "_devices"]
+
+    value_type = property(lambda self: SplitBatchIterator)
+
+    def __init__(self, iterator_spec, host: str, devices: tuple[str, ...]):
+        self._iterator_spec = iterator_spec
+        self._host = host
+        self._devices = tuple(devices)
+
+    def _serialize(self):
+        return (self._iterator_spec, self._host, self._devices)
+
+    @property
+    def _component_specs(self):
+        return self._iterator_spec
+
+    def _to_components(self, value):
+        return value._iterator
+
+    def _from_components(self, components):
+        return SplitBatchIterator(components, self._host, self._devices)
+
+    @staticmethod
+    def from_value(value):
+        return value._type_spec
+
+
+class SplitBatchIterator(
+    tf.distribute.DistributedIterator, composite_tensor.CompositeTensor
+):
+    """Iterator yielding each global batch as per-replica pieces."""
+
+    def __init__(self, iterator, host: str, devices: tuple[str, ...]):
+        self._iterator = iterator
+        self._host = host
+        self._devices = tuple(devices)
+
+    @property
+    def _type_spec(self):
+        return SplitBatchIteratorSpec(
+            self._iterator._type_spec, self._host, self._devices
+        )
+
+    @property
+    def element_spec(self):
+        return per_replica_element_spec(
+            self._iterator.element_spec, len(self._devices)
+        )
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.get_next()
+        except tf.errors.OutOfRangeError:
+            raise StopIteration from None
+
+    def get_next(self):
+        return split_batch(self._iterator.get_next(), self._host, self._devices)
+
+    def get_next_as_optional(self):
+        optional = self._iterator.get_next_as_optional()
+        return tf.cond(
+            optional.has_value(),
+            lambda: tf.experimental.Optional.from_value(
+                split_batch(optional.get_value(), self._host, self._devices)
+            ),
+            lambda: tf.experimental.Optional.empty(self.element_spec),
+        )

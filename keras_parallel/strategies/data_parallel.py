@@ -1,0 +1,177 @@
+"""`DataParallel`: synchronous data parallelism for Keras `fit` on one host."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tensorflow as tf
+from tensorflow.python.distribute import distribute_lib
+from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.distribute import mirrored_strategy
+from tensorflow.python.distribute import values as values_lib
+
+from keras_parallel.devices import resolve_devices
+from keras_parallel.reduction.local_sum import LocalSum
+from keras_parallel.strategies import batch_split
+from keras_parallel.strategies import batchnorm
+from keras_parallel.strategies.ownership import OwnerTable
+
+
+class DataParallel(tf.distribute.Strategy):
+    """Splits each global batch across devices; one model copy per device.
+
+    A drop-in replacement for `tf.distribute.MirroredStrategy` under Keras:
+    build and compile the model in `strategy.scope()`, then call the usual
+    `fit`, `evaluate` and `predict`. `batch_size` is the global batch; each
+    step cuts it into one piece per device, runs forward and backward on every
+    device, sums the gradients and applies one update, so training gives the
+    numbers of single-device training.
+
+    Compared with MirroredStrategy it feeds replicas without rebuilding a
+    multi-device iterator each epoch, supports `steps_per_execution > 1`,
+    never uses collective ops (so strategies for differently shaped models
+    can be created one after another in a process), and by default applies
+    each variable's optimizer update on one device only.
+
+    Args:
+        devices: A device name or list of names (`"GPU:0"`,
+            `"/device:CPU:1"`, ...) with one replica per device. None means
+            all GPUs, or all logical CPUs when there is no GPU (see
+            `keras_parallel.virtual_devices`).
+        shard_optimizer: If True (default), every variable has one owner
+            device, chosen to balance bytes across devices: its optimizer
+            slots live there, its update runs there once, and the new value
+            is copied to the other devices (optimizer-state sharding as in
+            ZeRO stage 1, Rajbhandari et al., 2020). If False, every device
+            keeps full optimizer state and updates its own copy, as
+            MirroredStrategy does.
+        sync_batch_norm: If True (default), `BatchNormalization` layers of a
+            model trained with this strategy compute mean and variance over
+            the global batch (`synchronized=True`), as on one device. If
+            False, each replica normalises with its own batch statistics,
+            which skips a reduction per layer.
+
+    Example:
+
+    ```python
+    strategy = keras_parallel.DataParallel()
+    with strategy.scope():
+        model = keras.Sequential([...])
+        model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, batch_size=256, epochs=3)
+    ```
+    """
+
+    # Read by MirroredExtended; unused since no collective ops are launched.
+    _collective_key_base = 0
+
+    def __init__(
+        self,
+        devices: str | Sequence[str] | None = None,
+        *,
+        shard_optimizer: bool = True,
+        sync_batch_norm: bool = True,
+    ):
+        for name, value in (
+            ("shard_optimizer", shard_optimizer),
+            ("sync_batch_norm", sync_batch_norm),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"`{name}` must be True or False. Received: {name}={value!r}"
+                )
+        extended = DataParallelExtended(
+            self, resolve_devices(devices), shard_optimizer, sync_batch_norm
+        )
+        super().__init__(extended)
+
+    def __repr__(self) -> str:
+        devices = ", ".join(d.split("device:")[-1] for d in self.extended.worker_devices)
+        return f"DataParallel(devices=[{devices}])"
+
+
+class DataParallelExtended(mirrored_strategy.MirroredExtended):
+    """Strategy internals: MirroredStrategy's replica machinery with our own
+    input splitting, reduction and update placement."""
+
+    def __init__(self, container_strategy, devices, shard_optimizer, sync_batch_norm):
+        super().__init__(
+            container_strategy, devices=devices, cross_device_ops=LocalSum()
+        )
+        self._shard_optimizer = shard_optimizer
+        self._sync_batch_norm = sync_batch_norm
+        self._owners = OwnerTable(len(self._devices))
+
+    def _use_merge_call(self):
+        # Every cross-replica exchange goes through `LocalSum`; collective ops
+        # (the other branch) are what breaks re-created strategies.
+        return True
+
+    # Input.
+
+    def _experimental_distribute_dataset(self, dataset, options):
+        if (
+            options is not None
+            and options.experimental_replication_mode
+            == distribute_lib.InputReplicationMode.PER_REPLICA
+        ):
+            raise NotImplementedError(
+                "InputReplicationMode.PER_REPLICA is only supported by "
+                "`distribute_datasets_from_function`."
+            )
+        return batch_split.SplitBatchDataset(
+            dataset, self._input_workers_devices[0][0], self._devices
+        )
+
+    # Replicas.
+
+    def _call_for_each_replica(self, fn, args, kwargs):
+        if self._sync_batch_norm:
+            batchnorm.synchronize_model_batch_norm(fn)
+        return super()._call_for_each_replica(fn, args, kwargs)
+
+    # Variables.
+
+    def _create_variable(self, next_creator, **kwargs):
+        colocate_with = kwargs.get("colocate_with")
+        if self._shard_optimizer and isinstance(
+            colocate_with, values_lib.MirroredVariable
+        ):
+            # An optimizer slot: one copy, on the owner of its variable.
+            kwargs.pop("colocate_with")
+            device = colocate_with.values[self._owners.owner(colocate_with)].device
+            with tf.device(device):
+                return next_creator(**kwargs)
+        variable = super()._create_variable(next_creator, **kwargs)
+        if isinstance(variable, values_lib.MirroredVariable):
+            self._owners.assign(variable)
+        return variable
+
+    def _update(self, var, fn, args, kwargs, group):
+        if not (
+            self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)
+        ):
+            return super()._update(var, fn, args, kwargs, group)
+        owner = self._owners.owner(var)
+        components = var.values
+        with tf.device(components[owner].device), distribute_lib.UpdateContext(
+            owner
+        ), tf.name_scope(f"update_{owner}"):
+            result = fn(
+                components[owner],
+                *distribute_utils.select_replica(owner, args),
+                **distribute_utils.select_replica(owner, kwargs),
+            )
+            new_value = components[owner].read_value()
+        # Non-owners return what the owner's update returned (nothing, an op,
+        # or the variable), so that callers see MirroredStrategy's result.
+        wants_value = result is not None and not isinstance(result, tf.Operation)
+        updates = []
+        for i, component in enumerate(components):
+            if i == owner:
+                updates.append(result)
+                continue
+            with tf.device(component.device), tf.name_scope(f"update_{i}"):
+                assign = component.assign(new_value, read_value=wants_value)
+            updates.append(None if result is None else assign)
+        return distribute_utils.update_regroup(self, updates, group)
