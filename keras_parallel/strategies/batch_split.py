@@ -69,6 +69,32 @@ def split_batch(batch, host: str, devices: tuple[str, ...]):
     return distribute_utils.regroup(tuple(per_replica), always_wrap=True)
 
 
+def common_samples(value):
+    """Cuts per-replica values holding different numbers of samples to the
+    number all replicas hold, so that an elementwise reduction is defined.
+
+    An uneven global batch gives replicas pieces of different sizes; Keras
+    reduces the first batch with `strategy.reduce("MEAN", batch, axis=None)`
+    to learn its shapes, which MirroredStrategy cannot do (TensorFlow raises
+    "Inputs to operation AddN ... must have the same size"). Values with equal
+    or unknown shapes are returned unchanged.
+    """
+
+    def cut(v):
+        if not isinstance(v, values_lib.PerReplica):
+            return v
+        shapes = [part.shape for part in v.values]
+        if not all(s.rank and s.is_fully_defined() for s in shapes):
+            return v
+        sizes = {s[0] for s in shapes}
+        if len(sizes) == 1:
+            return v
+        n = min(sizes)
+        return values_lib.PerReplica(tuple(part[:n] for part in v.values))
+
+    return tf.nest.map_structure(cut, value)
+
+
 def _replica_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
     return tf.TensorSpec([None] + spec.shape[1:].as_list(), spec.dtype)
 
@@ -176,7 +202,26 @@ class SplitBatchIterator(
             raise StopIteration from None
 
     def get_next(self):
-        return split_batch(self._iterator.get_next(), self._host, self._devices)
+        batch = self._iterator.get_next()
+        if tf.executing_eagerly():
+            self._check_first_batch(batch)
+        return split_batch(batch, self._host, self._devices)
+
+    def _check_first_batch(self, batch):
+        # Keras takes the first batch eagerly before fit, evaluate and predict;
+        # later batches may legitimately be a short remainder.
+        if getattr(self, "_checked", False):
+            return
+        self._checked = True
+        size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
+        if size < len(self._devices):
+            raise ValueError(
+                f"The global batch has {size} sample(s), fewer than the "
+                f"{len(self._devices)} replicas of DataParallel, so some "
+                "replicas would get no data. Use a `batch_size` of at least "
+                f"{len(self._devices)} (a multiple of {len(self._devices)} "
+                "gives every replica the same share), or fewer devices."
+            )
 
     def get_next_as_optional(self):
         optional = self._iterator.get_next_as_optional()

@@ -123,9 +123,18 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
             dataset, self._input_workers_devices[0][0], self._devices
         )
 
+    def _reduce_to(self, reduce_op, value, destinations, options):
+        return super()._reduce_to(
+            reduce_op, batch_split.common_samples(value), destinations, options
+        )
+
     # Replicas.
 
     def _call_for_each_replica(self, fn, args, kwargs):
+        model = batchnorm.step_model(fn)
+        if model is not None:
+            for variable in model.variables:
+                _require_distributed(variable.value)
         if self._sync_batch_norm:
             batchnorm.synchronize_model_batch_norm(fn)
         return super()._call_for_each_replica(fn, args, kwargs)
@@ -148,6 +157,7 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
         return variable
 
     def _update(self, var, fn, args, kwargs, group):
+        _require_distributed(var)
         if not (
             self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)
         ):
@@ -175,3 +185,18 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
         return distribute_utils.update_regroup(self, updates, group)
+
+
+def _require_distributed(variable) -> None:
+    if not isinstance(variable, values_lib.DistributedVariable):
+        raise ValueError(
+            f"Variable {variable.name!r} was created outside "
+            "`DataParallel.scope()`, so it lives on one device only. Build and "
+            "compile the model inside the scope:\n"
+            "    with strategy.scope():\n"
+            "        model = ...\n"
+            "        model.compile(...)\n"
+            "To move an existing model, rebuild it in the scope and copy its "
+            "weights: `new = keras.models.clone_model(model)` and "
+            "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
+        )

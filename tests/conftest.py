@@ -1,0 +1,38 @@
+"""Splits the CPU into 4 logical devices before TensorFlow initialises.
+
+Tests that need another layout run in a subprocess (see `run_python`).
+"""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras_parallel  # noqa: E402
+
+NUM_DEVICES = 4
+keras_parallel.virtual_devices(NUM_DEVICES)
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _float32_policy():
+    """Each test starts and ends with Keras' default dtype policy."""
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def run_python(code: str, timeout: float = 300, env: dict | None = None):
+    """Runs `code` in a fresh interpreter; returns the CompletedProcess."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

@@ -1,0 +1,173 @@
+"""Transparency: DataParallel trains to the numbers of single-device training."""
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+from transparency import devices, max_history_diff, max_weight_diff, train
+
+import keras_parallel
+
+RNG = np.random.RandomState(42)
+
+
+def mlp_sgd_momentum():
+    model = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+MLP_DATA = dict(
+    x=RNG.rand(256, 16).astype("float32"),
+    y=RNG.randint(0, 10, 256),
+    batch_size=64,
+)
+
+
+def conv_batchnorm_adam():
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            # No bias: BatchNormalization cancels it, its true gradient is 0
+            # and Adam would turn rounding noise into full-size steps.
+            keras.layers.Conv2D(4, 3, use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+CONV_DATA = dict(
+    x=RNG.rand(128, 8, 8, 3).astype("float32"),
+    y=RNG.randint(0, 3, 128),
+    batch_size=32,
+)
+
+
+def embedding_lstm_adamw():
+    model = keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(50, 8),
+            keras.layers.LSTM(8),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-2, weight_decay=0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+LSTM_DATA = dict(
+    x=RNG.randint(0, 50, (128, 6)).astype("int32"),
+    y=RNG.randint(0, 2, 128),
+    batch_size=32,
+)
+
+
+def weighted_regularized():
+    inputs = keras.Input((12,))
+    hidden = keras.layers.Dense(
+        16,
+        activation="tanh",
+        kernel_regularizer=keras.regularizers.L2(1e-2),
+        activity_regularizer=keras.regularizers.L1(1e-3),
+    )(inputs)
+    outputs = keras.layers.Dense(1, bias_regularizer=keras.regularizers.L2(1e-2))(
+        hidden
+    )
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(1e-2),
+        loss="mse",
+        metrics=["mae"],
+        weighted_metrics=["mse"],
+    )
+    return model
+
+
+WEIGHTED_DATA = dict(
+    x=RNG.rand(192, 12).astype("float32"),
+    y=RNG.rand(192, 1).astype("float32"),
+    sample_weight=RNG.rand(192).astype("float32") * 2,
+    batch_size=48,
+)
+
+
+def bf16_loss_scale():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10, dtype="float32"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+# (build, data, tolerance on weights and histories)
+CASES = {
+    "mlp_sgd_momentum": (mlp_sgd_momentum, MLP_DATA, 1e-5),
+    "conv_batchnorm_adam": (conv_batchnorm_adam, CONV_DATA, 1e-5),
+    "embedding_lstm_adamw": (embedding_lstm_adamw, LSTM_DATA, 1e-5),
+    "weighted_regularized": (weighted_regularized, WEIGHTED_DATA, 1e-5),
+    # bfloat16 keeps 8 bits of mantissa: a matmul over half the batch rounds
+    # differently from one over the whole batch, by up to ~2^-8 relative per
+    # product. Weights stay float32; after one epoch they agree to 1e-2.
+    "bf16_loss_scale": (bf16_loss_scale, MLP_DATA, 1e-2),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def single_device(case: str):
+    build, data, _ = CASES[case]
+    return train(build, data)
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_single_device(case, num_devices):
+    build, data, tolerance = CASES[case]
+    reference, reference_history = single_device(case)
+    strategy = keras_parallel.DataParallel(devices(num_devices))
+    model, history = train(build, data, strategy)
+    assert max_weight_diff(model, reference) <= tolerance
+    assert max_history_diff(history, reference_history) <= tolerance
+
+
+@pytest.mark.parametrize("case", ["mlp_sgd_momentum", "embedding_lstm_adamw"])
+def test_replicated_optimizer_matches_single_device(case):
+    build, data, tolerance = CASES[case]
+    reference, reference_history = single_device(case)
+    strategy = keras_parallel.DataParallel(devices(2), shard_optimizer=False)
+    model, history = train(build, data, strategy)
+    assert max_weight_diff(model, reference) <= tolerance
+    assert max_history_diff(history, reference_history) <= tolerance

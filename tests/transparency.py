@@ -1,0 +1,37 @@
+"""Train the same model on one device and under a strategy; compare."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+def devices(n: int) -> list[str]:
+    return [f"CPU:{i}" for i in range(n)]
+
+
+def max_weight_diff(a: keras.Model, b: keras.Model) -> float:
+    return max(
+        float(np.max(np.abs(u - v))) for u, v in zip(a.get_weights(), b.get_weights())
+    )
+
+
+def max_history_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (a.keys(), b.keys())
+    return max(float(np.max(np.abs(np.subtract(a[k], b[k])))) for k in a)
+
+
+def train(build, fit_kwargs: dict, strategy=None):
+    """Builds with `build()` (seeded) in `strategy`'s scope and fits.
+
+    Returns:
+        (model, history dict)
+    """
+    keras.utils.set_random_seed(0)
+    if strategy is None:
+        model = build()
+    else:
+        with strategy.scope():
+            model = build()
+    history = model.fit(verbose=0, shuffle=False, **fit_kwargs)
+    return model, history.history
