@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
+import json
+import os
+import sys
 
 
 def check_requirements() -> None:
     """Raises ImportError with a fix when TensorFlow or the Keras backend is wrong."""
-    if importlib.util.find_spec("tensorflow") is None:
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError as error:
         raise ImportError(
             "keras_parallel needs TensorFlow, which is not installed. Install "
             "it with the package: `pip install keras-parallel[cpu]` "
             "(tensorflow-cpu) or `pip install keras-parallel[gpu]` "
             "(tensorflow, with CUDA on Linux)."
-        )
-    import keras
-
-    backend = keras.backend.backend()
+        ) from error
+    backend = _keras_backend()
     if backend != "tensorflow":
         raise ImportError(
             f"keras_parallel needs Keras on the TensorFlow backend, but Keras "
@@ -24,3 +26,21 @@ def check_requirements() -> None:
             "KERAS_BACKEND=tensorflow before Keras is first imported (or set "
             '"backend": "tensorflow" in ~/.keras/keras.json) and restart.'
         )
+
+
+def _keras_backend() -> str:
+    """The backend Keras runs on, or will pick when imported.
+
+    Read without importing Keras when it is not loaded yet: importing it on a
+    backend whose package is missing would fail with that package's error.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(home, "keras.json")) as config:
+            return json.load(config).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"

@@ -1,0 +1,72 @@
+"""Bad input gets a clear error naming what was given and what to do."""
+
+import keras
+import numpy as np
+import pytest
+from conftest import run_python
+from transparency import devices
+
+import keras_parallel
+
+X = np.random.RandomState(0).rand(64, 4).astype("float32")
+Y = X.sum(axis=1, keepdims=True)
+
+
+def small():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    return model
+
+
+def test_global_batch_smaller_than_replicas():
+    with keras_parallel.DataParallel(devices(4)).scope():
+        model = small()
+    with pytest.raises(ValueError) as raised:
+        model.fit(X, Y, batch_size=3, verbose=0)
+    message = str(raised.value)
+    assert "3 sample(s), fewer than the 4 replicas" in message
+    assert "`batch_size` of at least 4" in message
+
+
+def test_model_built_outside_the_scope_and_fit_inside():
+    strategy = keras_parallel.DataParallel(devices(2))
+    model = small()
+    with strategy.scope(), pytest.raises(ValueError) as raised:
+        model.fit(X, Y, batch_size=8, verbose=0)
+    assert "was created outside `DataParallel.scope()`" in str(raised.value)
+    assert "clone_model" in str(raised.value)
+
+
+def test_model_built_outside_compiled_inside():
+    strategy = keras_parallel.DataParallel(devices(2))
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    with strategy.scope():
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+    with pytest.raises(ValueError) as raised:
+        model.fit(X, Y, batch_size=8, verbose=0)
+    assert "was created outside `DataParallel.scope()`" in str(raised.value)
+
+
+@pytest.mark.parametrize("option", ["shard_optimizer", "sync_batch_norm"])
+def test_options_must_be_bool(option):
+    with pytest.raises(TypeError) as raised:
+        keras_parallel.DataParallel(devices(2), **{option: "yes"})
+    assert f"`{option}` must be True or False. Received: {option}='yes'" in str(
+        raised.value
+    )
+
+
+def test_import_without_tensorflow():
+    result = run_python(
+        "import sys; sys.modules['tensorflow'] = None\nimport keras_parallel"
+    )
+    assert result.returncode != 0
+    assert "keras_parallel needs TensorFlow" in result.stderr
+    assert "keras-parallel[cpu]" in result.stderr
+
+
+def test_import_with_another_keras_backend():
+    result = run_python("import keras_parallel", env={"KERAS_BACKEND": "jax"})
+    assert result.returncode != 0
+    assert "Keras is using 'jax'" in result.stderr
+    assert "KERAS_BACKEND=tensorflow" in result.stderr
