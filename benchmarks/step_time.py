@@ -1,0 +1,155 @@
+"""Step time of DataParallel against one device and MirroredStrategy under `fit`.
+
+Each (model, devices, steps_per_execution) runs in its own process, since the
+device layout is fixed per process and MirroredStrategy cannot be re-created
+for another model shape in one (tensorflow/tensorflow#62790). Within a process
+the three setups train side by side, one epoch each in turn, so machine noise
+hits them alike; the figure is the median epoch time over `--repeats` epochs
+after a warm-up epoch, divided by the steps per epoch.
+
+Usage:
+    python benchmarks/step_time.py                # full table, writes JSON
+    python benchmarks/step_time.py --shapes 2x16 --devices 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SAMPLES, FEATURES, BATCH = 4096, 64, 256
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def measure(shape: str, num_devices: int, steps_per_execution: int, repeats: int):
+    """Runs in a worker process; returns step times in ms per setup."""
+    import keras_parallel
+
+    devices = keras_parallel.virtual_devices(num_devices)
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    depth, width = (int(v) for v in shape.split("x"))
+    rng = np.random.RandomState(0)
+    x = rng.rand(SAMPLES, FEATURES).astype("float32")
+    y = rng.randint(0, 10, SAMPLES)
+
+    def build(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = keras.Sequential(
+                [keras.Input((FEATURES,))]
+                + [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+                + [keras.layers.Dense(10)]
+            )
+            model.compile(
+                optimizer=keras.optimizers.Adam(1e-3),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                steps_per_execution=steps_per_execution,
+            )
+        return model
+
+    setups = {
+        "single": tf.distribute.get_strategy(),
+        "DataParallel": keras_parallel.DataParallel(devices),
+        "MirroredStrategy": tf.distribute.MirroredStrategy(devices),
+    }
+    models, errors = {}, {}
+    for name, strategy in setups.items():
+        try:
+            models[name] = build(strategy)
+            models[name].fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+        except Exception as error:  # a failing setup is a result, e.g. Mirrored + spe
+            models.pop(name, None)
+            errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+            times[name].append(time.perf_counter() - start)
+    steps = SAMPLES // BATCH
+    step_ms = {name: 1000 * statistics.median(t) / steps for name, t in times.items()}
+    return {"step_ms": step_ms, "errors": errors}
+
+
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["2x16", "40x64", "2x1024"])
+    parser.add_argument("--devices", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--steps-per-execution", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        shape, n, spe = args.worker
+        print(json.dumps(measure(shape, int(n), int(spe), args.repeats)))
+        return
+
+    rows = []
+    for spe in args.steps_per_execution:
+        for n in args.devices:
+            for shape in args.shapes:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--repeats", str(args.repeats),
+                     "--worker", shape, str(n), str(spe)],
+                    capture_output=True, text=True, check=True,
+                    env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                )
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                ms = result["step_ms"]
+                rows.append({
+                    "model": shape, "devices": n, "steps_per_execution": spe,
+                    **{f"{k}_ms": v for k, v in ms.items()},
+                    "dp_over_single": ratio(ms.get("DataParallel"), ms.get("single")),
+                    "dp_over_mirrored": ratio(
+                        ms.get("DataParallel"), ms.get("MirroredStrategy")
+                    ),
+                    "errors": result["errors"],
+                })
+                print(format_row(rows[-1]), flush=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "step_time.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print()
+    print(format_table(rows))
+    print(f"\nwrote {path}")
+
+
+def _num(value, spec):
+    return "fails" if value is None else format(value, spec)
+
+
+def format_row(row) -> str:
+    return (
+        f"| {row['model']} | {row['devices']} | {row['steps_per_execution']} "
+        f"| {_num(row.get('single_ms'), '.1f')} "
+        f"| {_num(row.get('MirroredStrategy_ms'), '.1f')} "
+        f"| {_num(row.get('DataParallel_ms'), '.1f')} "
+        f"| {_num(row['dp_over_single'], '.2f')} "
+        f"| {_num(row['dp_over_mirrored'], '.2f')} |"
+    )
+
+
+def format_table(rows) -> str:
+    header = (
+        "| model | devices | steps_per_execution | single ms | MirroredStrategy ms "
+        "| DataParallel ms | DP / single | DP / Mirrored |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    return "\n".join([header] + [format_row(r) for r in rows])
+
+
+if __name__ == "__main__":
+    main()

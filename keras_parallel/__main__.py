@@ -1,0 +1,5 @@
+import sys
+
+from keras_parallel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""The main job: one convnet trained on one device, MirroredStrategy and
+DataParallel, compared in a table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+IMAGE = 16
+CLASSES = 4
+
+
+def make_data(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy 16x16 images of a bar in one of four orientations (the label)."""
+    rng = np.random.RandomState(seed)
+    labels = rng.randint(0, CLASSES, samples)
+    images = rng.normal(0.0, 0.3, (samples, IMAGE, IMAGE, 1)).astype("float32")
+    line = np.arange(2, IMAGE - 2)
+    for i, label in enumerate(labels):
+        offset = rng.randint(-3, 4)
+        position = np.clip(IMAGE // 2 + offset, 0, IMAGE - 1)
+        rows, cols = {
+            0: (np.full_like(line, position), line),
+            1: (line, np.full_like(line, position)),
+            2: (line, np.clip(line + offset, 0, IMAGE - 1)),
+            3: (line, np.clip(IMAGE - 1 - line + offset, 0, IMAGE - 1)),
+        }[label]
+        images[i, rows, cols, 0] += 1.0
+    return images, labels
+
+
+def build_model():
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((IMAGE, IMAGE, 1)),
+            keras.layers.Conv2D(16, 3, use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(CLASSES),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def train(strategy, data, batch_size: int, epochs: int, verbose: int):
+    """Fits a freshly seeded model; returns (model, samples per second).
+
+    Throughput is the median over epochs after the first, which includes
+    tracing.
+    """
+    import keras
+
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model()
+    times = []
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    x, y = data
+    model.fit(
+        x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
+        verbose=verbose, callbacks=[EpochTimer()],
+    )
+    steady = times[1:] or times
+    return model, len(x) / statistics.median(steady)
+
+
+def max_weight_diff(a, b) -> float:
+    return max(
+        float(np.max(np.abs(u - v))) for u, v in zip(a.get_weights(), b.get_weights())
+    )
+
+
+def run(devices: list[str], batch_size: int, epochs: int, samples: int) -> dict:
+    """Trains the demo model three ways and returns the figures of the table."""
+    import tensorflow as tf
+
+    import keras_parallel
+
+    train_data = make_data(samples, seed=1)
+    x_test, y_test = make_data(1024, seed=2)
+    print(f"Single device ({devices[0]})")
+    single, single_rate = train(
+        tf.distribute.get_strategy(), train_data, batch_size, epochs, verbose=0
+    )
+    print(f"DataParallel on {len(devices)} devices")
+    parallel, parallel_rate = train(
+        keras_parallel.DataParallel(devices), train_data, batch_size, epochs, verbose=1
+    )
+    print(f"MirroredStrategy on {len(devices)} devices")
+    _, mirrored_rate = train(
+        tf.distribute.MirroredStrategy(devices), train_data, batch_size, epochs,
+        verbose=0,
+    )
+    accuracy = parallel.evaluate(x_test, y_test, batch_size=batch_size, verbose=0)[1]
+    # One step isolates the computation; over many steps float rounding from
+    # summing per-replica gradients (instead of one full-batch gradient)
+    # compounds, as it does between any two devices.
+    first_batch = (train_data[0][:batch_size], train_data[1][:batch_size])
+    one_step = max_weight_diff(
+        train(keras_parallel.DataParallel(devices), first_batch, batch_size, 1, 0)[0],
+        train(tf.distribute.get_strategy(), first_batch, batch_size, 1, 0)[0],
+    )
+    return {
+        "devices": devices,
+        "global_batch": batch_size,
+        "samples_per_second": {
+            "single": single_rate,
+            "MirroredStrategy": mirrored_rate,
+            "DataParallel": parallel_rate,
+        },
+        "test_accuracy": float(accuracy),
+        "epochs": epochs,
+        "max_weight_diff_one_step": one_step,
+        "max_weight_diff_after_training": max_weight_diff(parallel, single),
+    }
+
+
+def format_table(result: dict) -> str:
+    """The summary table printed at the end of the demo."""
+    rates = result["samples_per_second"]
+    rows = [
+        ("devices", ", ".join(d.split("device:")[-1] for d in result["devices"])),
+        ("global batch", str(result["global_batch"])),
+        *(
+            (f"samples/s, {name}", f"{rate:,.0f}")
+            for name, rate in rates.items()
+        ),
+        ("DataParallel / MirroredStrategy",
+         f"{rates['DataParallel'] / rates['MirroredStrategy']:.2f}x throughput"),
+        ("test accuracy (DataParallel)", f"{result['test_accuracy']:.3f}"),
+        ("max |w - w_single|, one step", f"{result['max_weight_diff_one_step']:.1e}"),
+        (
+            f"max |w - w_single|, {result['epochs']} epochs",
+            f"{result['max_weight_diff_after_training']:.1e} (float rounding, compounded)",
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
