@@ -101,22 +101,38 @@ def main() -> None:
         for n in args.devices:
             for shape in args.shapes:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--repeats", str(args.repeats),
-                     "--worker", shape, str(n), str(spe)],
-                    capture_output=True, text=True, check=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--repeats",
+                        str(args.repeats),
+                        "--worker",
+                        shape,
+                        str(n),
+                        str(spe),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
                 )
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 ms = result["step_ms"]
-                rows.append({
-                    "model": shape, "devices": n, "steps_per_execution": spe,
-                    **{f"{k}_ms": v for k, v in ms.items()},
-                    "dp_over_single": ratio(ms.get("DataParallel"), ms.get("single")),
-                    "dp_over_mirrored": ratio(
-                        ms.get("DataParallel"), ms.get("MirroredStrategy")
-                    ),
-                    "errors": result["errors"],
-                })
+                rows.append(
+                    {
+                        "model": shape,
+                        "devices": n,
+                        "steps_per_execution": spe,
+                        **{f"{k}_ms": v for k, v in ms.items()},
+                        "dp_over_single": ratio(
+                            ms.get("DataParallel"), ms.get("single")
+                        ),
+                        "dp_over_mirrored": ratio(
+                            ms.get("DataParallel"), ms.get("MirroredStrategy")
+                        ),
+                        "errors": result["errors"],
+                    }
+                )
                 print(format_row(rows[-1]), flush=True)
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "step_time.json")

@@ -25,7 +25,9 @@ def parser() -> argparse.ArgumentParser:
         "DataParallel, and compare",
     )
     demo.add_argument(
-        "--devices", type=_positive, default=2,
+        "--devices",
+        type=_positive,
+        default=2,
         help="logical CPU devices to create when the machine has no GPU (default 2)",
     )
     demo.add_argument("--batch-size", type=_positive, default=256)

@@ -76,16 +76,23 @@ def train(strategy, data, batch_size: int, epochs: int, verbose: int):
 
     x, y = data
     model.fit(
-        x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
-        verbose=verbose, callbacks=[EpochTimer()],
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=False,
+        verbose=verbose,
+        callbacks=[EpochTimer()],
     )
     steady = times[1:] or times
     return model, len(x) / statistics.median(steady)
 
 
 def max_weight_diff(a, b) -> float:
+    """Largest absolute difference between the weights of two models."""
     return max(
-        float(np.max(np.abs(u - v))) for u, v in zip(a.get_weights(), b.get_weights())
+        float(np.max(np.abs(u - v)))
+        for u, v in zip(a.get_weights(), b.get_weights(), strict=True)
     )
 
 
@@ -107,7 +114,10 @@ def run(devices: list[str], batch_size: int, epochs: int, samples: int) -> dict:
     )
     print(f"MirroredStrategy on {len(devices)} devices")
     _, mirrored_rate = train(
-        tf.distribute.MirroredStrategy(devices), train_data, batch_size, epochs,
+        tf.distribute.MirroredStrategy(devices),
+        train_data,
+        batch_size,
+        epochs,
         verbose=0,
     )
     accuracy = parallel.evaluate(x_test, y_test, batch_size=batch_size, verbose=0)[1]
@@ -140,17 +150,17 @@ def format_table(result: dict) -> str:
     rows = [
         ("devices", ", ".join(d.split("device:")[-1] for d in result["devices"])),
         ("global batch", str(result["global_batch"])),
-        *(
-            (f"samples/s, {name}", f"{rate:,.0f}")
-            for name, rate in rates.items()
+        *((f"samples/s, {name}", f"{rate:,.0f}") for name, rate in rates.items()),
+        (
+            "DataParallel / MirroredStrategy",
+            f"{rates['DataParallel'] / rates['MirroredStrategy']:.2f}x throughput",
         ),
-        ("DataParallel / MirroredStrategy",
-         f"{rates['DataParallel'] / rates['MirroredStrategy']:.2f}x throughput"),
         ("test accuracy (DataParallel)", f"{result['test_accuracy']:.3f}"),
         ("max |w - w_single|, one step", f"{result['max_weight_diff_one_step']:.1e}"),
         (
             f"max |w - w_single|, {result['epochs']} epochs",
-            f"{result['max_weight_diff_after_training']:.1e} (float rounding, compounded)",
+            f"{result['max_weight_diff_after_training']:.1e}"
+            " (float rounding, compounded)",
         ),
     ]
     width = max(len(name) for name, _ in rows)

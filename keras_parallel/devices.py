@@ -67,9 +67,7 @@ def virtual_devices(
     current = tf.config.get_logical_device_configuration(physical[0])
     if current is not None and len(current) == n:
         return _logical_names(device_type)
-    config = [
-        tf.config.LogicalDeviceConfiguration(memory_limit=memory_limit_mb)
-    ] * n
+    config = [tf.config.LogicalDeviceConfiguration(memory_limit=memory_limit_mb)] * n
     try:
         tf.config.set_logical_device_configuration(physical[0], config)
     except RuntimeError:
@@ -125,9 +123,7 @@ def resolve_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:
             "`devices` is empty. Pass device names such as ['CPU:0', 'CPU:1'], "
             "or None for all local devices."
         )
-    available = {
-        _canonical(d.name): d.name for d in tf.config.list_logical_devices()
-    }
+    available = {_canonical(d.name): d.name for d in tf.config.list_logical_devices()}
     canonical = []
     for name in devices:
         try:

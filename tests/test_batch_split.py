@@ -24,7 +24,9 @@ def test_split_batch_places_pieces_on_their_devices():
     for key in batch:
         pieces = split[key].values
         assert [p.device.split("device:")[-1] for p in pieces] == [
-            "CPU:0", "CPU:1", "CPU:2"
+            "CPU:0",
+            "CPU:1",
+            "CPU:2",
         ]
         assert [len(p) for p in pieces] == [4, 3, 3]
         np.testing.assert_array_equal(tf.concat(pieces, 0), batch[key])
@@ -43,14 +45,18 @@ def test_iterator_yields_each_batch_once_in_order_inside_a_function():
 
     got = take_all(iter(distributed))
     assert [[t.numpy().tolist() for t in step] for step in got] == [
-        [[0, 1], [2, 3]], [[4, 5], [6, 7]], [[8], [9]]
+        [[0, 1], [2, 3]],
+        [[4, 5], [6, 7]],
+        [[8], [9]],
     ]
 
 
 def test_optional_is_empty_at_the_end():
     names = devices(2)
     iterator = iter(
-        batch_split.SplitBatchDataset(tf.data.Dataset.range(2).batch(2), names[0], names)
+        batch_split.SplitBatchDataset(
+            tf.data.Dataset.range(2).batch(2), names[0], names
+        )
     )
     assert iterator.get_next_as_optional().has_value()
     assert not iterator.get_next_as_optional().has_value()

@@ -8,7 +8,8 @@ import keras_parallel
 
 RNG = np.random.RandomState(5)
 DATA = dict(
-    x=RNG.rand(128, 6, 6, 2).astype("float32") * RNG.rand(128, 1, 1, 1).astype("float32"),
+    x=RNG.rand(128, 6, 6, 2).astype("float32")
+    * RNG.rand(128, 1, 1, 1).astype("float32"),
     y=RNG.randint(0, 2, 128),
     batch_size=32,
     epochs=2,

@@ -15,7 +15,11 @@ Y = (X.sum(axis=1, keepdims=True) > 3).astype("float32")
 
 def classifier():
     model = keras.Sequential(
-        [keras.Input((6,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)]
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2),
@@ -40,7 +44,11 @@ def callbacks(tmp_path):
 
 def fit_args(tmp_path):
     return dict(
-        x=X, y=Y, batch_size=32, epochs=6, validation_split=0.2,
+        x=X,
+        y=Y,
+        batch_size=32,
+        epochs=6,
+        validation_split=0.2,
         callbacks=callbacks(tmp_path),
     )
 
@@ -59,7 +67,9 @@ def test_callbacks_behave_as_on_one_device(tmp_path):
     best = keras.models.load_model(tmp_path / "parallel" / "best.keras")
     np.testing.assert_allclose(
         best.predict(X, verbose=0),
-        keras.models.load_model(tmp_path / "single" / "best.keras").predict(X, verbose=0),
+        keras.models.load_model(tmp_path / "single" / "best.keras").predict(
+            X, verbose=0
+        ),
         atol=1e-5,
     )
     event_files = os.listdir(tmp_path / "parallel" / "logs" / "train")
@@ -81,7 +91,9 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path):
         model = classifier()
     try:
         model.fit(
-            verbose=0, shuffle=False, **fit,
+            verbose=0,
+            shuffle=False,
+            **fit,
             callbacks=[keras.callbacks.BackupAndRestore(backup), StopAtEpoch()],
         )
     except RuntimeError:
@@ -90,7 +102,9 @@ def test_backup_and_restore_resumes_like_an_uninterrupted_run(tmp_path):
         keras.utils.set_random_seed(1)  # different init: restore must overwrite it
         resumed = classifier()
     history = resumed.fit(
-        verbose=0, shuffle=False, **fit,
+        verbose=0,
+        shuffle=False,
+        **fit,
         callbacks=[keras.callbacks.BackupAndRestore(backup)],
     )
     assert len(history.history["loss"]) == 2  # epochs 3 and 4 only

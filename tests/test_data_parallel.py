@@ -146,7 +146,7 @@ CASES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_device(case: str):
     build, data, _ = CASES[case]
     return train(build, data)

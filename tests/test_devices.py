@@ -55,9 +55,7 @@ def test_resolve_accepts_mirrored_strategy_forms():
     assert resolve_devices(["CPU:0", "/device:CPU:1", "/cpu:2"]) == tuple(
         f"/job:localhost/replica:0/task:0/device:CPU:{i}" for i in range(3)
     )
-    assert resolve_devices("CPU:3") == (
-        "/job:localhost/replica:0/task:0/device:CPU:3",
-    )
+    assert resolve_devices("CPU:3") == ("/job:localhost/replica:0/task:0/device:CPU:3",)
     # No GPU here: None means every logical CPU.
     assert len(resolve_devices(None)) == NUM_DEVICES
 

@@ -15,7 +15,11 @@ Y = (X @ RNG.rand(8, 1)).astype("float32")
 
 def regression(steps_per_execution: int = 1):
     model = keras.Sequential(
-        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)]
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(
         optimizer=keras.optimizers.Adam(1e-2),
@@ -102,7 +106,8 @@ def test_iterator_traced_once_across_epochs():
     model.fit(X, Y, batch_size=40, epochs=2, verbose=0)
     assert model.train_function is not None
     traced = [
-        f for f in model.train_function.__closure__ or []
+        f
+        for f in model.train_function.__closure__ or []
         if isinstance(f.cell_contents, tf.types.experimental.PolymorphicFunction)
     ]
     assert traced and all(
@@ -125,5 +130,6 @@ def test_recreate_with_differently_shaped_models():
         history = model.fit(X, Y, batch_size=40, epochs=1, verbose=0)
         assert np.isfinite(history.history["loss"][0])
         assert any(
-            not np.array_equal(a, b) for a, b in zip(before, model.get_weights())
+            not np.array_equal(a, b)
+            for a, b in zip(before, model.get_weights(), strict=True)
         )

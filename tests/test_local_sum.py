@@ -11,13 +11,15 @@ from keras_parallel.reduction import LocalSum
 
 def per_replica(arrays, names):
     parts = []
-    for array, name in zip(arrays, names):
+    for array, name in zip(arrays, names, strict=True):
         with tf.device(name):
             parts.append(tf.identity(array))
     return values_lib.PerReplica(tuple(parts))
 
 
-@pytest.mark.parametrize("op", [tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN])
+@pytest.mark.parametrize(
+    "op", [tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN]
+)
 def test_every_destination_gets_the_reduction(op):
     names = devices(4)
     arrays = [np.random.RandomState(i).rand(5, 3).astype("float32") for i in range(4)]
@@ -57,7 +59,9 @@ def test_plugs_into_mirrored_strategy():
     def step():
         def replica_fn():
             ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce("SUM", tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32))
+            return ctx.all_reduce(
+                "SUM", tf.cast(ctx.replica_id_in_sync_group + 1, tf.float32)
+            )
 
         return strategy.run(replica_fn)
 

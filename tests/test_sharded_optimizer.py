@@ -11,7 +11,8 @@ from keras_parallel.strategies.ownership import OwnerTable
 
 def four_equal_layers():
     model = keras.Sequential(
-        [keras.Input((64,))] + [keras.layers.Dense(64, use_bias=False) for _ in range(4)]
+        [keras.Input((64,))]
+        + [keras.layers.Dense(64, use_bias=False) for _ in range(4)]
     )
     model.compile(keras.optimizers.Adam(1e-3), "mse")
     model.optimizer.build(model.trainable_variables)
@@ -40,7 +41,8 @@ def test_slots_live_once_on_the_owner_and_split_evenly(num_devices):
     for variable in model.trainable_variables:
         for slot in ("momentum", "velocity"):
             found = [
-                s for s in model.optimizer.variables
+                s
+                for s in model.optimizer.variables
                 if s.path.endswith(variable.path.replace("/", "_") + "_" + slot)
             ]
             assert len(found) == 1
@@ -49,7 +51,10 @@ def test_slots_live_once_on_the_owner_and_split_evenly(num_devices):
             assert tf_slot.device == owner_device(strategy, variable)
             slot_bytes[tf_slot.device] = slot_bytes.get(tf_slot.device, 0) + 64 * 64 * 4
     # Four equal weights: each device holds exactly 4/num_devices of the slots.
-    assert sorted(slot_bytes.values()) == [4 * 2 * 64 * 64 * 4 // num_devices] * num_devices
+    assert (
+        sorted(slot_bytes.values())
+        == [4 * 2 * 64 * 64 * 4 // num_devices] * num_devices
+    )
 
 
 def traced_train_step(strategy, model):
@@ -78,7 +83,9 @@ def test_each_update_runs_once_on_its_owner(shard_optimizer):
     graph = traced_train_step(strategy, model)
     # Keras' Adam takes two square roots per variable update (bias
     # correction and the denominator).
-    sqrt_devices = sorted(op.device for op in graph.get_operations() if op.type == "Sqrt")
+    sqrt_devices = sorted(
+        op.device for op in graph.get_operations() if op.type == "Sqrt"
+    )
     if shard_optimizer:
         expected = sorted(owner_device(strategy, v) for v in model.trainable_variables)
     else:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
-from tensorflow.python.distribute import cross_device_utils
-from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.distribute import cross_device_utils, distribute_utils
 from tensorflow.python.distribute import values as values_lib
 
 
@@ -43,9 +42,7 @@ class LocalSum(tf.distribute.CrossDeviceOps):
         results = []
         for device in devices:
             with tf.device(device):
-                total = cross_device_utils.aggregate_tensors_or_indexed_slices(
-                    parts
-                )
+                total = cross_device_utils.aggregate_tensors_or_indexed_slices(parts)
                 if reduce_op == tf.distribute.ReduceOp.MEAN:
                     total = cross_device_utils.divide_by_n_tensors_or_indexed_slices(
                         total, len(parts)
@@ -53,17 +50,13 @@ class LocalSum(tf.distribute.CrossDeviceOps):
                 results.append(total)
         return distribute_utils.regroup(results, wrap_class=values_lib.Mirrored)
 
-    def batch_reduce_implementation(
-        self, reduce_op, value_destination_pairs, options
-    ):
+    def batch_reduce_implementation(self, reduce_op, value_destination_pairs, options):
         return [
             self.reduce_implementation(reduce_op, value, destinations, options)
             for value, destinations in value_destination_pairs
         ]
 
-    def _gather_implementation(
-        self, per_replica_value, destinations, axis, options
-    ):
+    def _gather_implementation(self, per_replica_value, destinations, axis, options):
         return cross_device_ops_lib.ReductionToOneDevice()._gather_implementation(
             per_replica_value, destinations, axis, options
         )

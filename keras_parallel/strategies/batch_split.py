@@ -15,8 +15,7 @@ from __future__ import annotations
 import tensorflow as tf
 from tensorflow.python.distribute import distribute_utils
 from tensorflow.python.distribute import values as values_lib
-from tensorflow.python.framework import composite_tensor
-from tensorflow.python.framework import type_spec
+from tensorflow.python.framework import composite_tensor, type_spec
 
 
 def replica_batch_sizes(global_size: tf.Tensor, num_replicas: int) -> tf.Tensor:
@@ -128,9 +127,7 @@ class SplitBatchDataset(tf.distribute.DistributedDataset):
 
     @property
     def element_spec(self):
-        return per_replica_element_spec(
-            self._dataset.element_spec, len(self._devices)
-        )
+        return per_replica_element_spec(self._dataset.element_spec, len(self._devices))
 
     def reduce(self, initial_state, reduce_func):
         raise NotImplementedError(
@@ -188,9 +185,7 @@ class SplitBatchIterator(
 
     @property
     def element_spec(self):
-        return per_replica_element_spec(
-            self._iterator.element_spec, len(self._devices)
-        )
+        return per_replica_element_spec(self._iterator.element_spec, len(self._devices))
 
     def __iter__(self):
         return self

@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_lib
-from tensorflow.python.distribute import distribute_utils
-from tensorflow.python.distribute import mirrored_strategy
+from tensorflow.python.distribute import (
+    distribute_lib,
+    distribute_utils,
+    mirrored_strategy,
+)
 from tensorflow.python.distribute import values as values_lib
 
 from keras_parallel.devices import resolve_devices
 from keras_parallel.reduction.local_sum import LocalSum
-from keras_parallel.strategies import batch_split
-from keras_parallel.strategies import batchnorm
+from keras_parallel.strategies import batch_split, batchnorm
 from keras_parallel.strategies.ownership import OwnerTable
 
 
@@ -86,7 +87,9 @@ class DataParallel(tf.distribute.Strategy):
         super().__init__(extended)
 
     def __repr__(self) -> str:
-        devices = ", ".join(d.split("device:")[-1] for d in self.extended.worker_devices)
+        devices = ", ".join(
+            d.split("device:")[-1] for d in self.extended.worker_devices
+        )
         return f"DataParallel(devices=[{devices}])"
 
 
@@ -158,15 +161,15 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
 
     def _update(self, var, fn, args, kwargs, group):
         _require_distributed(var)
-        if not (
-            self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)
-        ):
+        if not (self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)):
             return super()._update(var, fn, args, kwargs, group)
         owner = self._owners.owner(var)
         components = var.values
-        with tf.device(components[owner].device), distribute_lib.UpdateContext(
-            owner
-        ), tf.name_scope(f"update_{owner}"):
+        with (
+            tf.device(components[owner].device),
+            distribute_lib.UpdateContext(owner),
+            tf.name_scope(f"update_{owner}"),
+        ):
             result = fn(
                 components[owner],
                 *distribute_utils.select_replica(owner, args),
