@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 import tensorflow as tf
 from tensorflow.python.distribute import (
     distribute_lib,
@@ -134,12 +135,12 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
     # Replicas.
 
     def _call_for_each_replica(self, fn, args, kwargs):
-        model = batchnorm.step_model(fn)
+        model = _step_model(fn)
         if model is not None:
             for variable in model.variables:
                 _require_distributed(variable.value)
-        if self._sync_batch_norm:
-            batchnorm.synchronize_model_batch_norm(fn)
+            if self._sync_batch_norm:
+                batchnorm.synchronize_batch_norm(model)
         return super()._call_for_each_replica(fn, args, kwargs)
 
     # Variables.
@@ -188,6 +189,18 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
         return distribute_utils.update_regroup(self, updates, group)
+
+
+def _step_model(step_fn) -> keras.Model | None:
+    """The Keras model whose bound method `step_fn` is (Keras runs
+    `model.train_step` and the like), seen through the wrappers
+    `Strategy.run` adds; None for other functions."""
+    while step_fn is not None:
+        owner = getattr(step_fn, "__self__", None)
+        if isinstance(owner, keras.Model):
+            return owner
+        step_fn = getattr(step_fn, "__wrapped__", None)
+    return None
 
 
 def _require_distributed(variable) -> None:
