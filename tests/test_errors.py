@@ -47,6 +47,15 @@ def test_model_built_outside_compiled_inside():
     assert "was created outside `DataParallel.scope()`" in str(raised.value)
 
 
+def test_jit_compile_is_refused_with_the_fix():
+    with keras_parallel.DataParallel(devices(2)).scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
+    with pytest.raises(ValueError) as raised:
+        model.fit(X, Y, batch_size=8, verbose=0)
+    assert "jit_compile=False" in str(raised.value)
+
+
 @pytest.mark.parametrize("option", ["shard_optimizer", "sync_batch_norm"])
 def test_options_must_be_bool(option):
     with pytest.raises(TypeError) as raised:

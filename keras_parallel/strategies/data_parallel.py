@@ -12,6 +12,7 @@ from tensorflow.python.distribute import (
     mirrored_strategy,
 )
 from tensorflow.python.distribute import values as values_lib
+from tensorflow.python.ops import control_flow_util
 
 from keras_parallel.devices import resolve_devices
 from keras_parallel.reduction.local_sum import LocalSum
@@ -135,6 +136,16 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
     # Replicas.
 
     def _call_for_each_replica(self, fn, args, kwargs):
+        if control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()
+        ):
+            raise ValueError(
+                "DataParallel cannot run inside an XLA-compiled function: XLA "
+                "compiles a function for one device, and DataParallel runs one "
+                "replica per device. Compile the model with "
+                "`model.compile(..., jit_compile=False)` (Keras picks "
+                "jit_compile=True by default on machines with a GPU)."
+            )
         model = _step_model(fn)
         if model is not None:
             for variable in model.variables:
