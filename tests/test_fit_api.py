@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_data_parallel import CONV_DATA, conv_batchnorm_adam
 from transparency import devices, max_history_diff, max_weight_diff, train
 
 import keras_parallel
@@ -82,20 +83,48 @@ def test_steps_per_execution(steps_per_execution):
     assert max_history_diff(history, reference_history) <= 1e-5
 
 
-def test_uneven_batches_train_and_predict_every_sample():
-    # 240 samples in batches of 50 on 4 replicas: pieces of 13/13/12/12 and a
-    # last batch of 40. Replicas are weighted equally, as in MirroredStrategy,
-    # so only a batch split evenly is exact; the difference stays small.
-    fit = dict(x=X, y=Y, batch_size=50, epochs=1)
-    reference, _ = train(regression, fit)
+def test_uneven_batches_match_single_device():
+    # 240 samples in batches of 50 on 4 replicas: pieces of 13/13/12/12, and a
+    # last batch of 40. Each replica's loss is weighted by its share of the
+    # batch, so the result is the single-device one.
+    fit = dict(x=X, y=Y, batch_size=50, epochs=2)
+    reference, reference_history = train(regression, fit)
     strategy = keras_parallel.DataParallel(devices(4))
     model, history = train(regression, fit, strategy)
-    assert np.isfinite(history["loss"]).all()
-    assert max_weight_diff(model, reference) <= 1e-3
-    predictions = model.predict(X[:7], batch_size=5, verbose=0)  # 5 then 2 < 4
+    assert max_weight_diff(model, reference) <= 1e-5
+    assert max_history_diff(history, reference_history) <= 1e-5
+    predictions = model.predict(X[:7], batch_size=5, verbose=0)  # 5, then 2 < 4
     np.testing.assert_allclose(
-        predictions, reference.predict(X[:7], batch_size=5, verbose=0), atol=1e-3
+        predictions, reference.predict(X[:7], batch_size=5, verbose=0), atol=1e-5
     )
+
+
+def test_uneven_batches_with_a_replica_left_empty():
+    # 240 samples in batches of 34 on 4 replicas: 9/9/8/8, and a last batch of
+    # 2 that leaves two replicas without samples.
+    fit = dict(x=X, y=Y, batch_size=34, epochs=2)
+    reference, reference_history = train(regression, fit)
+    strategy = keras_parallel.DataParallel(devices(4))
+    model, history = train(regression, fit, strategy)
+    assert max_weight_diff(model, reference) <= 1e-5
+    assert max_history_diff(history, reference_history) <= 1e-5
+
+
+def test_uneven_batches_with_batchnorm():
+    # 128 samples in batches of 41 on 4 replicas: 11/10/10/10, and a last
+    # batch of 5: 2/1/1/1. Global statistics and weighted losses keep it exact.
+    fit = dict(CONV_DATA, batch_size=41)
+    reference, reference_history = train(conv_batchnorm_adam, fit)
+    strategy = keras_parallel.DataParallel(devices(4))
+    model, history = train(conv_batchnorm_adam, fit, strategy)
+    assert max_weight_diff(model, reference) <= 1e-5
+    assert max_history_diff(history, reference_history) <= 1e-5
+
+
+def test_scale_loss_hook_is_removed_after_tracing():
+    strategy = keras_parallel.DataParallel(devices(2))
+    model, _ = train(regression, dict(x=X, y=Y, batch_size=40), strategy)
+    assert "scale_loss" not in vars(model.optimizer)
 
 
 def test_iterator_traced_once_across_epochs():

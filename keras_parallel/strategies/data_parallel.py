@@ -16,7 +16,7 @@ from tensorflow.python.ops import control_flow_util
 
 from keras_parallel.devices import resolve_devices
 from keras_parallel.reduction.local_sum import LocalSum
-from keras_parallel.strategies import batch_split, batchnorm
+from keras_parallel.strategies import batch_split, batchnorm, replica_weights
 from keras_parallel.strategies.ownership import OwnerTable
 
 
@@ -147,12 +147,15 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
                 "jit_compile=True by default on machines with a GPU)."
             )
         model = _step_model(fn)
-        if model is not None:
-            for variable in model.variables:
-                _require_distributed(variable.value)
-            if self._sync_batch_norm:
-                batchnorm.synchronize_batch_norm(model)
-        return super()._call_for_each_replica(fn, args, kwargs)
+        if model is None:
+            return super()._call_for_each_replica(fn, args, kwargs)
+        for variable in model.variables:
+            _require_distributed(variable.value)
+        if self._sync_batch_norm:
+            batchnorm.synchronize_batch_norm(model)
+        weights = replica_weights.replica_sample_weights(args, len(self._devices))
+        with replica_weights.weighted_losses(model, weights):
+            return super()._call_for_each_replica(fn, args, kwargs)
 
     # Variables.
 
