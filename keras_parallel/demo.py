@@ -55,37 +55,33 @@ def build_model():
 
 
 def train(strategy, data, batch_size: int, epochs: int, verbose: int):
-    """Fits a freshly seeded model; returns (model, samples per second).
-
-    Throughput is the median over epochs after the first, which includes
-    tracing.
-    """
+    """Builds a freshly seeded model in `strategy`'s scope and fits it."""
     import keras
 
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = build_model()
-    times = []
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.start)
-
     x, y = data
     model.fit(
-        x,
-        y,
-        batch_size=batch_size,
-        epochs=epochs,
-        shuffle=False,
-        verbose=verbose,
-        callbacks=[EpochTimer()],
+        x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=verbose
     )
-    steady = times[1:] or times
-    return model, len(x) / statistics.median(steady)
+    return model
+
+
+def samples_per_second(models: dict, data, batch_size: int, rounds: int = 3) -> dict:
+    """Median throughput of each trained model over `rounds` epochs.
+
+    The models take turns, one epoch each, so that noise from the rest of the
+    machine hits them alike.
+    """
+    x, y = data
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+            times[name].append(time.perf_counter() - start)
+    return {name: len(x) / statistics.median(t) for name, t in times.items()}
 
 
 def max_weight_diff(a, b) -> float:
@@ -105,42 +101,39 @@ def run(devices: list[str], batch_size: int, epochs: int, samples: int) -> dict:
     train_data = make_data(samples, seed=1)
     x_test, y_test = make_data(1024, seed=2)
     print(f"Single device ({devices[0]})")
-    single, single_rate = train(
-        tf.distribute.get_strategy(), train_data, batch_size, epochs, verbose=0
-    )
+    single = train(tf.distribute.get_strategy(), train_data, batch_size, epochs, 0)
     print(f"DataParallel on {len(devices)} devices")
-    parallel, parallel_rate = train(
+    parallel = train(
         keras_parallel.DataParallel(devices), train_data, batch_size, epochs, verbose=1
     )
     print(f"MirroredStrategy on {len(devices)} devices")
-    _, mirrored_rate = train(
-        tf.distribute.MirroredStrategy(devices),
-        train_data,
-        batch_size,
-        epochs,
-        verbose=0,
+    mirrored = train(
+        tf.distribute.MirroredStrategy(devices), train_data, batch_size, epochs, 0
     )
     accuracy = parallel.evaluate(x_test, y_test, batch_size=batch_size, verbose=0)[1]
+    weight_diff = max_weight_diff(parallel, single)
     # One step isolates the computation; over many steps float rounding from
     # summing per-replica gradients (instead of one full-batch gradient)
     # compounds, as it does between any two devices.
     first_batch = (train_data[0][:batch_size], train_data[1][:batch_size])
     one_step = max_weight_diff(
-        train(keras_parallel.DataParallel(devices), first_batch, batch_size, 1, 0)[0],
-        train(tf.distribute.get_strategy(), first_batch, batch_size, 1, 0)[0],
+        train(keras_parallel.DataParallel(devices), first_batch, batch_size, 1, 0),
+        train(tf.distribute.get_strategy(), first_batch, batch_size, 1, 0),
+    )
+    print("Timing one more epoch of each, three times")
+    rates = samples_per_second(
+        {"single": single, "MirroredStrategy": mirrored, "DataParallel": parallel},
+        train_data,
+        batch_size,
     )
     return {
         "devices": devices,
         "global_batch": batch_size,
-        "samples_per_second": {
-            "single": single_rate,
-            "MirroredStrategy": mirrored_rate,
-            "DataParallel": parallel_rate,
-        },
+        "samples_per_second": rates,
         "test_accuracy": float(accuracy),
         "epochs": epochs,
         "max_weight_diff_one_step": one_step,
-        "max_weight_diff_after_training": max_weight_diff(parallel, single),
+        "max_weight_diff_after_training": weight_diff,
     }
 
 

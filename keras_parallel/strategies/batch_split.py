@@ -162,10 +162,6 @@ class SplitBatchIteratorSpec(type_spec.TypeSpec):
     def _from_components(self, components):
         return SplitBatchIterator(components, self._host, self._devices)
 
-    @staticmethod
-    def from_value(value):
-        return value._type_spec
-
 
 class SplitBatchIterator(
     tf.distribute.DistributedIterator, composite_tensor.CompositeTensor
@@ -176,6 +172,7 @@ class SplitBatchIterator(
         self._iterator = iterator
         self._host = host
         self._devices = tuple(devices)
+        self._first_batch_checked = False
 
     @property
     def _type_spec(self):
@@ -205,9 +202,9 @@ class SplitBatchIterator(
     def _check_first_batch(self, batch):
         # Keras takes the first batch eagerly before fit, evaluate and predict;
         # later batches may legitimately be a short remainder.
-        if getattr(self, "_checked", False):
+        if self._first_batch_checked:
             return
-        self._checked = True
+        self._first_batch_checked = True
         size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
         if size < len(self._devices):
             raise ValueError(
