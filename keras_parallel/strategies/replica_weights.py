@@ -23,8 +23,13 @@ def replica_sample_weights(args, num_replicas: int) -> tf.Tensor | None:
     `args`, or None when `args` holds no per-replica tensor."""
     for leaf in tf.nest.flatten(args, expand_composites=False):
         if isinstance(leaf, values_lib.PerReplica):
-            sizes = tf.stack([tf.shape(v)[0] for v in leaf.values])
-            sizes = tf.cast(sizes, tf.float32)
+            sizes = []
+            for part in leaf.values:
+                # Read on the piece's own device: a Shape op elsewhere would
+                # copy the whole piece there first.
+                with tf.device(part.device):
+                    sizes.append(tf.shape(part)[0])
+            sizes = tf.cast(tf.stack(sizes), tf.float32)
             return num_replicas * sizes / tf.reduce_sum(sizes)
     return None
 
