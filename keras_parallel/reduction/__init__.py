@@ -1,5 +1,28 @@
-"""Gradient reduction algorithms, each a `tf.distribute.CrossDeviceOps`."""
+"""Gradient reduction: all-reduce algorithms, bucketing and compression."""
 
-from keras_parallel.reduction.local_sum import LocalSum
+from keras_parallel.reduction.algorithms import (
+    AllReduceAlgorithm,
+    InProcessAllReduce,
+    NcclAllReduce,
+)
+from keras_parallel.reduction.communicator import Communicator, Transfer
+from keras_parallel.reduction.compression import (
+    Compression,
+    HalfPrecision,
+    NoCompression,
+)
+from keras_parallel.reduction.engine import GradientReduction
+from keras_parallel.reduction.powersgd import PowerSGD
 
-__all__ = ["LocalSum"]
+__all__ = [
+    "AllReduceAlgorithm",
+    "Communicator",
+    "Compression",
+    "GradientReduction",
+    "HalfPrecision",
+    "InProcessAllReduce",
+    "NcclAllReduce",
+    "NoCompression",
+    "PowerSGD",
+    "Transfer",
+]

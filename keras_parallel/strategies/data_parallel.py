@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
+from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
 from tensorflow.python.distribute import (
     distribute_lib,
     distribute_utils,
@@ -15,8 +16,9 @@ from tensorflow.python.distribute import values as values_lib
 from tensorflow.python.ops import control_flow_util
 
 from keras_parallel.devices import resolve_devices
-from keras_parallel.reduction.local_sum import LocalSum
-from keras_parallel.strategies import batch_split, batchnorm, replica_weights
+from keras_parallel.reduction.compression import Compression
+from keras_parallel.reduction.engine import GradientReduction
+from keras_parallel.strategies import batch_split, batchnorm, train_step_hooks
 from keras_parallel.strategies.ownership import OwnerTable
 
 
@@ -41,6 +43,18 @@ class DataParallel(tf.distribute.Strategy):
             `"/device:CPU:1"`, ...) with one replica per device. None means
             all GPUs, or all logical CPUs when there is no GPU (see
             `keras_parallel.virtual_devices`).
+        reduction: The all-reduce algorithm: `"auto"` (NCCL between GPUs
+            where TensorFlow has it, else in-process), `"in_process"` or
+            `"nccl"`.
+        bucket_mb: Gradients are fused into buckets of at most this many
+            megabytes before they are reduced, so many small tensors make few
+            reductions. None: the algorithm's default (0.25 in-process, 25
+            for NCCL).
+        compression: How gradients travel: None (their own dtype),
+            `"fp16"` or `"bf16"` (half the bytes, added up in float32), or
+            `keras_parallel.PowerSGD(rank=...)` (low-rank, with error
+            feedback). Only the optimizer's gradient all-reduce is
+            compressed; BatchNormalization statistics stay exact.
         shard_optimizer: If True (default), every variable has one owner
             device, chosen to balance bytes across devices: its optimizer
             slots live there, its update runs there once, and the new value
@@ -72,6 +86,9 @@ class DataParallel(tf.distribute.Strategy):
         self,
         devices: str | Sequence[str] | None = None,
         *,
+        reduction: str = "auto",
+        bucket_mb: float | None = None,
+        compression: str | Compression | None = None,
         shard_optimizer: bool = True,
         sync_batch_norm: bool = True,
     ):
@@ -83,10 +100,30 @@ class DataParallel(tf.distribute.Strategy):
                 raise TypeError(
                     f"`{name}` must be True or False. Received: {name}={value!r}"
                 )
+        devices = resolve_devices(devices)
         extended = DataParallelExtended(
-            self, resolve_devices(devices), shard_optimizer, sync_batch_norm
+            self,
+            devices,
+            exact=GradientReduction(reduction, bucket_mb, None, devices),
+            gradients=GradientReduction(reduction, bucket_mb, compression, devices),
+            shard_optimizer=shard_optimizer,
+            sync_batch_norm=sync_batch_norm,
         )
         super().__init__(extended)
+
+    def communication_stats(self) -> dict:
+        """Bytes the gradient all-reduce of one training step sends per replica.
+
+        Read after `fit` has run (or traced) a step; before, the counts are 0.
+
+        Returns:
+            A dict with `bytes_per_step`, `fp32_bytes_per_step` (what plain
+            float32 gradients would send), `warmup_bytes_per_step`,
+            `reductions` (all-reduces per step), `reduction`, `compression`
+            and `buckets` (one dict per all-reduce: label, tensors, elements,
+            dtype, bytes, phase).
+        """
+        return self.extended._gradient_reduction.communication_stats()
 
     def __repr__(self) -> str:
         devices = ", ".join(
@@ -99,18 +136,33 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
     """Strategy internals: MirroredStrategy's replica machinery with our own
     input splitting, reduction and update placement."""
 
-    def __init__(self, container_strategy, devices, shard_optimizer, sync_batch_norm):
-        super().__init__(
-            container_strategy, devices=devices, cross_device_ops=LocalSum()
-        )
+    def __init__(
+        self,
+        container_strategy,
+        devices,
+        exact,
+        gradients,
+        shard_optimizer,
+        sync_batch_norm,
+    ):
+        super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
+        self._gradient_reduction = gradients
+        self._replicas_in_apply = [0]
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
 
     def _use_merge_call(self):
-        # Every cross-replica exchange goes through `LocalSum`; collective ops
-        # (the other branch) are what breaks re-created strategies.
+        # Every cross-replica exchange goes through our reduction engine;
+        # collective ops (the other branch) break re-created strategies.
         return True
+
+    def _get_cross_device_ops(self, value):
+        if _has_integers(value):
+            return cross_device_ops_lib.ReductionToOneDevice()
+        if self._replicas_in_apply[0]:
+            return self._gradient_reduction
+        return self._cross_device_ops
 
     # Input.
 
@@ -153,8 +205,11 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
             _require_distributed(variable.value)
         if self._sync_batch_norm:
             batchnorm.synchronize_batch_norm(model)
-        weights = replica_weights.replica_sample_weights(args, len(self._devices))
-        with replica_weights.weighted_losses(model, weights):
+        weights = train_step_hooks.replica_sample_weights(args, len(self._devices))
+        with (
+            train_step_hooks.weighted_losses(model, weights),
+            train_step_hooks.marked_gradient_reduction(model, self._replicas_in_apply),
+        ):
             return super()._call_for_each_replica(fn, args, kwargs)
 
     # Variables.
@@ -203,6 +258,11 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
         return distribute_utils.update_regroup(self, updates, group)
+
+
+def _has_integers(value) -> bool:
+    parts = value.values if isinstance(value, values_lib.DistributedValues) else [value]
+    return any(not tf.as_dtype(p.dtype).is_floating for p in parts)
 
 
 def _step_model(step_fn) -> keras.Model | None:

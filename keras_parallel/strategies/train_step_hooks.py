@@ -1,12 +1,18 @@
-"""Exact gradients when replicas hold different numbers of samples.
+"""Hooks DataParallel sets on a Keras model's optimizer while it traces the
+model's train step.
 
-Keras averages each replica's loss over its own samples and scales it by
-1/N, so summing the replicas' gradients gives the single-device gradient only
-when every replica holds n/N samples. A global batch that does not split
-evenly (or a short last batch) breaks that: MirroredStrategy and PyTorch DDP
-then weight a replica with fewer samples as much as one with more. Scaling
-replica i's loss by N * n_i / n makes the sum exactly the gradient of the mean
-over all n samples, also through BatchNormalization's all-reduced statistics.
+Exact gradients when replicas hold different numbers of samples: Keras
+averages each replica's loss over its own samples and scales it by 1/N, so
+summing the replicas' gradients gives the single-device gradient only when
+every replica holds n/N samples. A global batch that does not split evenly (or
+a short last batch) breaks that: MirroredStrategy and PyTorch DDP then weight
+a replica with fewer samples as much as one with more. Scaling replica i's
+loss by N * n_i / n makes the sum exactly the gradient of the mean over all n
+samples, also through BatchNormalization's all-reduced statistics.
+
+Which reduction is the gradients': the optimizer all-reduces gradients inside
+`optimizer.apply`; BatchNormalization's statistics are all-reduced in the
+forward and backward passes. Only the former may be compressed.
 """
 
 from __future__ import annotations
@@ -58,3 +64,27 @@ def weighted_losses(model: keras.Model, weights: tf.Tensor | None):
         yield
     finally:
         del optimizer.scale_loss
+
+
+@contextlib.contextmanager
+def marked_gradient_reduction(model: keras.Model, marker: list):
+    """While a train step is traced, `marker[0]` counts the replicas inside
+    `optimizer.apply`, where the gradients are all-reduced."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        yield
+        return
+    unmarked = optimizer.apply
+
+    def apply(*args, **kwargs):
+        marker[0] += 1
+        try:
+            return unmarked(*args, **kwargs)
+        finally:
+            marker[0] -= 1
+
+    optimizer.apply = apply
+    try:
+        yield
+    finally:
+        del optimizer.apply

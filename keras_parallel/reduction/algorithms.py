@@ -1,0 +1,118 @@
+"""All-reduce algorithms: how one tensor per device becomes their sum on
+every device. Each is a small implementation of `AllReduceAlgorithm`."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+NAMES = ("auto", "in_process", "nccl")
+
+
+class AllReduceAlgorithm(abc.ABC):
+    """Sums tensors held one per device."""
+
+    name: str
+    # Bucket capacity when the user gives none: the size that suits the
+    # algorithm's fixed cost per reduction.
+    default_bucket_mb: float
+
+    @abc.abstractmethod
+    def all_reduce(
+        self, parts: Sequence[tf.Tensor], accumulate_dtype: tf.DType | None = None
+    ) -> list[tf.Tensor]:
+        """Sums `parts` (one per device, in replica order).
+
+        Args:
+            parts: Tensors of one shape and dtype, each on its device.
+            accumulate_dtype: Dtype to add in, if not the parts' own (parts
+                travel in their dtype and are widened where they are added).
+
+        Returns:
+            One sum per part, on that part's device.
+        """
+
+
+class InProcessAllReduce(AllReduceAlgorithm):
+    """Each device receives every part and adds them itself, in replica order.
+
+    Every device so holds a bit-identical sum. In a `tf.function`, a sum that
+    nothing reads is pruned, so a result needed on one device only (a variable
+    updated by its owner) costs one reduction to that device. For CPUs and
+    any devices without NCCL.
+    """
+
+    name = "in_process"
+    # Measured on CPU devices (benchmarks/compression.py): small buckets keep
+    # step time at the unbucketed level, a single 25 MB bucket doubles it for
+    # a 2x1024 MLP.
+    default_bucket_mb = 0.25
+
+    def all_reduce(self, parts, accumulate_dtype=None):
+        sums = []
+        for destination in parts:
+            with tf.device(destination.device):
+                received = [
+                    part
+                    if accumulate_dtype is None
+                    else tf.cast(part, accumulate_dtype)
+                    for part in parts
+                ]
+                sums.append(tf.add_n(received))
+        return sums
+
+
+class NcclAllReduce(AllReduceAlgorithm):
+    """NVIDIA NCCL's all-reduce between GPUs of one machine.
+
+    NCCL adds in the parts' dtype: `accumulate_dtype` only sets the result's.
+    """
+
+    name = "nccl"
+    default_bucket_mb = 25.0  # PyTorch DDP's bucket_cap_mb
+
+    def all_reduce(self, parts, accumulate_dtype=None):
+        from tensorflow.python.ops import nccl_ops
+
+        sums = nccl_ops.all_sum(list(parts))
+        if accumulate_dtype is None:
+            return sums
+        result = []
+        for total in sums:
+            with tf.device(total.device):
+                result.append(tf.cast(total, accumulate_dtype))
+        return result
+
+
+def resolve_algorithm(
+    reduction: str | AllReduceAlgorithm, devices: Sequence[str]
+) -> AllReduceAlgorithm:
+    """The algorithm for `reduction` on `devices`.
+
+    `"auto"` is NCCL when every device is a GPU and TensorFlow was built with
+    CUDA, else the in-process reduction.
+
+    Raises:
+        ValueError: for an unknown name, or NCCL on devices that are not GPUs.
+    """
+    if isinstance(reduction, AllReduceAlgorithm):
+        return reduction
+    if reduction not in NAMES:
+        raise ValueError(
+            f"Unknown `reduction`: {reduction!r}. Allowed: "
+            f"{', '.join(map(repr, NAMES))}, or a "
+            "keras_parallel.reduction.AllReduceAlgorithm."
+        )
+    types = sorted({tf.DeviceSpec.from_string(d).device_type for d in devices})
+    nccl_possible = types == ["GPU"] and tf.test.is_built_with_cuda()
+    if reduction == "nccl" and not nccl_possible:
+        raise ValueError(
+            "reduction='nccl' needs GPUs and a TensorFlow built with CUDA; the "
+            f"devices are of type {types}. Use reduction='in_process' (or 'auto', "
+            "which picks NCCL where it can)."
+        )
+    if reduction == "nccl" or (reduction == "auto" and nccl_possible):
+        return NcclAllReduce()
+    return InProcessAllReduce()

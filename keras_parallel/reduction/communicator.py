@@ -1,0 +1,169 @@
+"""What a compression uses to move tensors: sums through an all-reduce
+algorithm, bucketing, and an account of the bytes each replica sends."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from keras_parallel.reduction import buckets
+from keras_parallel.reduction.algorithms import AllReduceAlgorithm
+
+# Largest magnitude a float16 part may reach before the sum: 2**15 leaves
+# headroom below float16's maximum, 65504.
+FLOAT16_SAFE_MAX = 2.0**15
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """One all-reduce of one step, as one replica sees it.
+
+    Attributes:
+        label: What was reduced (`"bucket 0"`, `"powersgd P"`, ...).
+        tensors: How many gradients it carries.
+        elements: Elements each replica contributes.
+        dtype: Dtype on the wire.
+        bytes: Bytes each replica contributes.
+        phase: `"steady"`, or `"warmup"` for steps before compression starts.
+    """
+
+    label: str
+    tensors: int
+    elements: int
+    dtype: str
+    bytes: int
+    phase: str = "steady"
+
+
+class Communicator:
+    """Sums per-device tensors for a compression and records each transfer.
+
+    Args:
+        algorithm: The all-reduce algorithm.
+        bucket_bytes: Bucket capacity for `bucketed_sum`.
+        num_replicas: Number of devices taking part.
+    """
+
+    def __init__(
+        self, algorithm: AllReduceAlgorithm, bucket_bytes: int, num_replicas: int
+    ):
+        self.algorithm = algorithm
+        self.bucket_bytes = bucket_bytes
+        self.num_replicas = num_replicas
+        self.transfers: list[Transfer] = []
+        self._phase = "steady"
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Tags the transfers recorded inside the block with `name`."""
+        outer, self._phase = self._phase, name
+        try:
+            yield
+        finally:
+            self._phase = outer
+
+    def sum(
+        self,
+        parts: Sequence[tf.Tensor],
+        label: str,
+        tensors: int = 1,
+        accumulate_dtype: tf.DType | None = None,
+    ) -> list[tf.Tensor]:
+        """All-reduces one tensor per device and records the transfer."""
+        elements = parts[0].shape.num_elements()
+        self.transfers.append(
+            Transfer(
+                label,
+                tensors,
+                elements,
+                parts[0].dtype.name,
+                elements * parts[0].dtype.size,
+                self._phase,
+            )
+        )
+        return self.algorithm.all_reduce(parts, accumulate_dtype)
+
+    def bucketed_sum(
+        self,
+        gradients: Sequence[Sequence[tf.Tensor]],
+        wire_dtype: tf.DType | None = None,
+        label: str = "bucket",
+    ) -> list[list[tf.Tensor]]:
+        """Sums gradients in buckets, optionally sent in a narrower dtype.
+
+        Args:
+            gradients: `gradients[k][i]` is replica i's part of gradient k.
+            wire_dtype: Dtype to send in (added up in the gradient's dtype).
+                float16 parts are scaled by a power of two so that neither a
+                part nor the sum overflows and small values keep their bits.
+            label: Prefix of the transfers' labels.
+
+        Returns:
+            `result[k][i]`: the sum of gradient k on replica i's device.
+        """
+        results: list[list[tf.Tensor] | None] = [None] * len(gradients)
+        first_replica = [parts[0] for parts in gradients]
+        for b, members in enumerate(buckets.plan(first_replica, self.bucket_bytes)):
+            dtype = first_replica[members[0]].dtype
+            flats = []
+            for i in range(self.num_replicas):
+                with tf.device(gradients[members[0]][i].device):
+                    flats.append(buckets.pack([gradients[k][i] for k in members]))
+            sums = self._sum_flat(
+                flats, f"{label} {b}", len(members), dtype, wire_dtype
+            )
+            for i, total in enumerate(sums):
+                with tf.device(total.device):
+                    pieces = buckets.unpack(total, [gradients[k][i] for k in members])
+                for k, piece in zip(members, pieces, strict=True):
+                    if results[k] is None:
+                        results[k] = []
+                    results[k].append(piece)
+        return results
+
+    def _sum_flat(self, flats, label, tensors, dtype, wire_dtype):
+        if wire_dtype is None or wire_dtype == dtype:
+            return self.sum(flats, label, tensors)
+        scales = [None] * len(flats)
+        if wire_dtype == tf.float16:
+            scales = self._float16_scales(flats, label)
+        wire = []
+        for flat, scale in zip(flats, scales, strict=True):
+            with tf.device(flat.device):
+                wire.append(
+                    tf.cast(
+                        flat if scale is None else flat * tf.cast(scale, dtype),
+                        wire_dtype,
+                    )
+                )
+        sums = self.sum(wire, label, tensors, accumulate_dtype=dtype)
+        decoded = []
+        for total, scale in zip(sums, scales, strict=True):
+            with tf.device(total.device):
+                decoded.append(
+                    total if scale is None else total / tf.cast(scale, dtype)
+                )
+        return decoded
+
+    def _float16_scales(self, flats, label):
+        # Sum of the replicas' largest magnitudes bounds every part and the
+        # sum; one scalar per replica, and every device derives the same scale.
+        maxima = []
+        for flat in flats:
+            with tf.device(flat.device):
+                maxima.append(
+                    tf.reshape(tf.cast(tf.reduce_max(tf.abs(flat)), tf.float32), [1])
+                )
+        bounds = self.sum(maxima, f"{label} float16 scale")
+        scales = []
+        for bound in bounds:
+            with tf.device(bound.device):
+                exponent = tf.floor(
+                    tf.math.log(FLOAT16_SAFE_MAX / tf.maximum(bound[0], 1e-30))
+                    / tf.math.log(2.0)
+                )
+                scales.append(tf.pow(2.0, tf.clip_by_value(exponent, -60.0, 60.0)))
+        return scales

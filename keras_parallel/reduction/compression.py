@@ -1,0 +1,96 @@
+"""Gradient compressions: how gradients travel during the all-reduce.
+
+Like PyTorch DDP's communication hooks, a compression is an object that
+receives all gradients of a step and a `Communicator`, and returns their sums;
+it may keep state between steps (see `PowerSGD`).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from keras_parallel.reduction.communicator import Communicator
+
+
+class Compression(abc.ABC):
+    """Sums each gradient across replicas, choosing what goes on the wire."""
+
+    name: str
+
+    @abc.abstractmethod
+    def reduce(
+        self, gradients: Sequence[Sequence[tf.Tensor]], communicator: Communicator
+    ) -> list[list[tf.Tensor]]:
+        """Sums gradients across replicas.
+
+        Args:
+            gradients: `gradients[k][i]` is replica i's part of gradient k.
+            communicator: Moves tensors and accounts for the bytes.
+
+        Returns:
+            `result[k][i]`: the (approximate) sum of gradient k on replica i's
+            device.
+        """
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class NoCompression(Compression):
+    """Gradients travel in their own dtype, fused into buckets."""
+
+    name = "none"
+
+    def reduce(self, gradients, communicator):
+        return communicator.bucketed_sum(gradients)
+
+
+class HalfPrecision(Compression):
+    """Gradients travel as float16 or bfloat16 and are added in their own
+    dtype (float32) where they arrive.
+
+    float16 keeps 10 bits of mantissa but overflows past 65504, so each bucket
+    is scaled by a power of two chosen from the replicas' largest magnitudes
+    (one extra scalar per bucket); bfloat16 has float32's range and 7 bits.
+
+    Args:
+        dtype: `"float16"` or `"bfloat16"`.
+    """
+
+    def __init__(self, dtype: str):
+        self.dtype = tf.as_dtype(dtype)
+        self.name = {"float16": "fp16", "bfloat16": "bf16"}[self.dtype.name]
+
+    def reduce(self, gradients, communicator):
+        return communicator.bucketed_sum(gradients, wire_dtype=self.dtype)
+
+
+NAMES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_compression(compression) -> Compression:
+    """A `Compression` for `DataParallel(compression=...)`.
+
+    Raises:
+        ValueError: for an unknown name.
+        TypeError: for anything else that is not a `Compression`.
+    """
+    if compression is None:
+        return NoCompression()
+    if isinstance(compression, Compression):
+        return compression
+    if isinstance(compression, str):
+        if compression not in NAMES:
+            raise ValueError(
+                f"Unknown `compression`: {compression!r}. Allowed: None, 'fp16', "
+                "'bf16', or keras_parallel.PowerSGD(rank=...)."
+            )
+        return HalfPrecision(NAMES[compression])
+    raise TypeError(
+        "`compression` must be None, 'fp16', 'bf16' or a "
+        f"keras_parallel.reduction.Compression such as PowerSGD(rank=4). Received: "
+        f"compression={compression!r}"
+    )
