@@ -21,6 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_time.py
+	$(VENV)/bin/python benchmarks/compression.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check keras_parallel tests benchmarks

@@ -10,6 +10,7 @@ after a warm-up epoch, divided by the steps per epoch.
 Usage:
     python benchmarks/step_time.py                # full table, writes JSON
     python benchmarks/step_time.py --shapes 2x16 --devices 2 --repeats 3
+    python benchmarks/step_time.py --shapes 2x1024 --devices 2 --bucket-mb 25
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ SAMPLES, FEATURES, BATCH = 4096, 64, 256
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def measure(shape: str, num_devices: int, steps_per_execution: int, repeats: int):
+def measure(
+    shape: str,
+    num_devices: int,
+    steps_per_execution: int,
+    repeats: int,
+    bucket_mb: float | None,
+):
     """Runs in a worker process; returns step times in ms per setup."""
     import keras_parallel
 
@@ -57,7 +64,7 @@ def measure(shape: str, num_devices: int, steps_per_execution: int, repeats: int
 
     setups = {
         "single": tf.distribute.get_strategy(),
-        "DataParallel": keras_parallel.DataParallel(devices),
+        "DataParallel": keras_parallel.DataParallel(devices, bucket_mb=bucket_mb),
         "MirroredStrategy": tf.distribute.MirroredStrategy(devices),
     }
     models, errors = {}, {}
@@ -89,11 +96,15 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--steps-per-execution", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--bucket-mb", type=float, help="DataParallel's bucket_mb (default: its own)"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         shape, n, spe = args.worker
-        print(json.dumps(measure(shape, int(n), int(spe), args.repeats)))
+        result = measure(shape, int(n), int(spe), args.repeats, args.bucket_mb)
+        print(json.dumps(result))
         return
 
     rows = []
@@ -110,7 +121,12 @@ def main() -> None:
                         shape,
                         str(n),
                         str(spe),
-                    ],
+                    ]
+                    + (
+                        []
+                        if args.bucket_mb is None
+                        else ["--bucket-mb", str(args.bucket_mb)]
+                    ),
                     capture_output=True,
                     text=True,
                     check=True,
@@ -135,7 +151,8 @@ def main() -> None:
                 )
                 print(format_row(rows[-1]), flush=True)
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "step_time.json")
+    suffix = "" if args.bucket_mb is None else f"_bucket_mb_{args.bucket_mb:g}"
+    path = os.path.join(RESULTS, f"step_time{suffix}.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print()

@@ -74,14 +74,15 @@ def samples_per_second(models: dict, data, batch_size: int, rounds: int = 3) -> 
     """Median throughput of each trained model over `rounds` epochs.
 
     The models take turns, one epoch each, so that noise from the rest of the
-    machine hits them alike.
+    machine hits them alike; the first to go changes every round.
     """
     x, y = data
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
+    names = list(models)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
-            model.fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
+            models[name].fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
             times[name].append(time.perf_counter() - start)
     return {name: len(x) / statistics.median(t) for name, t in times.items()}
 

@@ -45,9 +45,9 @@ class InProcessAllReduce(AllReduceAlgorithm):
     """
 
     name = "in_process"
-    # Measured on CPU devices (benchmarks/compression.py): small buckets keep
-    # step time at the unbucketed level, a single 25 MB bucket doubles it for
-    # a 2x1024 MLP.
+    # Measured on CPU devices (benchmarks/step_time.py --bucket-mb): small
+    # buckets keep step time at the unbucketed level, a single 25 MB bucket
+    # doubles it for a 2x1024 MLP.
     default_bucket_mb = 0.25
 
     def all_reduce(self, parts, accumulate_dtype=None):

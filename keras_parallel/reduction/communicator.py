@@ -27,7 +27,8 @@ class Transfer:
         elements: Elements each replica contributes.
         dtype: Dtype on the wire.
         bytes: Bytes each replica contributes.
-        phase: `"steady"`, or `"warmup"` for steps before compression starts.
+        phase: When it is sent: `"every step"`, or only `"warmup"` steps
+            (before compression starts) or only `"compressed"` steps.
     """
 
     label: str
@@ -35,7 +36,7 @@ class Transfer:
     elements: int
     dtype: str
     bytes: int
-    phase: str = "steady"
+    phase: str = "every step"
 
 
 class Communicator:
@@ -54,7 +55,7 @@ class Communicator:
         self.bucket_bytes = bucket_bytes
         self.num_replicas = num_replicas
         self.transfers: list[Transfer] = []
-        self._phase = "steady"
+        self._phase = "every step"
 
     @contextlib.contextmanager
     def phase(self, name: str):

@@ -155,12 +155,14 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             and `buckets` (one dict per transfer: label, tensors, elements,
             dtype, bytes, phase).
         """
-        steady = [t for t in self._last_step if t.phase == "steady"]
-        warmup = [t for t in self._last_step if t.phase == "warmup"] or steady
+        every = [t for t in self._last_step if t.phase == "every step"]
+        compressed = [t for t in self._last_step if t.phase == "compressed"]
+        warmup = [t for t in self._last_step if t.phase == "warmup"] or compressed
+        steady = every + compressed
         return {
             "bytes_per_step": sum(t.bytes for t in steady),
             "fp32_bytes_per_step": self._last_fp32_bytes,
-            "warmup_bytes_per_step": sum(t.bytes for t in warmup),
+            "warmup_bytes_per_step": sum(t.bytes for t in every + warmup),
             "reductions": len(steady),
             "reduction": self._algorithm.name if self._algorithm else self._reduction,
             "compression": self.compression.name,

@@ -126,7 +126,8 @@ class PowerSGD(Compression):
                 return communicator.bucketed_sum(chosen, label="warmup bucket")
 
         def approximate():
-            return self._power_step(chosen, state, communicator)
+            with communicator.phase("compressed"):
+                return self._power_step(chosen, state, communicator)
 
         if self.warmup_steps:
             sums = tf.cond(step < self.warmup_steps, exact, approximate)
