@@ -1,0 +1,1 @@
+"""Splitting a model over devices: plans, placement and micro-batches."""

@@ -1,0 +1,124 @@
+"""Putting a layer on a device: its weights, its forward and its backward.
+
+`tf.device` around a layer's call places the forward ops only: inside a
+traced train step the gradient ops GradientTape creates carry no device, so
+the placer runs the whole backward pass on the default device. `run_on`
+therefore wraps a call in `tf.custom_gradient` whose gradient function
+differentiates the layer under the same `tf.device`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import tensorflow as tf
+from tensorflow.python.ops import resource_variable_ops
+
+
+def stage_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers a model is partitioned into, in the order they were built
+    (for Sequential and Functional models, the order they run)."""
+    return [
+        layer
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    ]
+
+
+def move_variable(variable: keras.Variable, device: str) -> None:
+    """Moves a Keras variable's storage to `device`, keeping its value.
+
+    The Keras variable object stays the same, so the layer, the optimizer
+    and any checkpoint keep referring to it.
+    """
+    old = variable.value
+    if tf.DeviceSpec.from_string(old.device) == tf.DeviceSpec.from_string(device):
+        return
+    with tf.init_scope(), tf.device(device):
+        # Built directly rather than through tf.Variable, which a strategy's
+        # variable creator would place on its own device.
+        new = resource_variable_ops.ResourceVariable(
+            old.read_value(),
+            trainable=old.trainable,
+            name=variable.name,
+            aggregation=old.aggregation,
+            synchronization=old.synchronization,
+        )
+    # Keras optimizers key their per-variable state by this id.
+    new._unique_id = old._unique_id
+    variable._value = new
+
+
+def run_on(call, device: str, on_call=None):
+    """Wraps a layer's `call` so that its forward and backward run on `device`.
+
+    Floating-point tensors among the arguments are differentiated; other
+    arguments (masks, flags, indices) are passed through.
+
+    Args:
+        call: The function to wrap.
+        device: Where its forward and backward ops go.
+        on_call: Called with no arguments each time the wrapper runs.
+    """
+
+    @functools.wraps(call)
+    def wrapped(*args, **kwargs):
+        if on_call is not None:
+            on_call()
+        flat = tf.nest.flatten((args, kwargs))
+        positions = [
+            i
+            for i, x in enumerate(flat)
+            if isinstance(x, tf.Tensor) and x.dtype.is_floating
+        ]
+
+        @tf.custom_gradient
+        def forward(*tensors):
+            with tf.GradientTape(watch_accessed_variables=True) as tape:
+                tape.watch(tensors)
+                values = list(flat)
+                for i, tensor in zip(positions, tensors, strict=True):
+                    values[i] = tensor
+                inner_args, inner_kwargs = tf.nest.pack_sequence_as(
+                    (args, kwargs), values
+                )
+                outputs = call(*inner_args, **inner_kwargs)
+
+            def gradient(*output_gradients, variables=None):
+                sources = list(tensors) + list(variables or [])
+                with tf.device(device):
+                    grads = tape.gradient(
+                        tf.nest.flatten(outputs),
+                        sources,
+                        output_gradients=list(output_gradients),
+                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                    )
+                if variables is None:
+                    return grads
+                return grads[: len(tensors)], grads[len(tensors) :]
+
+            return outputs, gradient
+
+        with tf.device(device):
+            return forward(*[flat[i] for i in positions])
+
+    wrapped.__keras_parallel_device__ = device
+    return wrapped
+
+
+def place_layer(layer: keras.layers.Layer, device: str, on_call=None) -> None:
+    """Moves `layer`'s variables to `device` and runs its calls there
+    (`on_call` as for `run_on`)."""
+    for variable in layer.variables:
+        move_variable(variable, device)
+    if getattr(layer, "pinned_device", None) is not None:
+        return  # an OnDevice layer places its own calls
+    call = layer.call
+    placed_on = getattr(call, "__keras_parallel_device__", None)
+    if placed_on == device:
+        return
+    if placed_on is not None:
+        call = call.__wrapped__
+    # An instance attribute: Keras' __call__ looks `call` up on the instance.
+    layer.call = run_on(call, device, on_call)

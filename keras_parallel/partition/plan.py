@@ -1,0 +1,94 @@
+"""Which device each layer goes to, from a `partition` argument."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import keras
+
+from keras_parallel.devices import resolve_devices
+from keras_parallel.partition.balance import balanced_stage_sizes
+
+
+def layer_bytes(layer: keras.layers.Layer, slot_bytes: Mapping[int, int]) -> int:
+    """Bytes of a layer's weights plus the optimizer slots kept for them.
+
+    Args:
+        layer: A built layer.
+        slot_bytes: Slot bytes by `id()` of a weight's `tf.Variable`.
+    """
+    return sum(
+        variable_bytes(v.value) + slot_bytes.get(id(v.value), 0)
+        for v in layer.variables
+    )
+
+
+def variable_bytes(variable) -> int:
+    """Bytes of a `tf.Variable`'s value."""
+    return variable.shape.num_elements() * variable.dtype.size
+
+
+def plan_devices(
+    layers: Sequence[keras.layers.Layer],
+    devices: Sequence[str],
+    partition,
+    slot_bytes: Mapping[int, int],
+) -> list[str]:
+    """The device of each layer.
+
+    Args:
+        layers: The model's layers in order.
+        devices: The stages' devices, in order.
+        partition: `"auto"`, a list of stage sizes, or a dict from layer name
+            to device (already checked against `devices`).
+        slot_bytes: Optimizer slot bytes per weight (see `layer_bytes`).
+
+    Raises:
+        ValueError: more stages than layers, stage sizes that do not add up
+            to the number of layers, or a dict naming unknown layers.
+    """
+    names = [layer.name for layer in layers]
+    if isinstance(partition, Mapping):
+        unknown = sorted(set(partition) - set(names))
+        if unknown:
+            raise ValueError(
+                f"`partition` names layers {unknown} that the model does not "
+                f"have. Its layers, in order: {names}."
+            )
+        device_by_name = dict(
+            zip(partition, resolve_devices(list(partition.values())), strict=True)
+        )
+        planned, current = [], devices[0]
+        for name in names:
+            current = device_by_name.get(name, current)
+            planned.append(current)
+        return _pinned(layers, planned)
+    if len(layers) < len(devices):
+        raise ValueError(
+            f"The model has {len(layers)} layers, fewer than the {len(devices)} "
+            f"stages (one per device) ModelParallel needs: {names}. Use fewer "
+            "devices, e.g. `ModelParallel(devices=[...])`."
+        )
+    if partition == "auto":
+        sizes = balanced_stage_sizes(
+            [layer_bytes(layer, slot_bytes) for layer in layers], len(devices)
+        )
+    else:
+        sizes = list(partition)
+        if sum(sizes) != len(layers):
+            raise ValueError(
+                f"`partition` stage sizes {sizes} add up to {sum(sizes)}, but "
+                f"the model has {len(layers)} layers: {names}."
+            )
+    planned = [
+        device for device, size in zip(devices, sizes, strict=True) for _ in range(size)
+    ]
+    return _pinned(layers, planned)
+
+
+def _pinned(layers, planned) -> list[str]:
+    """Layers wrapped in `OnDevice` keep their own device."""
+    return [
+        getattr(layer, "pinned_device", None) or device
+        for layer, device in zip(layers, planned, strict=True)
+    ]

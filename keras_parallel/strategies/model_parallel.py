@@ -1,0 +1,215 @@
+"""`ModelParallel`: a model's layers split into stages, one per device."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import keras
+import tensorflow as tf
+from tensorflow.python.distribute import distribute_lib, one_device_strategy
+
+from keras_parallel.devices import resolve_devices
+from keras_parallel.partition import microbatch, placement
+from keras_parallel.partition.order import CallOrder
+from keras_parallel.partition.plan import plan_devices, variable_bytes
+from keras_parallel.strategies.data_parallel import _step_model
+
+
+class ModelParallel(tf.distribute.Strategy):
+    """Splits a model's layers into contiguous stages, one per device.
+
+    Build and compile the model in `strategy.scope()`, then call the usual
+    `fit`, `evaluate` and `predict`. Before the model's first step each layer
+    is assigned a device: its weights move there, its optimizer slots are
+    kept there, and its forward and backward ops run there. With
+    `num_microbatches > 1` each batch flows through the stages in pieces, so
+    that the devices work at the same time (GPipe's schedule).
+
+    Args:
+        devices: The devices, one stage each, in order (`"GPU:0"`,
+            `"/device:CPU:1"`, ...). None means all GPUs, or all logical
+            CPUs when there is no GPU.
+        num_microbatches: Pieces each batch is cut into. The batch size must
+            be a multiple of it (a short last batch is cut as evenly as
+            possible). BatchNormalization then normalises each piece with
+            its own statistics and updates its moving statistics once per
+            piece, as in GPipe.
+        partition: `"auto"` (contiguous stages balancing the bytes of
+            weights plus optimizer slots), a list with the number of layers
+            of each stage, or a dict from layer name to device (layers not
+            named stay on the device of the layer before them). Layers
+            wrapped in `keras_parallel.layers.OnDevice` keep their device.
+
+    Example:
+
+    ```python
+    strategy = keras_parallel.ModelParallel(num_microbatches=4)
+    with strategy.scope():
+        model = keras.Sequential([...])
+        model.compile(optimizer="adam", loss="mse")
+    model.fit(x, y, batch_size=256)
+    print(keras_parallel.placement_report(model))
+    ```
+    """
+
+    def __init__(
+        self,
+        devices: str | Sequence[str] | None = None,
+        num_microbatches: int = 1,
+        partition: str | Sequence[int] | Mapping[str, str] = "auto",
+    ):
+        if (
+            isinstance(num_microbatches, bool)
+            or not isinstance(num_microbatches, int)
+            or num_microbatches < 1
+        ):
+            raise ValueError(
+                "`num_microbatches` must be an integer >= 1. Received: "
+                f"num_microbatches={num_microbatches!r}"
+            )
+        devices = resolve_devices(devices)
+        _check_partition(partition, devices)
+        super().__init__(
+            ModelParallelExtended(self, devices, num_microbatches, partition)
+        )
+
+    def place(self, model: keras.Model) -> None:
+        """Assigns the model's layers to devices now (otherwise done before
+        its first `fit`, `evaluate` or `predict` step). Placing twice does
+        nothing."""
+        self.extended.place(model)
+
+    def __repr__(self) -> str:
+        devices = ", ".join(d.split("device:")[-1] for d in self.extended.devices)
+        return (
+            f"ModelParallel(devices=[{devices}], "
+            f"num_microbatches={self.extended.num_microbatches})"
+        )
+
+
+def _check_partition(partition, devices) -> None:
+    if partition == "auto":
+        return
+    if isinstance(partition, Mapping):
+        resolved = resolve_devices(list(partition.values()) or devices)
+        unknown = sorted(set(resolved) - set(devices))
+        if unknown:
+            raise ValueError(
+                f"`partition` names devices {unknown} that are not among the "
+                f"strategy's devices {list(devices)}."
+            )
+        return
+    if isinstance(partition, (list, tuple)) and all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in partition
+    ):
+        if len(partition) != len(devices):
+            raise ValueError(
+                f"`partition` gives {len(partition)} stage sizes for "
+                f"{len(devices)} devices; give one size per device."
+            )
+        return
+    raise ValueError(
+        "`partition` must be 'auto', a list of positive stage sizes (one per "
+        "device), or a dict from layer name to device. Received: "
+        f"partition={partition!r}"
+    )
+
+
+class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
+    """One replica; inputs, losses and metrics on the first device, each
+    layer's weights, slots, forward and backward on its stage's."""
+
+    def __init__(self, container_strategy, devices, num_microbatches, partition):
+        super().__init__(container_strategy, devices[0])
+        self.devices = tuple(devices)
+        self.num_microbatches = num_microbatches
+        self.partition = partition
+        self._placed: set[int] = set()
+        # (slot, the variable it serves) for slots created before placement,
+        # which move with their variable.
+        self._slots: list[tuple[tf.Variable, tf.Variable]] = []
+
+    def _create_variable(self, next_creator, **kwargs):
+        colocate_with = kwargs.pop("colocate_with", None)
+        if colocate_with is None:
+            with tf.device(self._device):
+                return next_creator(**kwargs)
+        with tf.device(colocate_with.device):
+            variable = next_creator(**kwargs)
+        self._slots.append((variable, colocate_with))
+        return variable
+
+    def _experimental_distribute_dataset(self, dataset, options):
+        if self.num_microbatches > 1:
+            _check_first_batch(dataset, self.num_microbatches)
+        return super()._experimental_distribute_dataset(dataset, options)
+
+    def _call_for_each_replica(self, fn, args, kwargs):
+        model = _step_model(fn)
+        if model is not None:
+            self.place(model)
+        return super()._call_for_each_replica(fn, args, kwargs)
+
+    def _update(self, var, fn, args, kwargs, group):
+        # The optimizer's update runs where the variable and its slots are.
+        device = var.device
+        with tf.device(device), distribute_lib.UpdateContext(device):
+            result = fn(var, *args, **kwargs)
+        if group:
+            return result
+        return tf.nest.map_structure(self._local_results, result)
+
+    def place(self, model: keras.Model) -> None:
+        if id(model) in self._placed:
+            return
+        layers = placement.stage_layers(model)
+        slot_bytes: dict[int, int] = {}
+        for slot, owner in self._slots:
+            slot_bytes[id(owner)] = slot_bytes.get(id(owner), 0) + variable_bytes(slot)
+        devices = plan_devices(layers, self.devices, self.partition, slot_bytes)
+        stage_index = {d: i for i, d in enumerate(self.devices)}
+        # OnDevice layers may sit anywhere, so only stage layers are checked.
+        order = CallOrder(
+            {
+                id(layer): (stage_index[d], d)
+                for layer, d in zip(layers, devices, strict=True)
+                if d in stage_index and getattr(layer, "pinned_device", None) is None
+            }
+        )
+        device_of = {}
+        for layer, device in zip(layers, devices, strict=True):
+            for variable in layer.variables:
+                device_of[id(variable.value)] = device
+            placement.place_layer(layer, device, functools.partial(order.record, layer))
+        if model.optimizer is not None:
+            moved = {id(slot): id(owner) for slot, owner in self._slots}
+            for slot in model.optimizer.variables:
+                owner = moved.get(id(slot.value))
+                if owner in device_of:
+                    placement.move_variable(slot, device_of[owner])
+        # Slots created from now on are colocated with moved variables.
+        self._slots = [(s, o) for s, o in self._slots if id(o) not in device_of]
+        call = model.call
+        if not isinstance(self.partition, Mapping):
+            call = order.checked(call)  # a dict may place layers in any order
+        if self.num_microbatches > 1:
+            call = microbatch.microbatched(call, self.num_microbatches)
+        model.call = call
+        self._placed.add(id(model))
+
+
+def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
+    # Later batches may be a shorter remainder, which is cut unevenly.
+    first = next(iter(dataset.take(1)), None)
+    if first is None:
+        return
+    size = int(tf.shape(tf.nest.flatten(first)[0])[0])
+    if size % num_microbatches:
+        raise ValueError(
+            f"The batch size, {size}, is not a multiple of "
+            f"num_microbatches={num_microbatches}, so the micro-batches would "
+            f"differ in size. Use a batch_size that is a multiple of "
+            f"{num_microbatches} (for example "
+            f"{max(num_microbatches, size - size % num_microbatches)})."
+        )
