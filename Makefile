@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_time.py
 	$(VENV)/bin/python benchmarks/compression.py
+	$(VENV)/bin/python benchmarks/model_parallel.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check keras_parallel tests benchmarks

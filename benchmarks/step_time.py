@@ -23,7 +23,9 @@ import subprocess
 import sys
 import time
 
-SAMPLES, FEATURES, BATCH = 4096, 64, 256
+from mlp import SAMPLES, build_mlp, make_data
+
+BATCH = 256
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -38,29 +40,13 @@ def measure(
     import keras_parallel
 
     devices = keras_parallel.virtual_devices(num_devices)
-    import keras
-    import numpy as np
     import tensorflow as tf
 
     depth, width = (int(v) for v in shape.split("x"))
-    rng = np.random.RandomState(0)
-    x = rng.rand(SAMPLES, FEATURES).astype("float32")
-    y = rng.randint(0, 10, SAMPLES)
+    x, y = make_data()
 
     def build(strategy):
-        keras.utils.set_random_seed(0)
-        with strategy.scope():
-            model = keras.Sequential(
-                [keras.Input((FEATURES,))]
-                + [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
-                + [keras.layers.Dense(10)]
-            )
-            model.compile(
-                optimizer=keras.optimizers.Adam(1e-3),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                steps_per_execution=steps_per_execution,
-            )
-        return model
+        return build_mlp(strategy, depth, width, steps_per_execution)
 
     setups = {
         "single": tf.distribute.get_strategy(),

@@ -48,13 +48,16 @@ class OnDevice(keras.layers.Layer):
     def _call_layer(self, *args, **kwargs):
         return self.layer(*args, **kwargs)
 
-    def call(self, *args, **kwargs):
+    def build(self, input_shape):
+        # Keras builds layers outside any traced function, so the variables
+        # are created here under the device (inside a traced call,
+        # tf.init_scope would drop it).
         if not self.layer.built:
-            # Built outside the gradient wrapper, so that variable creation is
-            # not recorded as part of the forward pass.
             with tf.device(self.pinned_device):
-                self.layer(*args, **kwargs)
-        return self._placed_call(*args, **kwargs)
+                self.layer(keras.KerasTensor(input_shape))
+
+    def call(self, inputs, *args, **kwargs):
+        return self._placed_call(inputs, *args, **kwargs)
 
     def get_config(self) -> dict:
         return {
@@ -66,5 +69,7 @@ class OnDevice(keras.layers.Layer):
     @classmethod
     def from_config(cls, config: dict) -> OnDevice:
         config = dict(config)
-        layer = keras.saving.deserialize_keras_object(config.pop("layer"))
+        # Deserialising builds the layer: under the device, its weights go there.
+        with tf.device(resolve_devices([config["device"]])[0]):
+            layer = keras.saving.deserialize_keras_object(config.pop("layer"))
         return cls(layer, **config)

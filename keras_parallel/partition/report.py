@@ -104,13 +104,14 @@ def placement_report(model: keras.Model) -> PlacementReport:
                 bytes=sum(variable_bytes(v.value) for v in layer.variables),
             )
         )
-    optimizer: dict[str, int] = {}
-    if model.optimizer is not None:
-        for v in model.optimizer.variables:
+    state: dict[str, int] = {}
+    optimizer = getattr(model, "optimizer", None)  # None before compile
+    if optimizer is not None:
+        for v in optimizer.variables:
             device = short_device(v.value.device)
-            optimizer[device] = optimizer.get(device, 0) + variable_bytes(v.value)
-    names = sorted(set(weights) | set(optimizer), key=_device_order)
-    totals = {d: DeviceTotals(weights.get(d, 0), optimizer.get(d, 0)) for d in names}
+            state[device] = state.get(device, 0) + variable_bytes(v.value)
+    names = sorted(set(weights) | set(state), key=_device_order)
+    totals = {d: DeviceTotals(weights.get(d, 0), state.get(d, 0)) for d in names}
     return PlacementReport(rows, totals)
 
 

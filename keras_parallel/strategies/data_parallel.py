@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import keras
 import tensorflow as tf
 from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
 from tensorflow.python.distribute import (
@@ -20,6 +19,7 @@ from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.strategies import batch_split, batchnorm, train_step_hooks
 from keras_parallel.strategies.ownership import OwnerTable
+from keras_parallel.strategies.step_model import step_model
 
 
 class DataParallel(tf.distribute.Strategy):
@@ -208,7 +208,7 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
                 "`model.compile(..., jit_compile=False)` (Keras picks "
                 "jit_compile=True by default on machines with a GPU)."
             )
-        model = _step_model(fn)
+        model = step_model(fn)
         if model is None:
             return super()._call_for_each_replica(fn, args, kwargs)
         for variable in model.variables:
@@ -273,18 +273,6 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
 def _has_integers(value) -> bool:
     parts = value.values if isinstance(value, values_lib.DistributedValues) else [value]
     return any(not tf.as_dtype(p.dtype).is_floating for p in parts)
-
-
-def _step_model(step_fn) -> keras.Model | None:
-    """The Keras model whose bound method `step_fn` is (Keras runs
-    `model.train_step` and the like), seen through the wrappers
-    `Strategy.run` adds; None for other functions."""
-    while step_fn is not None:
-        owner = getattr(step_fn, "__self__", None)
-        if isinstance(owner, keras.Model):
-            return owner
-        step_fn = getattr(step_fn, "__wrapped__", None)
-    return None
 
 
 def _require_distributed(variable) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Mapping, Sequence
 
 import keras
@@ -13,16 +14,19 @@ from keras_parallel.devices import resolve_devices
 from keras_parallel.partition import microbatch, placement
 from keras_parallel.partition.order import CallOrder
 from keras_parallel.partition.plan import plan_devices, variable_bytes
-from keras_parallel.strategies.data_parallel import _step_model
+from keras_parallel.strategies.step_model import captured_model, step_model
+
+HOST = "/device:CPU:0"
 
 
 class ModelParallel(tf.distribute.Strategy):
     """Splits a model's layers into contiguous stages, one per device.
 
     Build and compile the model in `strategy.scope()`, then call the usual
-    `fit`, `evaluate` and `predict`. Before the model's first step each layer
-    is assigned a device: its weights move there, its optimizer slots are
-    kept there, and its forward and backward ops run there. With
+    `fit`, `evaluate` and `predict`. Weights are created in host memory;
+    before the model's first step (or at `place(model)`) each layer is
+    assigned a device: its weights move there, its optimizer slots and
+    updates are kept there, and its forward and backward ops run there. With
     `num_microbatches > 1` each batch flows through the stages in pieces, so
     that the devices work at the same time (GPipe's schedule).
 
@@ -125,7 +129,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         self.devices = tuple(devices)
         self.num_microbatches = num_microbatches
         self.partition = partition
-        self._placed: set[int] = set()
+        self._placed: weakref.WeakSet[keras.Model] = weakref.WeakSet()
         # (slot, the variable it serves) for slots created before placement,
         # which move with their variable.
         self._slots: list[tuple[tf.Variable, tf.Variable]] = []
@@ -133,7 +137,9 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
     def _create_variable(self, next_creator, **kwargs):
         colocate_with = kwargs.pop("colocate_with", None)
         if colocate_with is None:
-            with tf.device(self._device):
+            # In host memory until placement, so that building a model larger
+            # than one accelerator does not fill the first one.
+            with tf.device(HOST):
                 return next_creator(**kwargs)
         with tf.device(colocate_with.device):
             variable = next_creator(**kwargs)
@@ -146,7 +152,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         return super()._experimental_distribute_dataset(dataset, options)
 
     def _call_for_each_replica(self, fn, args, kwargs):
-        model = _step_model(fn)
+        model = step_model(fn) or captured_model(fn)
         if model is not None:
             self.place(model)
         return super()._call_for_each_replica(fn, args, kwargs)
@@ -161,7 +167,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         return tf.nest.map_structure(self._local_results, result)
 
     def place(self, model: keras.Model) -> None:
-        if id(model) in self._placed:
+        if model in self._placed:
             return
         layers = placement.stage_layers(model)
         slot_bytes: dict[int, int] = {}
@@ -172,7 +178,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         # OnDevice layers may sit anywhere, so only stage layers are checked.
         order = CallOrder(
             {
-                id(layer): (stage_index[d], d)
+                id(layer): (stage_index[d], d.split("device:")[-1])
                 for layer, d in zip(layers, devices, strict=True)
                 if d in stage_index and getattr(layer, "pinned_device", None) is None
             }
@@ -182,9 +188,10 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
             for variable in layer.variables:
                 device_of[id(variable.value)] = device
             placement.place_layer(layer, device, functools.partial(order.record, layer))
-        if model.optimizer is not None:
+        optimizer = getattr(model, "optimizer", None)  # None before compile
+        if optimizer is not None:
             moved = {id(slot): id(owner) for slot, owner in self._slots}
-            for slot in model.optimizer.variables:
+            for slot in optimizer.variables:
                 owner = moved.get(id(slot.value))
                 if owner in device_of:
                     placement.move_variable(slot, device_of[owner])
@@ -196,7 +203,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         if self.num_microbatches > 1:
             call = microbatch.microbatched(call, self.num_microbatches)
         model.call = call
-        self._placed.add(id(model))
+        self._placed.add(model)
 
 
 def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:

@@ -1,0 +1,34 @@
+"""The Dense MLP and data the step-time benchmarks train."""
+
+from __future__ import annotations
+
+SAMPLES, FEATURES, CLASSES = 4096, 64, 10
+
+
+def make_data():
+    """Random inputs and labels (the step time does not depend on them)."""
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    x = rng.rand(SAMPLES, FEATURES).astype("float32")
+    return x, rng.randint(0, CLASSES, SAMPLES)
+
+
+def build_mlp(strategy, depth: int, width: int, steps_per_execution: int = 1):
+    """A freshly seeded `depth` x `width` ReLU MLP with Adam, built and
+    compiled in `strategy`'s scope."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras.Sequential(
+            [keras.Input((FEATURES,))]
+            + [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+            + [keras.layers.Dense(CLASSES)]
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            steps_per_execution=steps_per_execution,
+        )
+    return model

@@ -1,0 +1,106 @@
+"""Step time of ModelParallel over single-device step time under `fit`.
+
+An 8x1024 Dense MLP (64 inputs, Adam, global batch 256) on one device and
+under ModelParallel with 2 and 4 stages and 1, 4 and 8 micro-batches, all in
+one process on 4 logical CPU devices. The setups take turns, one epoch each
+and a different one first every round; each round gives every setup's epoch
+time over the single device's in that round, and the figure is the median of
+those ratios over `--repeats` rounds (after a warm-up epoch), which cancels
+the machine's slow spells (epoch times here vary up to 2x between rounds).
+Logical CPU devices share two cores, so the stages cannot run faster than
+one device: what is measured is overhead. The largest share of weight plus
+optimizer bytes on one device is read from `placement_report`.
+
+Usage:
+    python benchmarks/model_parallel.py               # full table, writes JSON
+    python benchmarks/model_parallel.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from mlp import SAMPLES, build_mlp, make_data
+
+BATCH, DEPTH, WIDTH = 256, 8, 1024
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+
+    import keras_parallel
+
+    devices = keras_parallel.virtual_devices(4)
+    import tensorflow as tf
+
+    x, y = make_data()
+
+    def build(strategy):
+        model = build_mlp(strategy, DEPTH, WIDTH)
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+        return model
+
+    setups = {(1, 1): tf.distribute.get_strategy()}
+    for stages in (2, 4):
+        for microbatches in (1, 4, 8):
+            setups[(stages, microbatches)] = keras_parallel.ModelParallel(
+                devices[:stages], num_microbatches=microbatches
+            )
+    models = {key: build(strategy) for key, strategy in setups.items()}
+    keys = list(models)
+    times = {key: [] for key in keys}
+    for r in range(args.repeats):
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            start = time.perf_counter()
+            models[key].fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+            times[key].append(time.perf_counter() - start)
+    steps = SAMPLES // BATCH
+    rows = []
+    for (stages, microbatches), model in models.items():
+        report = keras_parallel.placement_report(model)
+        total = sum(t.total_bytes for t in report.devices.values())
+        largest = max(t.total_bytes for t in report.devices.values())
+        epochs = times[(stages, microbatches)]
+        rows.append(
+            {
+                "stages": stages,
+                "num_microbatches": microbatches,
+                "step_ms": 1000 * statistics.median(epochs) / steps,
+                "over_single": statistics.median(
+                    t / s for t, s in zip(epochs, times[(1, 1)], strict=True)
+                ),
+                "largest_device_share": largest / total,
+            }
+        )
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, "model_parallel.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(format_table(rows))
+    print(f"\nwrote {path}")
+
+
+def format_table(rows) -> str:
+    lines = [
+        "| stages | num_microbatches | median step ms | over single device "
+        "| largest share of bytes on a device |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        name = "single device" if row["stages"] == 1 else str(row["stages"])
+        lines.append(
+            f"| {name} | {row['num_microbatches']} | {row['step_ms']:.1f} "
+            f"| {row['over_single']:.2f} | {row['largest_device_share']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
