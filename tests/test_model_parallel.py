@@ -4,6 +4,7 @@ slots and ops, saving, and bad input."""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from graph_devices import short, traced_train_step, variable_writes
 from transparency import devices, max_history_diff, max_weight_diff, train
 
@@ -310,3 +311,25 @@ def test_bad_input(make, fragments):
         make()
     for fragment in fragments:
         assert fragment in str(raised.value)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_pipelined_gradients_equal_unpipelined(traced):
+    x, y = DENSE_DATA["x"][:64], DENSE_DATA["y"][:64]
+
+    def gradients(model):
+        def compute():
+            with tf.GradientTape() as tape:
+                loss = SCE(y, model(x, training=True))
+            return tape.gradient(loss, model.trainable_variables)
+
+        return (tf.function(compute) if traced else compute)()
+
+    plain = adam_mlp()
+    strategy = keras_parallel.ModelParallel(devices(4), num_microbatches=8)
+    with strategy.scope():
+        pipelined = adam_mlp()
+    strategy.place(pipelined)
+    pipelined.set_weights(plain.get_weights())
+    for a, b in zip(gradients(pipelined), gradients(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
