@@ -75,7 +75,7 @@ def run_on(call, device: str, on_call=None):
 
         @tf.custom_gradient
         def forward(*tensors):
-            with tf.GradientTape(watch_accessed_variables=True) as tape:
+            with tf.GradientTape() as tape:
                 tape.watch(tensors)
                 values = list(flat)
                 for i, tensor in zip(positions, tensors, strict=True):
