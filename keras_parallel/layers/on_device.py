@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_parallel.devices import resolve_devices
-from keras_parallel.partition.placement import run_on
+from keras_parallel.partition.placement import move_variable, run_on
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")
@@ -48,6 +48,8 @@ class OnDevice(keras.layers.Layer):
     def _call_layer(self, *args, **kwargs):
         return self.layer(*args, **kwargs)
 
+    places_itself = True
+
     def build(self, input_shape):
         # Keras builds layers outside any traced function, so the variables
         # are created here under the device (inside a traced call,
@@ -55,6 +57,9 @@ class OnDevice(keras.layers.Layer):
         if not self.layer.built:
             with tf.device(self.pinned_device):
                 self.layer(keras.KerasTensor(input_shape))
+        # A strategy's variable creator may have put them elsewhere.
+        for variable in self.layer.variables:
+            move_variable(variable, self.pinned_device)
 
     def call(self, inputs, *args, **kwargs):
         return self._placed_call(inputs, *args, **kwargs)

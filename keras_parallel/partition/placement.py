@@ -44,6 +44,8 @@ def move_variable(variable: keras.Variable, device: str) -> None:
             name=variable.name,
             aggregation=old.aggregation,
             synchronization=old.synchronization,
+            # Still the strategy's variable: optimizers check that.
+            distribute_strategy=old._distribute_strategy,
         )
     # Keras optimizers key their per-variable state by this id.
     new._unique_id = old._unique_id
@@ -107,13 +109,19 @@ def run_on(call, device: str, on_call=None):
     return wrapped
 
 
+def places_itself(layer: keras.layers.Layer) -> bool:
+    """Whether a layer places its own weights and calls (`OnDevice`, the
+    tensor-parallel layers), so that a strategy leaves it alone."""
+    return getattr(layer, "places_itself", False)
+
+
 def place_layer(layer: keras.layers.Layer, device: str, on_call=None) -> None:
     """Moves `layer`'s variables to `device` and runs its calls there
     (`on_call` as for `run_on`)."""
+    if places_itself(layer):
+        return
     for variable in layer.variables:
         move_variable(variable, device)
-    if getattr(layer, "pinned_device", None) is not None:
-        return  # an OnDevice layer places its own calls
     call = layer.call
     placed_on = getattr(call, "__keras_parallel_device__", None)
     if placed_on == device:

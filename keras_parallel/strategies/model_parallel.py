@@ -175,12 +175,12 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
             slot_bytes[id(owner)] = slot_bytes.get(id(owner), 0) + variable_bytes(slot)
         devices = plan_devices(layers, self.devices, self.partition, slot_bytes)
         stage_index = {d: i for i, d in enumerate(self.devices)}
-        # OnDevice layers may sit anywhere, so only stage layers are checked.
+        # Layers placing themselves may sit anywhere: only the others are checked.
         order = CallOrder(
             {
                 id(layer): (stage_index[d], d.split("device:")[-1])
                 for layer, d in zip(layers, devices, strict=True)
-                if d in stage_index and getattr(layer, "pinned_device", None) is None
+                if d in stage_index and not placement.places_itself(layer)
             }
         )
         device_of = {}
