@@ -261,7 +261,10 @@ def two_layers():
     [
         (
             lambda: fit_in(keras_parallel.ModelParallel(devices(4)), two_layers),
-            ["has 2 layers, fewer than the 4 stages", "Use fewer devices"],
+            [
+                "has 2 layers to split into stages, fewer than the 4 stages",
+                "Use fewer devices",
+            ],
         ),
         (
             lambda: fit_in(
@@ -278,7 +281,7 @@ def two_layers():
             lambda: fit_in(
                 keras_parallel.ModelParallel(devices(2), partition=[1, 2]), two_layers
             ),
-            ["stage sizes [1, 2] add up to 3", "model has 2 layers"],
+            ["stage sizes [1, 2] add up to 3", "model has 2 layers to split"],
         ),
         (
             lambda: fit_in(

@@ -8,6 +8,7 @@ import keras
 
 from keras_parallel.devices import resolve_devices
 from keras_parallel.partition.balance import balanced_stage_sizes
+from keras_parallel.partition.placement import places_itself
 
 
 def layer_bytes(layer: keras.layers.Layer, slot_bytes: Mapping[int, int]) -> int:
@@ -63,31 +64,42 @@ def plan_devices(
             current = device_by_name.get(name, current)
             planned.append(current)
         return _pinned(layers, planned)
-    if len(layers) < len(devices):
+    # Layers that place themselves (OnDevice, tensor-parallel layers) belong
+    # to no stage.
+    staged = [layer for layer in layers if not places_itself(layer)]
+    staged_names = [layer.name for layer in staged]
+    if not staged:
+        return _pinned(layers, [devices[0]] * len(layers))
+    if len(staged) < len(devices):
         raise ValueError(
-            f"The model has {len(layers)} layers, fewer than the {len(devices)} "
-            f"stages (one per device) ModelParallel needs: {names}. Use fewer "
-            "devices, e.g. `ModelParallel(devices=[...])`."
+            f"The model has {len(staged)} layers to split into stages, fewer "
+            f"than the {len(devices)} stages (one per device) ModelParallel "
+            f"needs: {staged_names}. Use fewer devices, e.g. "
+            "`ModelParallel(devices=[...])`."
         )
     if partition == "auto":
         sizes = balanced_stage_sizes(
-            [layer_bytes(layer, slot_bytes) for layer in layers], len(devices)
+            [layer_bytes(layer, slot_bytes) for layer in staged], len(devices)
         )
     else:
         sizes = list(partition)
-        if sum(sizes) != len(layers):
+        if sum(sizes) != len(staged):
             raise ValueError(
                 f"`partition` stage sizes {sizes} add up to {sum(sizes)}, but "
-                f"the model has {len(layers)} layers: {names}."
+                f"the model has {len(staged)} layers to split into stages: "
+                f"{staged_names}."
             )
-    planned = [
+    stage_devices = iter(
         device for device, size in zip(devices, sizes, strict=True) for _ in range(size)
+    )
+    planned = [
+        devices[0] if places_itself(layer) else next(stage_devices) for layer in layers
     ]
     return _pinned(layers, planned)
 
 
 def _pinned(layers, planned) -> list[str]:
-    """Layers wrapped in `OnDevice` keep their own device."""
+    """Layers wrapped in `OnDevice` report their own device."""
     return [
         getattr(layer, "pinned_device", None) or device
         for layer, device in zip(layers, planned, strict=True)

@@ -186,7 +186,9 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         device_of = {}
         for layer, device in zip(layers, devices, strict=True):
             for variable in layer.variables:
-                device_of[id(variable.value)] = device
+                # Slots of self-placed weights were created beside them.
+                if not placement.places_itself(layer):
+                    device_of[id(variable.value)] = device
             placement.place_layer(layer, device, functools.partial(order.record, layer))
         optimizer = getattr(model, "optimizer", None)  # None before compile
         if optimizer is not None:

@@ -1,0 +1,81 @@
+"""What tensor-parallel layers share: their devices, even splits, and
+sharded weights created on their devices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_parallel.devices import resolve_devices
+from keras_parallel.partition.placement import move_variable
+
+
+def shard_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The devices a layer shards over: `devices`, else those of the
+    enclosing `ModelParallel` strategy, else all local devices."""
+    if devices is not None:
+        return resolve_devices(devices)
+    from keras_parallel.strategies.model_parallel import ModelParallel
+
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, ModelParallel):
+        return strategy.extended.devices
+    return resolve_devices(None)
+
+
+def even_split(total: int, num_devices: int, argument: str) -> int:
+    """`total // num_devices`, or a ValueError naming `argument`."""
+    if total % num_devices:
+        raise ValueError(
+            f"`{argument}`={total} does not split evenly over {num_devices} "
+            f"devices. Use a multiple of {num_devices}, or pass `devices` with "
+            f"a number of devices that divides {total}."
+        )
+    return total // num_devices
+
+
+def add_shards(
+    layer: keras.layers.Layer,
+    name: str,
+    full_shape: Sequence[int],
+    axis: int,
+    devices: Sequence[str],
+    initializer,
+) -> list[keras.Variable]:
+    """Creates a weight split along `axis`, one piece per device.
+
+    The whole weight is initialised once and cut, so that its values follow
+    the initializer's distribution for the full shape (Glorot's scale depends
+    on it), as in the plain layer.
+    """
+    initializer = keras.initializers.get(initializer)
+    full = np.asarray(initializer(tuple(full_shape), dtype=layer.variable_dtype))
+    pieces = np.split(full, len(devices), axis=axis)
+    shards = []
+    for i, (piece, device) in enumerate(zip(pieces, devices, strict=True)):
+        with tf.device(device):
+            variable = layer.add_weight(
+                shape=piece.shape,
+                initializer=lambda shape, dtype=None, piece=piece: piece,
+                name=f"{name}_{i}",
+            )
+        # A strategy's variable creator may have put it elsewhere.
+        move_variable(variable, device)
+        shards.append(variable)
+    return shards
+
+
+def assign_shards(shards: Sequence[keras.Variable], full, axis: int) -> None:
+    """Sets shards from the whole weight's value."""
+    for shard, piece in zip(
+        shards, np.split(np.asarray(full), len(shards), axis=axis), strict=True
+    ):
+        shard.assign(piece)
+
+
+def gather(shards: Sequence[keras.Variable], axis: int) -> np.ndarray:
+    """The whole weight's value."""
+    return np.concatenate([np.asarray(s) for s in shards], axis=axis)
