@@ -2,5 +2,6 @@
 
 from keras_parallel.layers.on_device import OnDevice
 from keras_parallel.layers.parallel_dense import ColumnParallelDense, RowParallelDense
+from keras_parallel.layers.parallel_embedding import ParallelEmbedding
 
-__all__ = ["ColumnParallelDense", "OnDevice", "RowParallelDense"]
+__all__ = ["ColumnParallelDense", "OnDevice", "ParallelEmbedding", "RowParallelDense"]

@@ -147,7 +147,9 @@ class ColumnParallelDense(_ShardedDense):
             `ModelParallel` strategy, else all local devices.
         gather_output: If True, the outputs are concatenated into one tensor;
             if False, the layer returns the list of per-device pieces, for a
-            `RowParallelDense(input_is_parallel=True)`.
+            `RowParallelDense(input_is_parallel=True)`. (A Functional model
+            records each piece, so it loads on as many devices as it was
+            saved with; a Sequential model loads on any number.)
         activation, use_bias, kernel_initializer, bias_initializer: As for
             `keras.layers.Dense` (the activation is applied per piece).
 
@@ -248,14 +250,8 @@ class RowParallelDense(_ShardedDense):
 
     def build(self, input_shape):
         if self.input_is_parallel:
-            if len(input_shape) != len(self.devices):
-                raise ValueError(
-                    "RowParallelDense(input_is_parallel=True) over "
-                    f"{len(self.devices)} devices needs a list of "
-                    f"{len(self.devices)} pieces; received "
-                    f"{len(input_shape)} ({input_shape}). Feed it the output of a "
-                    "ColumnParallelDense(gather_output=False) on the same devices."
-                )
+            # Any number of pieces: a saved model's build config records the
+            # pieces of the device count it was saved with.
             input_dim = sum(shape[-1] for shape in input_shape)
         else:
             input_dim = input_shape[-1]
@@ -288,6 +284,14 @@ class RowParallelDense(_ShardedDense):
     def call(self, inputs):
         if self.input_is_parallel:
             pieces = list(inputs)
+            if len(pieces) != len(self.devices):
+                raise ValueError(
+                    "RowParallelDense(input_is_parallel=True) over "
+                    f"{len(self.devices)} devices needs a list of "
+                    f"{len(self.devices)} pieces; received {len(pieces)}. Feed "
+                    "it the output of a ColumnParallelDense(gather_output=False) "
+                    "on the same devices."
+                )
         else:
             pieces = tf.split(inputs, len(self.devices), axis=-1)
         partials = [
