@@ -336,3 +336,17 @@ def test_pipelined_gradients_equal_unpipelined(traced):
     pipelined.set_weights(plain.get_weights())
     for a, b in zip(gradients(pipelined), gradients(plain), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_tensor_passed_twice_to_a_layer_gets_its_gradient_once():
+    def build():
+        inputs = keras.Input((16,))
+        a = keras.layers.Dense(8)(inputs)
+        doubled = keras.layers.Add()([a, a])
+        model = keras.Model(inputs, keras.layers.Dense(3)(doubled))
+        model.compile(keras.optimizers.SGD(0.1), SCE)
+        return model
+
+    single, _ = train(build, DENSE_DATA)
+    model, _ = train(build, DENSE_DATA, keras_parallel.ModelParallel(devices(3)))
+    assert max_weight_diff(model, single) <= 1e-5

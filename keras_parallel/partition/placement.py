@@ -69,19 +69,20 @@ def run_on(call, device: str, on_call=None):
         if on_call is not None:
             on_call()
         flat = tf.nest.flatten((args, kwargs))
-        positions = [
-            i
-            for i, x in enumerate(flat)
-            if isinstance(x, tf.Tensor) and x.dtype.is_floating
-        ]
+        # One input per distinct tensor: a tensor passed twice (self-attention's
+        # query and value) must get its gradient once, not once per argument.
+        inputs, slot = [], {}
+        for x in flat:
+            if isinstance(x, tf.Tensor) and x.dtype.is_floating and id(x) not in slot:
+                slot[id(x)] = len(inputs)
+                inputs.append(x)
 
         @tf.custom_gradient
         def forward(*tensors):
-            with tf.GradientTape() as tape:
+            # Persistent: an outer persistent tape may ask for gradients twice.
+            with tf.GradientTape(persistent=True) as tape:
                 tape.watch(tensors)
-                values = list(flat)
-                for i, tensor in zip(positions, tensors, strict=True):
-                    values[i] = tensor
+                values = [tensors[slot[id(x)]] if id(x) in slot else x for x in flat]
                 inner_args, inner_kwargs = tf.nest.pack_sequence_as(
                     (args, kwargs), values
                 )
@@ -103,7 +104,7 @@ def run_on(call, device: str, on_call=None):
             return outputs, gradient
 
         with tf.device(device):
-            return forward(*[flat[i] for i in positions])
+            return forward(*inputs)
 
     wrapped.__keras_parallel_device__ = device
     return wrapped

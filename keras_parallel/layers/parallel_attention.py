@@ -1,0 +1,275 @@
+"""`ParallelMultiHeadAttention`: attention heads split across devices."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+# Keras' own mask bookkeeping, as keras.layers.MultiHeadAttention uses it.
+from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+
+from keras_parallel.layers import sharding
+from keras_parallel.partition.placement import move_variable, run_on
+
+# Per head-sharded weight: (name, axis of the heads).
+_HEAD_WEIGHTS = (
+    ("query_kernel", 1),
+    ("query_bias", 0),
+    ("key_kernel", 1),
+    ("key_bias", 0),
+    ("value_kernel", 1),
+    ("value_bias", 0),
+    ("output_kernel", 0),
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_parallel")
+class ParallelMultiHeadAttention(keras.layers.Layer):
+    """`keras.layers.MultiHeadAttention` with its heads split across devices.
+
+    Device i holds the query, key and value projections of its heads and the
+    rows of the output projection that read them, and computes attention for
+    those heads, forward and backward; the per-device outputs are summed on
+    the first device (the layer's one reduction), where the output bias is.
+    Inputs of shape (batch, length, features), attention over the length.
+
+    Args:
+        num_heads: Number of heads, a multiple of the number of devices.
+        key_dim, value_dim, use_bias, output_shape, kernel_initializer,
+            bias_initializer: As for `keras.layers.MultiHeadAttention`
+            (`output_shape` an integer).
+        dropout: Dropout on the attention probabilities.
+        devices: Devices to shard over; default: those of the enclosing
+            `ModelParallel` strategy, else all local devices.
+
+    The call takes `keras.layers.MultiHeadAttention`'s arguments: `query`,
+    `value`, `key`, `attention_mask`, `return_attention_scores`, `training`,
+    `use_causal_mask`, and the inputs' Keras masks.
+    """
+
+    places_itself = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        output_shape: int | None = None,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        devices: str | Sequence[str] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.value_dim = value_dim or key_dim
+        self.dropout = dropout
+        self.use_bias = use_bias
+        self.output_features = output_shape
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self._devices_argument = devices
+        self.devices = sharding.shard_devices(devices)
+        self.local_heads = sharding.even_split(
+            num_heads, len(self.devices), "num_heads"
+        )
+        # Computes the combined attention mask exactly as Keras does; it has
+        # no weights of its own.
+        self._masks = keras.layers.MultiHeadAttention(num_heads, key_dim)
+        self._dropout = keras.layers.Dropout(dropout)
+        self._shard_calls = [
+            run_on(functools.partial(self._shard_call, i), device)
+            for i, device in enumerate(self.devices)
+        ]
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        key_shape = key_shape or value_shape
+        out = self.output_features or query_shape[-1]
+        shapes = {
+            "query_kernel": (query_shape[-1], self.num_heads, self.key_dim),
+            "query_bias": (self.num_heads, self.key_dim),
+            "key_kernel": (key_shape[-1], self.num_heads, self.key_dim),
+            "key_bias": (self.num_heads, self.key_dim),
+            "value_kernel": (value_shape[-1], self.num_heads, self.value_dim),
+            "value_bias": (self.num_heads, self.value_dim),
+            "output_kernel": (self.num_heads, self.value_dim, out),
+        }
+        self.shards = {}
+        for name, axis in _HEAD_WEIGHTS:
+            if name.endswith("bias") and not self.use_bias:
+                continue
+            initializer = (
+                self.bias_initializer
+                if name.endswith("bias")
+                else self.kernel_initializer
+            )
+            self.shards[name] = sharding.add_shards(
+                self, name, shapes[name], axis, self.devices, initializer
+            )
+        self.output_bias = None
+        if self.use_bias:
+            with tf.device(self.devices[0]):
+                self.output_bias = self.add_weight(
+                    shape=(out,), initializer=self.bias_initializer, name="output_bias"
+                )
+            move_variable(self.output_bias, self.devices[0])
+
+    def _project(self, i, inputs, name):
+        projected = tf.einsum("abc,cde->abde", inputs, self.shards[f"{name}_kernel"][i])
+        if self.use_bias:
+            projected = projected + self.shards[f"{name}_bias"][i]
+        return projected
+
+    def _shard_call(self, i, query, key, value, mask, training):
+        q = self._project(i, query, "query") * (1.0 / math.sqrt(self.key_dim))
+        k = self._project(i, key, "key")
+        v = self._project(i, value, "value")
+        scores = tf.einsum("aecd,abcd->acbe", k, q)  # (batch, heads, T, S)
+        if mask is not None:
+            # As keras.layers.Softmax with a mask.
+            scores += (1.0 - tf.cast(mask[:, None], scores.dtype)) * -1e9
+        probabilities = tf.nn.softmax(scores, axis=-1)
+        dropped = self._dropout(probabilities, training=training)
+        attended = tf.einsum("acbe,aecd->abcd", dropped, v)
+        output = tf.einsum("abcd,cde->abe", attended, self.shards["output_kernel"][i])
+        return output, probabilities
+
+    def call(
+        self,
+        query,
+        value,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        return_attention_scores=False,
+        training=None,
+        use_causal_mask=False,
+    ):
+        key = value if key is None else key
+        query_mask = get_keras_mask(query)
+        for tensor in (query, value, key):
+            set_keras_mask(tensor, None)
+        mask = self._masks._compute_attention_mask(
+            query,
+            value,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+        )
+        results = [
+            shard_call(query, key, value, mask, training)
+            for shard_call in self._shard_calls
+        ]
+        with tf.device(self.devices[0]):
+            output = tf.add_n([r[0] for r in results])
+            if self.use_bias:
+                output = output + self.output_bias
+        if query_mask is not None:
+            set_keras_mask(output, query_mask)
+        if return_attention_scores:
+            return output, tf.concat([r[1] for r in results], axis=1)
+        return output
+
+    def compute_output_shape(self, query_shape, value_shape, key_shape=None):
+        return (*query_shape[:-1], self.output_features or query_shape[-1])
+
+    def full_weights(self) -> list:
+        """The weights in `keras.layers.MultiHeadAttention.get_weights()` order."""
+        weights = [
+            sharding.gather(self.shards[name], axis)
+            for name, axis in _HEAD_WEIGHTS
+            if name in self.shards
+        ]
+        if self.use_bias:
+            weights.append(keras.ops.convert_to_numpy(self.output_bias))
+        return weights
+
+    def set_full_weights(self, weights: Sequence) -> None:
+        """Sets the shards from `keras.layers.MultiHeadAttention.get_weights()`."""
+        present = [(n, a) for n, a in _HEAD_WEIGHTS if n in self.shards]
+        for (name, axis), value in zip(present, weights, strict=False):
+            sharding.assign_shards(self.shards[name], value, axis)
+        if self.use_bias:
+            self.output_bias.assign(weights[-1])
+
+    def _plain_config(self) -> dict:
+        return dict(
+            num_heads=self.num_heads,
+            key_dim=self.key_dim,
+            value_dim=self.value_dim,
+            dropout=self.dropout,
+            use_bias=self.use_bias,
+            output_shape=self.output_features,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer,
+        )
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer: keras.layers.MultiHeadAttention,
+        devices: str | Sequence[str] | None = None,
+    ) -> ParallelMultiHeadAttention:
+        """A head-sharded copy of a built `keras.layers.MultiHeadAttention`."""
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or not layer.built:
+            raise TypeError(
+                "`from_layer` takes a built keras.layers.MultiHeadAttention. "
+                f"Received: {layer!r}"
+            )
+        output_shape = layer.get_config()["output_shape"]
+        if isinstance(output_shape, (list, tuple)):
+            output_shape = output_shape[-1]
+        sharded = cls(
+            num_heads=layer.num_heads,
+            key_dim=layer.key_dim,
+            value_dim=layer.value_dim,
+            dropout=layer.dropout,
+            use_bias=layer.use_bias,
+            output_shape=output_shape,
+            devices=devices,
+        )
+        sharded.build(
+            (None, None, layer.query_dense.kernel.shape[0]),
+            (None, None, layer.value_dense.kernel.shape[0]),
+            (None, None, layer.key_dense.kernel.shape[0]),
+        )
+        sharded.set_full_weights(layer.get_weights())
+        return sharded
+
+    def to_layer(self) -> keras.layers.MultiHeadAttention:
+        """The equivalent plain `keras.layers.MultiHeadAttention`."""
+        layer = keras.layers.MultiHeadAttention(**self._plain_config())
+        query_dim = self.shards["query_kernel"][0].shape[0]
+        key_dim = self.shards["key_kernel"][0].shape[0]
+        value_dim = self.shards["value_kernel"][0].shape[0]
+        layer.build(
+            (None, None, query_dim), (None, None, value_dim), (None, None, key_dim)
+        )
+        layer.set_weights(self.full_weights())
+        return layer
+
+    def save_own_variables(self, store) -> None:
+        for i, value in enumerate(self.full_weights()):
+            store[str(i)] = value
+
+    def load_own_variables(self, store) -> None:
+        self.set_full_weights([store[str(i)] for i in range(len(store.keys()))])
+
+    def get_config(self) -> dict:
+        config = self._plain_config()
+        config["kernel_initializer"] = keras.initializers.serialize(
+            self.kernel_initializer
+        )
+        config["bias_initializer"] = keras.initializers.serialize(self.bias_initializer)
+        return {**super().get_config(), **config, "devices": self._devices_argument}
