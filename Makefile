@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/keras-parallel demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check keras_parallel tests benchmarks
+	$(VENV)/bin/ruff check keras_parallel tests benchmarks examples
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: $(STAMP)
@@ -25,7 +25,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/model_parallel.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check keras_parallel tests benchmarks
+	$(VENV)/bin/ruff check keras_parallel tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info
