@@ -198,7 +198,7 @@ class ParallelMultiHeadAttention(keras.layers.Layer):
     def set_full_weights(self, weights: Sequence) -> None:
         """Sets the shards from `keras.layers.MultiHeadAttention.get_weights()`."""
         present = [(n, a) for n, a in _HEAD_WEIGHTS if n in self.shards]
-        for (name, axis), value in zip(present, weights, strict=False):
+        for (name, axis), value in zip(present, weights[: len(present)], strict=True):
             sharding.assign_shards(self.shards[name], value, axis)
         if self.use_bias:
             self.output_bias.assign(weights[-1])
