@@ -4,7 +4,7 @@ from keras_parallel._requirements import check_requirements
 
 check_requirements()
 
-from keras_parallel import layers, reduction  # noqa: E402
+from keras_parallel import callbacks, layers, reduction  # noqa: E402
 from keras_parallel.devices import virtual_devices  # noqa: E402
 from keras_parallel.partition.report import placement_report  # noqa: E402
 from keras_parallel.reduction.powersgd import PowerSGD  # noqa: E402
@@ -17,6 +17,7 @@ __all__ = [
     "DataParallel",
     "ModelParallel",
     "PowerSGD",
+    "callbacks",
     "layers",
     "placement_report",
     "reduction",
