@@ -66,3 +66,13 @@ def test_a_forced_divergence_is_caught_naming_the_variable():
 def test_bad_arguments(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         ReplicaConsistencyCheck(**kwargs)
+
+
+def test_without_a_data_parallel_strategy_it_warns_once(caplog):
+    import logging
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with caplog.at_level(logging.WARNING):
+        model.fit(X, Y, verbose=0, callbacks=[ReplicaConsistencyCheck(every_n_steps=1)])
+    assert caplog.text.count("nothing to check") == 1
