@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from keras_parallel._validation import check_int
+
 DEVICE_TYPES = ("CPU", "GPU")
 
 
@@ -41,8 +43,7 @@ def virtual_devices(
     strategy = keras_parallel.DataParallel()  # the 4 logical CPUs
     ```
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be an integer >= 1. Received: n={n!r}")
+    check_int("n", n, 1)
     if device_type not in DEVICE_TYPES:
         raise ValueError(
             f"`device_type` must be one of {DEVICE_TYPES}. "

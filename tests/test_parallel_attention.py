@@ -149,8 +149,6 @@ def copy_weights(parallel, plain):
     for mine, theirs in zip(layers, plain_layers, strict=True):
         if hasattr(mine, "set_full_weights"):
             mine.set_full_weights(theirs.get_weights())
-        elif hasattr(mine, "tables"):
-            mine.load_own_variables({"0": theirs.get_weights()[0]})
         else:
             mine.set_weights(theirs.get_weights())
 

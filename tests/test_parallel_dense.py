@@ -210,7 +210,10 @@ def test_functional_model_with_split_features_loads_on_as_many_devices(tmp_path)
             ),
             "needs a list of 2 pieces; received 3",
         ),
-        (lambda: ColumnParallelDense(0), "`units` must be a positive integer"),
+        (
+            lambda: ColumnParallelDense(0),
+            "`units` must be an integer >= 1. Received: units=0",
+        ),
     ],
 )
 def test_bad_input(make, fragment):

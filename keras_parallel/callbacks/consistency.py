@@ -7,6 +7,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_parallel._validation import check_int
+
 
 class ReplicaDivergenceError(RuntimeError):
     """Copies of a mirrored variable differ between replicas."""
@@ -33,15 +35,7 @@ class ReplicaConsistencyCheck(keras.callbacks.Callback):
 
     def __init__(self, every_n_steps: int = 100, tolerance: float = 0.0):
         super().__init__()
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                "`every_n_steps` must be an integer >= 1. "
-                f"Received: every_n_steps={every_n_steps!r}"
-            )
+        check_int("every_n_steps", every_n_steps, 1)
         if not tolerance >= 0:
             raise ValueError(
                 f"`tolerance` must be >= 0. Received: tolerance={tolerance!r}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_parallel._validation import check_int
+
 
 class LinearScalingWarmup(keras.callbacks.Callback):
     """Raises the learning rate linearly to `base_lr` times the number of
@@ -49,12 +51,8 @@ class LinearScalingWarmup(keras.callbacks.Callback):
             ("warmup_epochs", warmup_epochs),
             ("warmup_steps", warmup_steps),
         ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise ValueError(
-                    f"`{name}` must be an integer >= 0. Received: {name}={value!r}"
-                )
+            if value is not None:
+                check_int(name, value, 0)
         self.base_lr = float(base_lr)
         self.warmup_epochs = warmup_epochs
         self.warmup_steps = warmup_steps

@@ -6,6 +6,8 @@ import time
 
 import keras
 
+from keras_parallel._validation import check_int
+
 
 class ThroughputMonitor(keras.callbacks.Callback):
     """Adds `samples_per_second` and `step_time_ms` to each epoch's logs.
@@ -31,17 +33,8 @@ class ThroughputMonitor(keras.callbacks.Callback):
 
     def __init__(self, batch_size: int, warmup_steps: int = 2):
         super().__init__()
-        for name, value, least in (
-            ("batch_size", batch_size, 1),
-            ("warmup_steps", warmup_steps, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(
-                    f"`{name}` must be an integer >= {least}. "
-                    f"Received: {name}={value!r}"
-                )
-        self.batch_size = batch_size
-        self.warmup_steps = warmup_steps
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start = self._end = None  # (time, steps done)

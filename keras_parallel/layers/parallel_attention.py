@@ -28,7 +28,7 @@ _HEAD_WEIGHTS = (
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")
-class ParallelMultiHeadAttention(keras.layers.Layer):
+class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer):
     """`keras.layers.MultiHeadAttention` with its heads split across devices.
 
     Device i holds the query, key and value projections of its heads and the
@@ -258,13 +258,6 @@ class ParallelMultiHeadAttention(keras.layers.Layer):
         )
         layer.set_weights(self.full_weights())
         return layer
-
-    def save_own_variables(self, store) -> None:
-        for i, value in enumerate(self.full_weights()):
-            store[str(i)] = value
-
-    def load_own_variables(self, store) -> None:
-        self.set_full_weights([store[str(i)] for i in range(len(store.keys()))])
 
     def get_config(self) -> dict:
         config = self._plain_config()

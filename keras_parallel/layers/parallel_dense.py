@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from keras_parallel._validation import check_int
 from keras_parallel.layers import sharding
 from keras_parallel.partition.placement import move_variable, run_on
 
 
-class _ShardedDense(keras.layers.Layer):
+class _ShardedDense(sharding.SavesWholeWeights, keras.layers.Layer):
     """What both layers share: arguments, config, conversion and saving of
     the whole weights (so a model saved on N devices loads on any number)."""
 
@@ -39,11 +40,7 @@ class _ShardedDense(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-            raise ValueError(
-                f"`units` must be a positive integer. Received: units={units!r}"
-            )
-        self.units = units
+        self.units = check_int("units", units, 1)
         self._devices_argument = devices
         self.devices = sharding.shard_devices(devices)
         self.activation = keras.activations.get(activation)
@@ -113,13 +110,6 @@ class _ShardedDense(keras.layers.Layer):
         dense.build((None, weights[0].shape[0]))
         dense.set_weights(weights)
         return dense
-
-    def save_own_variables(self, store) -> None:
-        for i, value in enumerate(self.full_weights()):
-            store[str(i)] = value
-
-    def load_own_variables(self, store) -> None:
-        self.set_full_weights([store[str(i)] for i in range(len(store.keys()))])
 
     def get_config(self) -> dict:
         return {

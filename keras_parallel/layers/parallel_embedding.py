@@ -13,7 +13,7 @@ from keras_parallel.partition.placement import run_on
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")
-class ParallelEmbedding(keras.layers.Layer):
+class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
     """An Embedding whose vocabulary is split across devices.
 
     Device i holds rows `[i*V/N, (i+1)*V/N)` of the table (and their
@@ -108,7 +108,7 @@ class ParallelEmbedding(keras.layers.Layer):
             mask_zero=layer.mask_zero,
         )
         sharded.build()
-        sharding.assign_shards(sharded.tables, layer.get_weights()[0], 0)
+        sharded.set_full_weights(layer.get_weights())
         return sharded
 
     def to_layer(self) -> keras.layers.Embedding:
@@ -120,14 +120,16 @@ class ParallelEmbedding(keras.layers.Layer):
             mask_zero=self.mask_zero,
         )
         layer.build()
-        layer.set_weights([sharding.gather(self.tables, 0)])
+        layer.set_weights(self.full_weights())
         return layer
 
-    def save_own_variables(self, store) -> None:
-        store["0"] = sharding.gather(self.tables, 0)
+    def full_weights(self) -> list:
+        """`[table]` as `keras.layers.Embedding` holds it."""
+        return [sharding.gather(self.tables, 0)]
 
-    def load_own_variables(self, store) -> None:
-        sharding.assign_shards(self.tables, store["0"], 0)
+    def set_full_weights(self, weights) -> None:
+        """Sets the shards from `keras.layers.Embedding.get_weights()`."""
+        sharding.assign_shards(self.tables, weights[0], 0)
 
     def get_config(self) -> dict:
         return {

@@ -79,3 +79,16 @@ def assign_shards(shards: Sequence[keras.Variable], full, axis: int) -> None:
 def gather(shards: Sequence[keras.Variable], axis: int) -> np.ndarray:
     """The whole weight's value."""
     return np.concatenate([np.asarray(s) for s in shards], axis=axis)
+
+
+class SavesWholeWeights:
+    """Saves a sharded layer's `full_weights()` and loads them through
+    `set_full_weights`, so that a model saved on N devices loads on any
+    number. Mixed into the tensor-parallel layers, before `Layer`."""
+
+    def save_own_variables(self, store) -> None:
+        for i, value in enumerate(self.full_weights()):
+            store[str(i)] = value
+
+    def load_own_variables(self, store) -> None:
+        self.set_full_weights([store[str(i)] for i in range(len(store.keys()))])

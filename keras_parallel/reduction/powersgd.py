@@ -24,6 +24,7 @@ from __future__ import annotations
 import tensorflow as tf
 from tensorflow.python.ops import resource_variable_ops
 
+from keras_parallel._validation import check_int
 from keras_parallel.reduction.compression import Compression
 
 
@@ -61,17 +62,8 @@ class PowerSGD(Compression):
         transfer_dtype: str | None = None,
         seed: int = 0,
     ):
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"`rank` must be an integer >= 1. Received: rank={rank!r}")
-        if (
-            isinstance(warmup_steps, bool)
-            or not isinstance(warmup_steps, int)
-            or warmup_steps < 0
-        ):
-            raise ValueError(
-                "`warmup_steps` must be an integer >= 0. "
-                f"Received: warmup_steps={warmup_steps!r}"
-            )
+        check_int("rank", rank, 1)
+        check_int("warmup_steps", warmup_steps, 0)
         if transfer_dtype not in (None, "float16", "bfloat16"):
             raise ValueError(
                 "`transfer_dtype` must be None, 'float16' or 'bfloat16'. "

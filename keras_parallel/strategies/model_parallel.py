@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib, one_device_strategy
 
+from keras_parallel._validation import check_int
 from keras_parallel.devices import resolve_devices
 from keras_parallel.partition import microbatch, placement
 from keras_parallel.partition.order import CallOrder
@@ -63,15 +64,7 @@ class ModelParallel(tf.distribute.Strategy):
         num_microbatches: int = 1,
         partition: str | Sequence[int] | Mapping[str, str] = "auto",
     ):
-        if (
-            isinstance(num_microbatches, bool)
-            or not isinstance(num_microbatches, int)
-            or num_microbatches < 1
-        ):
-            raise ValueError(
-                "`num_microbatches` must be an integer >= 1. Received: "
-                f"num_microbatches={num_microbatches!r}"
-            )
+        check_int("num_microbatches", num_microbatches, 1)
         devices = resolve_devices(devices)
         _check_partition(partition, devices)
         super().__init__(
