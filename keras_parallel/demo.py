@@ -159,9 +159,11 @@ def run(devices: list[str], batch_size: int, epochs: int, samples: int) -> dict:
 
 def format_table(result: dict) -> str:
     """The summary table printed at the end of the demo."""
+    from keras_parallel.devices import short_device
+
     rates = result["samples_per_second"]
     rows = [
-        ("devices", ", ".join(d.split("device:")[-1] for d in result["devices"])),
+        ("devices", ", ".join(map(short_device, result["devices"]))),
         ("global batch", str(result["global_batch"])),
         *((f"samples/s, {name}", f"{rate:,.0f}") for name, rate in rates.items()),
         (

@@ -90,6 +90,11 @@ def _logical_names(device_type: str) -> list[str]:
     return [d.name for d in tf.config.list_logical_devices(device_type)]
 
 
+def short_device(name: str) -> str:
+    """`"/job:localhost/replica:0/task:0/device:CPU:1"` -> `"CPU:1"`."""
+    return name.split("device:")[-1]
+
+
 def resolve_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:
     """Validates and canonicalises a strategy's `devices` argument.
 

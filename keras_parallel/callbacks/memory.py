@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_parallel.devices import short_device
 from keras_parallel.partition.plan import variable_bytes
-from keras_parallel.partition.report import short_device
 
 
 def variable_bytes_by_device(model: keras.Model) -> dict[str, int]:

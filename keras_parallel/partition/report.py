@@ -6,6 +6,7 @@ import dataclasses
 
 import keras
 
+from keras_parallel.devices import short_device
 from keras_parallel.partition.placement import stage_layers
 from keras_parallel.partition.plan import variable_bytes
 
@@ -61,11 +62,6 @@ class PlacementReport:
             ).rstrip()
             for row in rows
         )
-
-
-def short_device(name: str) -> str:
-    """`"/job:localhost/replica:0/task:0/device:CPU:1"` -> `"CPU:1"`."""
-    return name.split("device:")[-1]
 
 
 def placement_report(model: keras.Model) -> PlacementReport:

@@ -14,7 +14,7 @@ from tensorflow.python.distribute import (
 from tensorflow.python.distribute import values as values_lib
 from tensorflow.python.ops import control_flow_util
 
-from keras_parallel.devices import resolve_devices
+from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.strategies import batch_split, batchnorm, train_step_hooks
@@ -136,9 +136,7 @@ class DataParallel(tf.distribute.Strategy):
         return self.extended._gradient_reduction.communication_stats()
 
     def __repr__(self) -> str:
-        devices = ", ".join(
-            d.split("device:")[-1] for d in self.extended.worker_devices
-        )
+        devices = ", ".join(short_device(d) for d in self.extended.worker_devices)
         return f"DataParallel(devices=[{devices}])"
 
 

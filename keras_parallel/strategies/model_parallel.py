@@ -11,7 +11,7 @@ import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib, one_device_strategy
 
 from keras_parallel._validation import check_int
-from keras_parallel.devices import resolve_devices
+from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.partition import microbatch, placement
 from keras_parallel.partition.order import CallOrder
 from keras_parallel.partition.plan import plan_devices, variable_bytes
@@ -78,7 +78,7 @@ class ModelParallel(tf.distribute.Strategy):
         self.extended.place(model)
 
     def __repr__(self) -> str:
-        devices = ", ".join(d.split("device:")[-1] for d in self.extended.devices)
+        devices = ", ".join(short_device(d) for d in self.extended.devices)
         return (
             f"ModelParallel(devices=[{devices}], "
             f"num_microbatches={self.extended.num_microbatches})"
@@ -171,7 +171,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         # Layers placing themselves may sit anywhere: only the others are checked.
         order = CallOrder(
             {
-                id(layer): (stage_index[d], d.split("device:")[-1])
+                id(layer): (stage_index[d], short_device(d))
                 for layer, d in zip(layers, devices, strict=True)
                 if d in stage_index and not placement.places_itself(layer)
             }
