@@ -1,10 +1,12 @@
-"""`keras-parallel` command line: `keras-parallel demo`."""
+"""`keras-parallel` command line: `keras-parallel demo` and `keras-parallel launch`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from keras_parallel.launch import launch
 
 
 def _positive(text: str) -> int:
@@ -33,11 +35,43 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive, default=256)
     demo.add_argument("--epochs", type=_positive, default=3)
     demo.add_argument("--samples", type=_positive, default=8192)
+    launcher = commands.add_parser(
+        "launch",
+        help="run a training script as N local TensorFlow workers, each with its "
+        "TF_CONFIG (for MultiWorkerMirroredStrategy)",
+    )
+    launcher.add_argument(
+        "-n",
+        "--num-workers",
+        type=_positive,
+        default=2,
+        help="number of worker processes (default 2)",
+    )
+    launcher.add_argument(
+        "--port",
+        type=int,
+        help="worker i listens on 127.0.0.1:PORT+i (default: free ports)",
+    )
+    launcher.add_argument("script", help="the training script")
+    launcher.add_argument(
+        "args", nargs=argparse.REMAINDER, help="arguments for the script"
+    )
     return main
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "launch":
+        try:
+            return launch(args.script, args.args, args.num_workers, args.port)
+        except ValueError as error:
+            print(f"keras-parallel launch: {error}", file=sys.stderr)
+            return 2
+    return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the `launch` path needs no TensorFlow.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 

@@ -7,6 +7,7 @@ import abc
 from collections.abc import Sequence
 
 import tensorflow as tf
+from tensorflow.python.distribute import values as values_lib
 
 NAMES = ("auto", "in_process", "nccl")
 
@@ -18,6 +19,9 @@ class AllReduceAlgorithm(abc.ABC):
     # Bucket capacity when the user gives none: the size that suits the
     # algorithm's fixed cost per reduction.
     default_bucket_mb: float
+    # Processes whose parts each sum adds up: the parts passed in are this
+    # process's share.
+    num_workers: int = 1
 
     @abc.abstractmethod
     def all_reduce(
@@ -79,6 +83,43 @@ class NcclAllReduce(AllReduceAlgorithm):
         sums = nccl_ops.all_sum(list(parts))
         if accumulate_dtype is None:
             return sums
+        result = []
+        for total in sums:
+            with tf.device(total.device):
+                result.append(tf.cast(total, accumulate_dtype))
+        return result
+
+
+class CollectiveAllReduce(AllReduceAlgorithm):
+    """tf.distribute's collective all-reduce over the replicas of all workers.
+
+    The engine of `tf.distribute.MultiWorkerMirroredStrategy` (ring over gRPC
+    between hosts, NCCL between GPUs where chosen); DataParallel uses it when
+    it runs on several workers. Collectives add in the parts' dtype:
+    `accumulate_dtype` only sets the result's.
+
+    Args:
+        collective: The strategy's `tf.distribute` collective ops over this
+            worker's replica devices.
+        num_workers: Number of workers taking part.
+    """
+
+    name = "collective"
+    default_bucket_mb = 25.0  # each bucket is one collective, a network round trip
+
+    def __init__(self, collective: tf.distribute.CrossDeviceOps, num_workers: int):
+        self._collective = collective
+        self.num_workers = num_workers
+
+    def all_reduce(self, parts, accumulate_dtype=None):
+        per_replica = values_lib.PerReplica(list(parts))
+        reduced = self._collective.reduce(
+            tf.distribute.ReduceOp.SUM, per_replica, destinations=per_replica
+        )
+        # A single local part comes back as a plain tensor.
+        sums = getattr(reduced, "values", (reduced,))
+        if accumulate_dtype is None:
+            return list(sums)
         result = []
         for total in sums:
             with tf.device(total.device):

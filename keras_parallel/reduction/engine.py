@@ -49,6 +49,9 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             `keras_parallel.PowerSGD(rank=4)`.
         devices: The devices, to check `reduction` against now; without them
             `"auto"` is resolved at the first reduction.
+        fallback: Reduces what the engine does not take (sparse or integer
+            values, results wanted on other devices). None: each destination
+            copies and adds the parts itself, which suits one machine.
 
     Example:
 
@@ -67,16 +70,28 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         bucket_mb: float | None = None,
         compression: str | Compression | None = None,
         devices: Sequence[str] | None = None,
+        fallback: tf.distribute.CrossDeviceOps | None = None,
     ):
         super().__init__()
+        self._fallback = fallback
         self._reduction = reduction
-        self._algorithm = resolve_algorithm(reduction, devices) if devices else None
-        if devices is None:
+        self._algorithm = (
+            resolve_algorithm(reduction, devices)
+            if devices or isinstance(reduction, AllReduceAlgorithm)
+            else None
+        )
+        if self._algorithm is None:
             resolve_algorithm(reduction, [])  # validates the name
         self._bucket_mb = validate_bucket_mb(bucket_mb)
         self.compression = resolve_compression(compression)
         self._last_step: list[Transfer] = []
         self._last_fp32_bytes = 0
+
+    @property
+    def _num_between_graph_workers(self) -> int:
+        # Read by CrossDeviceOps.reduce/batch_reduce, which skip the reduction
+        # of a single local part only when no other process holds parts.
+        return self._algorithm.num_workers if self._algorithm else 1
 
     @property
     def algorithm(self) -> AllReduceAlgorithm | None:
@@ -91,9 +106,8 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         )[0]
 
     def batch_reduce_implementation(self, reduce_op, value_destination_pairs, options):
-        del options
         results = [None] * len(value_destination_pairs)
-        dense = []
+        dense, other = [], []
         for index, (value, destinations) in enumerate(value_destination_pairs):
             parts = list(value.values)
             if _is_dense(parts) and _devices(destinations, value) == [
@@ -101,26 +115,40 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             ]:
                 dense.append(index)
             else:
-                results[index] = _copy_and_sum(parts, _devices(destinations, value))
+                other.append(index)
+        if other and self._fallback is not None:
+            reduced = self._fallback.batch_reduce_implementation(
+                reduce_op, [value_destination_pairs[i] for i in other], options
+            )
+            for index, value in zip(other, reduced, strict=True):
+                results[index] = value
+        elif other:
+            for index in other:
+                value, destinations = value_destination_pairs[index]
+                results[index] = self._regroup(
+                    reduce_op,
+                    _copy_and_sum(list(value.values), _devices(destinations, value)),
+                    len(value.values),
+                )
         if dense:
             sums = self._reduce_dense(
                 [value_destination_pairs[i][0].values for i in dense]
             )
+            replicas = len(sums[0]) * self._algorithm.num_workers
             for index, parts in zip(dense, sums, strict=True):
-                results[index] = parts
-        mirrored = []
-        for parts in results:
-            if reduce_op == tf.distribute.ReduceOp.MEAN:
-                parts = [
-                    cross_device_utils.divide_by_n_tensors_or_indexed_slices(
-                        p, len(value_destination_pairs[0][0].values)
-                    )
-                    for p in parts
-                ]
-            mirrored.append(
-                distribute_utils.regroup(parts, wrap_class=values_lib.Mirrored)
-            )
-        return mirrored
+                results[index] = self._regroup(reduce_op, parts, replicas)
+        return results
+
+    @staticmethod
+    def _regroup(reduce_op, parts, num_replicas):
+        if reduce_op == tf.distribute.ReduceOp.MEAN:
+            parts = [
+                cross_device_utils.divide_by_n_tensors_or_indexed_slices(
+                    p, num_replicas
+                )
+                for p in parts
+            ]
+        return distribute_utils.regroup(parts, wrap_class=values_lib.Mirrored)
 
     def _reduce_dense(self, gradients):
         if self._algorithm is None:

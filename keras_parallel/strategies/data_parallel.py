@@ -18,6 +18,7 @@ from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.strategies import batch_split, batchnorm, train_step_hooks
+from keras_parallel.strategies.cluster import resolve_cluster
 from keras_parallel.strategies.ownership import OwnerTable
 from keras_parallel.strategies.step_model import step_model
 
@@ -86,6 +87,8 @@ class DataParallel(tf.distribute.Strategy):
         self,
         devices: str | Sequence[str] | None = None,
         *,
+        cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver
+        | None = None,
         reduction: str = "auto",
         bucket_mb: float | None = None,
         compression: str | Compression | None = None,
@@ -100,16 +103,55 @@ class DataParallel(tf.distribute.Strategy):
                 raise TypeError(
                     f"`{name}` must be True or False. Received: {name}={value!r}"
                 )
-        devices = resolve_devices(devices)
-        extended = DataParallelExtended(
-            self,
-            devices,
-            exact=GradientReduction(reduction, bucket_mb, None, devices),
-            gradients=GradientReduction(reduction, bucket_mb, compression, devices),
-            shard_optimizer=shard_optimizer,
-            sync_batch_norm=sync_batch_norm,
-        )
-        super().__init__(extended)
+        cluster = resolve_cluster(cluster_resolver)
+        if cluster is None:
+            devices = resolve_devices(devices)
+            extended = DataParallelExtended(
+                self,
+                devices,
+                exact=GradientReduction(reduction, bucket_mb, None, devices),
+                gradients=GradientReduction(reduction, bucket_mb, compression, devices),
+                shard_optimizer=shard_optimizer,
+                sync_batch_norm=sync_batch_norm,
+            )
+        else:
+            from keras_parallel.strategies.multi_worker import MultiWorkerExtended
+
+            extended = MultiWorkerExtended(
+                self,
+                cluster,
+                devices,
+                reduction,
+                bucket_mb,
+                compression,
+                shard_optimizer,
+                sync_batch_norm,
+            )
+        # Not super(): a multi-worker DataParallel also derives from
+        # MultiWorkerMirroredStrategy, whose constructor builds its own engine.
+        tf.distribute.Strategy.__init__(self, extended)
+
+    def __new__(cls, *args, cluster_resolver=None, **kwargs):
+        if cls is DataParallel and resolve_cluster(cluster_resolver) is not None:
+            from keras_parallel.strategies.multi_worker import MultiWorkerDataParallel
+
+            cls = MultiWorkerDataParallel
+        return super().__new__(cls)
+
+    @property
+    def num_workers(self) -> int:
+        """Number of worker processes training together (1 on one machine)."""
+        return 1
+
+    @property
+    def worker_index(self) -> int:
+        """This process's index among the workers (0 on one machine)."""
+        return 0
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this worker writes checkpoints and logs (worker 0)."""
+        return True
 
     def communication_stats(self) -> dict:
         """Bytes the gradient all-reduce of one training step sends per replica.
@@ -140,60 +182,31 @@ class DataParallel(tf.distribute.Strategy):
         return f"DataParallel(devices=[{devices}])"
 
 
-class DataParallelExtended(mirrored_strategy.MirroredExtended):
-    """Strategy internals: MirroredStrategy's replica machinery with our own
-    input splitting, reduction and update placement."""
+class ReplicaFeatures:
+    """What DataParallel adds to tf.distribute's replica machinery, on one
+    machine (`DataParallelExtended`) and across workers (`multi_worker`):
+    gradients through our reduction engine, synchronized BatchNormalization,
+    and optimizer updates on one owner device per variable.
 
-    def __init__(
-        self,
-        container_strategy,
-        devices,
-        exact,
-        gradients,
-        shard_optimizer,
-        sync_batch_norm,
-    ):
-        super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
+    Mixed into a `MirroredExtended` subclass; `_init_features` must run in
+    its constructor.
+    """
+
+    def _init_features(self, gradients, shard_optimizer, sync_batch_norm):
         self._gradient_reduction = gradients
         self._replicas_in_apply = [0]
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
 
-    def _use_merge_call(self):
-        # Every cross-replica exchange goes through our reduction engine;
-        # collective ops (the other branch) break re-created strategies.
-        return True
-
     def _get_cross_device_ops(self, value):
-        if _has_integers(value):
-            return cross_device_ops_lib.ReductionToOneDevice()
-        if self._replicas_in_apply[0]:
+        if self._replicas_in_apply[0] and not _has_integers(value):
             return self._gradient_reduction
-        return self._cross_device_ops
+        return super()._get_cross_device_ops(value)
 
-    # Input.
-
-    def _experimental_distribute_dataset(self, dataset, options):
-        if (
-            options is not None
-            and options.experimental_replication_mode
-            == distribute_lib.InputReplicationMode.PER_REPLICA
-        ):
-            raise NotImplementedError(
-                "InputReplicationMode.PER_REPLICA is only supported by "
-                "`distribute_datasets_from_function`."
-            )
-        return batch_split.SplitBatchDataset(
-            dataset, self._input_workers_devices[0][0], self._devices
-        )
-
-    def _reduce_to(self, reduce_op, value, destinations, options):
-        return super()._reduce_to(
-            reduce_op, batch_split.common_samples(value), destinations, options
-        )
-
-    # Replicas.
+    def _replica_sample_weights(self, args):
+        """Each replica's loss weight for this step, or None for equal ones."""
+        return None
 
     def _call_for_each_replica(self, fn, args, kwargs):
         if control_flow_util.GraphOrParentsInXlaContext(
@@ -213,7 +226,7 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
             _require_distributed(variable.value)
         if self._sync_batch_norm:
             batchnorm.synchronize_batch_norm(model)
-        weights = train_step_hooks.replica_sample_weights(args, len(self._devices))
+        weights = self._replica_sample_weights(args)
         with (
             train_step_hooks.weighted_losses(model, weights),
             train_step_hooks.marked_gradient_reduction(model, self._replicas_in_apply),
@@ -266,6 +279,57 @@ class DataParallelExtended(mirrored_strategy.MirroredExtended):
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
         return distribute_utils.update_regroup(self, updates, group)
+
+
+class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
+    """Strategy internals on one machine: MirroredStrategy's replica machinery
+    with our own input splitting, reduction and update placement."""
+
+    def __init__(
+        self,
+        container_strategy,
+        devices,
+        exact,
+        gradients,
+        shard_optimizer,
+        sync_batch_norm,
+    ):
+        super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
+        self._init_features(gradients, shard_optimizer, sync_batch_norm)
+
+    def _use_merge_call(self):
+        # Every cross-replica exchange goes through our reduction engine;
+        # collective ops (the other branch) break re-created strategies.
+        return True
+
+    def _get_cross_device_ops(self, value):
+        if _has_integers(value):
+            return cross_device_ops_lib.ReductionToOneDevice()
+        return super()._get_cross_device_ops(value)
+
+    def _replica_sample_weights(self, args):
+        return train_step_hooks.replica_sample_weights(args, len(self._devices))
+
+    # Input.
+
+    def _experimental_distribute_dataset(self, dataset, options):
+        if (
+            options is not None
+            and options.experimental_replication_mode
+            == distribute_lib.InputReplicationMode.PER_REPLICA
+        ):
+            raise NotImplementedError(
+                "InputReplicationMode.PER_REPLICA is only supported by "
+                "`distribute_datasets_from_function`."
+            )
+        return batch_split.SplitBatchDataset(
+            dataset, self._input_workers_devices[0][0], self._devices
+        )
+
+    def _reduce_to(self, reduce_op, value, destinations, options):
+        return super()._reduce_to(
+            reduce_op, batch_split.common_samples(value), destinations, options
+        )
 
 
 def _has_integers(value) -> bool:

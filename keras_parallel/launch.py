@@ -1,0 +1,273 @@
+"""`keras-parallel launch`: one training script as N TensorFlow workers on this host.
+
+Each worker is `python script.py args...` with its own `TF_CONFIG`, so a script
+that builds a `tf.distribute.MultiWorkerMirroredStrategy` can be tried out on one
+machine before it runs on several. Standard library only: the launcher must not
+pay for (or depend on) a TensorFlow import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import IO
+
+HOST = "127.0.0.1"
+GRACE_PERIOD = 10.0
+_POLL_INTERVAL = 0.1
+_READER_JOIN_TIMEOUT = 5.0
+
+
+def tf_config(num_workers: int, index: int, ports: Sequence[int]) -> dict:
+    """The `TF_CONFIG` of worker `index` in a cluster of local workers.
+
+    Args:
+        num_workers: number of workers in the cluster.
+        index: this worker's task index, in `[0, num_workers)`.
+        ports: one port on `127.0.0.1` per worker, worker `i` listening on
+            `ports[i]`.
+
+    Returns:
+        A dict to be serialised with `json.dumps` into the `TF_CONFIG`
+        environment variable.
+
+    Example:
+
+    ```python
+    os.environ["TF_CONFIG"] = json.dumps(tf_config(2, 1, [2000, 2001]))
+    # {"cluster": {"worker": ["127.0.0.1:2000", "127.0.0.1:2001"]},
+    #  "task": {"type": "worker", "index": 1}}
+    ```
+    """
+    if len(ports) != num_workers:
+        raise ValueError(f"need {num_workers} ports, got {len(ports)}: {list(ports)}")
+    if not 0 <= index < num_workers:
+        raise ValueError(f"index must be in [0, {num_workers}), got {index}")
+    return {
+        "cluster": {"worker": [f"{HOST}:{port}" for port in ports]},
+        "task": {"type": "worker", "index": index},
+    }
+
+
+def launch(
+    script: str,
+    args: Sequence[str] = (),
+    num_workers: int = 2,
+    port: int | None = None,
+    grace_period: float = GRACE_PERIOD,
+) -> int:
+    """Runs `script` as `num_workers` local workers and waits for all of them.
+
+    Every line a worker writes is echoed with a `[worker i] ` prefix, its
+    stdout to this process's stdout and its stderr to stderr. The workers live
+    and die together: when one exits non-zero or is killed, the others get
+    SIGTERM (SIGKILL after `grace_period` seconds). SIGINT and SIGTERM sent to
+    this process are forwarded to the workers in the same way, which makes
+    Ctrl-C a `KeyboardInterrupt` in each of them.
+
+    Args:
+        script: path of the Python script to run in each worker.
+        args: command-line arguments for the script.
+        num_workers: number of workers, at least 1.
+        port: worker `i` listens on `port + i`; `None` picks free ports.
+        grace_period: seconds a stopped worker gets to exit before SIGKILL.
+
+    Returns:
+        The exit code for the launcher: 0 when every worker exited 0, else the
+        code of the first worker that failed (128 + N for death by signal N),
+        or 128 + N when signal N stopped the launcher itself (130 for Ctrl-C).
+
+    Example:
+
+    ```python
+    sys.exit(launch("train.py", ["--epochs", "3"], num_workers=2))
+    ```
+    """
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    if not os.path.isfile(script):
+        raise ValueError(f"script {script!r} does not exist or is not a file.")
+    ports = _free_ports(num_workers) if port is None else _port_range(port, num_workers)
+    for index, candidate in enumerate(ports):
+        _check_port(candidate, index)
+
+    received: list[int] = []
+
+    def record(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    previous = {
+        signum: signal.signal(signum, record)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    lock = threading.Lock()
+    workers: list[subprocess.Popen] = []
+    readers: list[threading.Thread] = []
+    try:
+        for index in range(num_workers):
+            env = {
+                **os.environ,
+                "TF_CONFIG": json.dumps(tf_config(num_workers, index, ports)),
+                "PYTHONUNBUFFERED": "1",
+            }
+            worker = subprocess.Popen(
+                [sys.executable, script, *args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                # Only the launcher forwards signals, so a terminal's Ctrl-C
+                # reaches each worker exactly once.
+                start_new_session=True,
+            )
+            workers.append(worker)
+            prefix = f"[worker {index}] "
+            for pipe, out in ((worker.stdout, sys.stdout), (worker.stderr, sys.stderr)):
+                reader = threading.Thread(
+                    target=_echo, args=(pipe, out, prefix, lock), daemon=True
+                )
+                reader.start()
+                readers.append(reader)
+        code = _supervise(workers, received, grace_period, lock)
+    finally:
+        # Reached with workers still running only if the launcher itself failed.
+        for worker in workers:
+            if worker.poll() is None:
+                _signal(worker, signal.SIGKILL)
+                worker.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    # A grandchild that inherited a pipe may keep it open: don't wait forever.
+    for reader in readers:
+        reader.join(_READER_JOIN_TIMEOUT)
+    return code
+
+
+def _supervise(
+    workers: list[subprocess.Popen],
+    received: list[int],
+    grace_period: float,
+    lock: threading.Lock,
+) -> int:
+    while True:
+        if received:
+            signum = received[0]
+            _stop(workers, signum, grace_period, received)
+            return 128 + signum
+        codes = [worker.poll() for worker in workers]
+        for index, code in enumerate(codes):
+            if code is not None and code != 0:
+                running = any(other is None for other in codes)
+                with lock:
+                    print(
+                        f"keras-parallel launch: worker {index} {_describe(code)}"
+                        + ("; stopping the other workers." if running else "."),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                _stop(workers, signal.SIGTERM, grace_period, received)
+                return 128 - code if code < 0 else code
+        if all(code == 0 for code in codes):
+            return 0
+        time.sleep(_POLL_INTERVAL)
+
+
+def _stop(
+    workers: list[subprocess.Popen],
+    signum: int,
+    grace_period: float,
+    received: list[int],
+) -> None:
+    """Sends `signum` to running workers; SIGKILL after the grace period.
+
+    Another SIGINT or SIGTERM to the launcher while waiting cuts the grace
+    period short, so a second Ctrl-C always ends the run at once.
+    """
+    for worker in workers:
+        if worker.poll() is None:
+            _signal(worker, signum)
+    signals_seen = len(received)
+    deadline = time.monotonic() + grace_period
+    while any(worker.poll() is None for worker in workers):
+        if time.monotonic() >= deadline or len(received) > signals_seen:
+            for worker in workers:
+                if worker.poll() is None:
+                    _signal(worker, signal.SIGKILL)
+                    worker.wait()
+            return
+        time.sleep(_POLL_INTERVAL)
+
+
+def _signal(worker: subprocess.Popen, signum: int) -> None:
+    # Each worker leads its own process group (start_new_session): signalling
+    # the group also reaches its children, as a terminal's Ctrl-C would.
+    try:
+        os.killpg(worker.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}"
+
+
+def _echo(pipe: IO[bytes], out: IO[str], prefix: str, lock: threading.Lock) -> None:
+    with pipe:
+        for line in iter(pipe.readline, b""):
+            text = line.decode(errors="replace")
+            with lock:
+                try:
+                    out.write(prefix + text + ("" if text.endswith("\n") else "\n"))
+                    out.flush()
+                except (OSError, ValueError):
+                    # Keep draining even when our own output is gone (say,
+                    # `| head`): an undrained pipe would block the worker.
+                    pass
+
+
+def _free_ports(count: int) -> list[int]:
+    # All sockets stay bound until every port is chosen, so the ports differ.
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _port_range(port: int, count: int) -> list[int]:
+    if not 1 <= port <= 65536 - count:
+        raise ValueError(
+            f"--port must be between 1 and {65536 - count} for {count} "
+            f"worker(s) (worker i uses port + i), got {port}."
+        )
+    return list(range(port, port + count))
+
+
+def _check_port(port: int, index: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the workers' gRPC servers do, so that a port left in TIME_WAIT by
+        # the previous run does not count as in use.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as error:
+            raise ValueError(
+                f"port {port} (worker {index}) on {HOST} is in use. Pick another "
+                "base port with --port, or leave --port out to choose free ports."
+            ) from error

@@ -1,0 +1,161 @@
+"""Which cluster DataParallel runs on: `TF_CONFIG`, or a given cluster resolver.
+
+TensorFlow reads `TF_CONFIG` lazily and reports a malformed one from deep
+inside server start-up (or, for a wrong task index, by waiting for a worker
+that never comes). Here it is checked up front, and every problem is named
+with the value that was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+ENVIRONMENT_VARIABLE = "TF_CONFIG"
+# Jobs whose tasks train under a collective strategy; a chief is a worker
+# that also writes checkpoints and summaries.
+TRAINING_JOBS = ("chief", "worker")
+EXAMPLE = (
+    '{"cluster": {"worker": ["10.0.0.1:12345", "10.0.0.2:12345"]}, '
+    '"task": {"type": "worker", "index": 0}}'
+)
+
+
+def resolve_cluster(
+    cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver | None,
+) -> tf.distribute.cluster_resolver.ClusterResolver | None:
+    """The cluster to train on, or None to train on this machine alone.
+
+    Args:
+        cluster_resolver: A cluster resolver, or None to read `TF_CONFIG`.
+
+    Returns:
+        A resolver describing at least two training tasks, or None when
+        there is no cluster (no `TF_CONFIG`) or it has a single task.
+
+    Raises:
+        ValueError: for a malformed `TF_CONFIG` or cluster.
+        TypeError: when `cluster_resolver` is not a cluster resolver.
+    """
+    if cluster_resolver is None:
+        text = os.environ.get(ENVIRONMENT_VARIABLE)
+        if text is None:
+            return None
+        parse_tf_config(text)
+        cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    elif not isinstance(
+        cluster_resolver, tf.distribute.cluster_resolver.ClusterResolver
+    ):
+        raise TypeError(
+            "`cluster_resolver` must be a "
+            "tf.distribute.cluster_resolver.ClusterResolver (e.g. "
+            "TFConfigClusterResolver or SimpleClusterResolver). Received: "
+            f"cluster_resolver={cluster_resolver!r}"
+        )
+    spec = cluster_resolver.cluster_spec().as_dict()
+    _check_cluster(
+        spec,
+        {"type": cluster_resolver.task_type, "index": cluster_resolver.task_id},
+        "the cluster resolver",
+    )
+    if sum(len(addresses) for addresses in spec.values()) < 2:
+        return None
+    return cluster_resolver
+
+
+def parse_tf_config(text: str) -> dict:
+    """Parses and checks a `TF_CONFIG` value.
+
+    Args:
+        text: The JSON text.
+
+    Returns:
+        The parsed dict, with `cluster` and `task`.
+
+    Raises:
+        ValueError: naming what is wrong, with an example of a valid value.
+    """
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        _fail(f"is not valid JSON ({error}). Received: {text!r}")
+    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
+        _fail(f"needs a 'cluster' object mapping jobs to addresses. Received: {text!r}")
+    _check_cluster(config["cluster"], config.get("task"), "TF_CONFIG")
+    return config
+
+
+def _check_cluster(cluster: dict, task, source: str) -> None:
+    if not cluster:
+        _fail("names no tasks: 'cluster' is empty.", source)
+    for job, addresses in cluster.items():
+        if job not in TRAINING_JOBS:
+            _fail(
+                f"has a job {job!r}; DataParallel trains on jobs "
+                f"{TRAINING_JOBS} only (parameter servers belong to "
+                "tf.distribute.experimental.ParameterServerStrategy).",
+                source,
+            )
+        if isinstance(addresses, dict):  # ClusterSpec's sparse form
+            addresses = list(addresses.values())
+        if not isinstance(addresses, list) or not addresses:
+            _fail(
+                f"job {job!r} must list its tasks' addresses as "
+                f"['host:port', ...]. Received: {addresses!r}",
+                source,
+            )
+        for address in addresses:
+            _check_address(job, address, source)
+    everywhere = [
+        a for addresses in cluster.values() for a in _address_list(addresses)
+    ]
+    repeated = sorted({a for a in everywhere if everywhere.count(a) > 1})
+    if repeated:
+        _fail(f"gives the address(es) {repeated} to more than one task.", source)
+    if len(cluster.get("chief", [])) > 1:
+        _fail(f"has {len(cluster['chief'])} chiefs; at most one is allowed.", source)
+    if not isinstance(task, dict):
+        _fail(
+            "needs a 'task' object saying which task this process is, e.g. "
+            f"{{'type': 'worker', 'index': 0}}. Received: task={task!r}",
+            source,
+        )
+    job, index = task.get("type"), task.get("index")
+    if job not in cluster:
+        _fail(
+            f"has task type {job!r}, which is not a job of the cluster "
+            f"({sorted(cluster)}).",
+            source,
+        )
+    count = len(_address_list(cluster[job]))
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+        _fail(
+            f"has task index {index!r}; job {job!r} has {count} task(s), so "
+            f"the index must be an integer from 0 to {count - 1}.",
+            source,
+        )
+
+
+def _address_list(addresses) -> list:
+    return list(addresses.values()) if isinstance(addresses, dict) else addresses
+
+
+def _check_address(job: str, address, source: str) -> None:
+    host, _, port = str(address).rpartition(":")
+    if not isinstance(address, str) or not host or not port.isdigit():
+        _fail(f"job {job!r} has the address {address!r}, not 'host:port'.", source)
+    if not 1 <= int(port) <= 65535:
+        _fail(
+            f"job {job!r} has the address {address!r}; a port must be "
+            "from 1 to 65535.",
+            source,
+        )
+
+
+def _fail(problem: str, source: str = ENVIRONMENT_VARIABLE):
+    raise ValueError(
+        f"{source} {problem} A valid TF_CONFIG looks like: {EXAMPLE} "
+        "(`keras-parallel launch` sets it for workers on this machine)."
+    )

@@ -1,0 +1,130 @@
+"""DataParallel across processes and machines, on tf.distribute's collective
+engine (the one under `tf.distribute.MultiWorkerMirroredStrategy`).
+
+Each worker process runs the same program. TensorFlow starts a gRPC server in
+each, broadcasts the chief's initial variable values, shards the input by
+data (every worker reads the whole dataset and keeps its share of each global
+batch) and sums gradients with collective ops. On top of that engine this
+adds what `DataParallel` does on one machine where the engine permits it:
+gradients through our reduction engine (bucketing, fp16/bf16, PowerSGD, sent
+as collectives), global-batch BatchNormalization statistics, and optimizer
+state sharded over a worker's own devices. It also makes Keras 3's `fit` run
+at all: Keras reduces a whole data batch with one `strategy.reduce` call,
+which MultiWorkerMirroredStrategy rejects (keras-team/keras#20585).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy, collective_util
+
+from keras_parallel.reduction.algorithms import CollectiveAllReduce
+from keras_parallel.reduction.engine import GradientReduction
+from keras_parallel.strategies.data_parallel import DataParallel, ReplicaFeatures
+
+IMPLEMENTATIONS = {
+    "auto": collective_util.CommunicationImplementation.AUTO,
+    "nccl": collective_util.CommunicationImplementation.NCCL,
+}
+
+
+class MultiWorkerDataParallel(
+    DataParallel, collective_all_reduce_strategy.CollectiveAllReduceStrategy
+):
+    """What `DataParallel(...)` returns when it finds a cluster of two or more
+    workers. It is also a `tf.distribute.MultiWorkerMirroredStrategy`, so that
+    Keras gathers `predict` outputs from all workers."""
+
+    @property
+    def num_workers(self) -> int:
+        return self.extended._num_workers
+
+    @property
+    def worker_index(self) -> int:
+        return self.extended._id_in_cluster
+
+    @property
+    def is_chief(self) -> bool:
+        return self.extended.should_checkpoint
+
+    def reduce(self, reduce_op, value, axis):
+        # Keras 3 takes every step's scalar logs through `reduce(MEAN, v,
+        # axis=0)` under a multi-worker strategy, which fails for scalars
+        # (keras-team/keras#20585). Those logs are metric results, already
+        # summed over all workers, so the mean of the local copies is exact,
+        # as Keras computes it under every other strategy.
+        if axis is not None and _all_scalars(value):
+            return tf.nest.map_structure(
+                lambda v: tf.reduce_mean(self.experimental_local_results(v), axis=0),
+                value,
+            )
+        return super().reduce(reduce_op, value, axis)
+
+    def __repr__(self) -> str:
+        return (
+            f"DataParallel(worker {self.worker_index} of {self.num_workers}, "
+            f"{self.num_replicas_in_sync} replicas)"
+        )
+
+
+class MultiWorkerExtended(
+    ReplicaFeatures, collective_all_reduce_strategy.CollectiveAllReduceExtended
+):
+    """Strategy internals across workers: the collective engine's cluster,
+    variable initialisation and input sharding, with DataParallel's reduction,
+    BatchNormalization and update placement."""
+
+    def __init__(
+        self,
+        container_strategy,
+        cluster_resolver,
+        devices,
+        reduction,
+        bucket_mb,
+        compression,
+        shard_optimizer,
+        sync_batch_norm,
+    ):
+        if devices is not None:
+            raise ValueError(
+                "`devices` cannot be given when DataParallel runs on a cluster "
+                "(TF_CONFIG or `cluster_resolver`): each worker trains on all "
+                "its GPUs, or on its CPU when it has none. Received: "
+                f"devices={devices!r}"
+            )
+        if reduction not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"`reduction` must be one of {tuple(IMPLEMENTATIONS)} when "
+                "DataParallel runs on several workers: 'auto' (ring over gRPC, "
+                "NCCL between GPUs where TensorFlow picks it) or 'nccl'. "
+                f"Received: reduction={reduction!r}"
+            )
+        options = collective_util.Options(implementation=IMPLEMENTATIONS[reduction])
+        super().__init__(
+            container_strategy,
+            cluster_resolver=cluster_resolver,
+            communication_options=options,
+        )
+        algorithm = CollectiveAllReduce(self._cross_device_ops, self._num_workers)
+        gradients = GradientReduction(
+            algorithm, bucket_mb, compression, fallback=self._cross_device_ops
+        )
+        self._init_features(gradients, shard_optimizer, sync_batch_norm)
+
+    def _reduce_to(self, reduce_op, value, destinations, options):
+        # Keras reduces a whole (x, y, sample_weight) batch in one call; the
+        # collective engine takes one value at a time.
+        return tf.nest.map_structure(
+            lambda v: super(MultiWorkerExtended, self)._reduce_to(
+                reduce_op, v, destinations, options
+            ),
+            value,
+        )
+
+
+def _all_scalars(value) -> bool:
+    return all(
+        part.shape.rank == 0
+        for leaf in tf.nest.flatten(value)
+        for part in getattr(leaf, "values", (leaf,))
+    )
