@@ -15,17 +15,34 @@ which MultiWorkerMirroredStrategy rejects (keras-team/keras#20585).
 
 from __future__ import annotations
 
+import functools
+import re
+
 import tensorflow as tf
 from tensorflow.python.distribute import collective_all_reduce_strategy, collective_util
 
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.strategies.data_parallel import DataParallel, ReplicaFeatures
+from keras_parallel.strategies.step_model import step_model
 
 IMPLEMENTATIONS = {
     "auto": collective_util.CommunicationImplementation.AUTO,
     "nccl": collective_util.CommunicationImplementation.NCCL,
 }
+
+
+# What a collective step raises when a peer is gone: the coordination
+# service's heartbeat check aborts every collective of the survivors.
+PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.DeadlineExceededError,
+)
+
+
+class WorkerFailedError(RuntimeError):
+    """Another worker of the cluster stopped, so training cannot go on."""
 
 
 class MultiWorkerDataParallel(
@@ -111,6 +128,12 @@ class MultiWorkerExtended(
         )
         self._init_features(gradients, shard_optimizer, sync_batch_norm)
 
+    def _call_for_each_replica(self, fn, args, kwargs):
+        model = step_model(fn)
+        if model is not None:
+            _report_lost_workers(model)
+        return super()._call_for_each_replica(fn, args, kwargs)
+
     def _reduce_to(self, reduce_op, value, destinations, options):
         # Keras reduces a whole (x, y, sample_weight) batch in one call; the
         # collective engine takes one value at a time.
@@ -127,4 +150,42 @@ def _all_scalars(value) -> bool:
         part.shape.rank == 0
         for leaf in tf.nest.flatten(value)
         for part in getattr(leaf, "values", (leaf,))
+    )
+
+
+def _report_lost_workers(model) -> None:
+    """Makes the model's compiled step functions raise `WorkerFailedError`,
+    naming the lost worker, instead of a collective's error from deep inside
+    TensorFlow. Keras calls them through these attributes at every step."""
+    for name in ("train_function", "test_function", "predict_function"):
+        function = getattr(model, name, None)
+        if function is not None and not hasattr(function, "reports_lost_workers"):
+            setattr(model, name, _reporting(function))
+
+
+def _reporting(function):
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except PEER_ERRORS as error:
+            raise WorkerFailedError(_describe(error)) from None
+
+    call.reports_lost_workers = True
+    return call
+
+
+def _describe(error: tf.errors.OpError) -> str:
+    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message)))
+    lines = [line.strip() for line in error.message.splitlines()]
+    reason = next(
+        (line for line in lines if "unhealthy" in line or "aborted" in line.lower()),
+        lines[0] if lines else type(error).__name__,
+    )
+    return (
+        f"A worker of the cluster is gone ({', '.join(tasks) or 'unknown task'}); "
+        f"TensorFlow reports: {reason!r}. Training cannot continue without it: "
+        "restart all workers (`keras-parallel launch` stops and starts them "
+        "together); with keras.callbacks.BackupAndRestore they resume from the "
+        "last finished epoch."
     )

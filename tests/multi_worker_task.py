@@ -1,0 +1,139 @@
+"""A small training job run by the multi-worker tests, in every worker.
+
+As a script (`python multi_worker_task.py OUT [options]`, with `TF_CONFIG`
+set by `keras-parallel launch`) it trains under `DataParallel()` and writes
+`OUT/worker_<i>.npz`: the weights, the loss per epoch, the epochs it ran and
+`bytes_per_step`. `train` is also called without a strategy by the tests, as
+the single-process reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+GLOBAL_BATCH = 32
+SAMPLES = 256
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 8)).astype("float32")
+    y = (np.tanh(x @ rng.normal(size=(8, 1))) + 0.1 * x[:, :1]).astype("float32")
+    return x, y
+
+
+def build():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            # No bias before BatchNormalization: it would cancel it, and Adam
+            # turns the rounding noise of its zero gradient into steps.
+            keras.layers.Dense(16, use_bias=False),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+class _Record(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs: list[int] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+class _Die(keras.callbacks.Callback):
+    """Kills this process with SIGKILL at a batch of an epoch: a crashed worker."""
+
+    def __init__(self, epoch: int, batch: int):
+        super().__init__()
+        self._epoch, self._batch, self._current = epoch, batch, -1
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if (self._current, batch) == (self._epoch, self._batch):
+            print(f"killing myself at epoch {self._epoch}, batch {batch}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train(strategy=None, epochs=3, callbacks=(), print_epochs=False):
+    """Trains the model; returns (model, history, epochs run)."""
+    x, y = data()
+    scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
+    with scope:
+        model = build()
+    record = _Record()
+    printer = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: print(f"epoch {epoch} done", flush=True)
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=GLOBAL_BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[*callbacks, record, *([printer] if print_epochs else [])],
+    )
+    return model, history, record.epochs
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--compression", default=None)
+    parser.add_argument("--backup", default=None, help="BackupAndRestore folder")
+    parser.add_argument("--die-at", default=None, help="worker:epoch:batch")
+    args = parser.parse_args(argv)
+
+    import keras_parallel
+
+    strategy = keras_parallel.DataParallel(compression=args.compression)
+    print(f"{strategy!r}", flush=True)
+    callbacks = []
+    if args.backup:
+        # One folder per worker: all of them write their backup at once.
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(
+                f"{args.backup}/worker_{strategy.worker_index}"
+            )
+        )
+    if args.die_at:
+        worker, epoch, batch = map(int, args.die_at.split(":"))
+        if worker == strategy.worker_index:
+            callbacks.append(_Die(epoch, batch))
+    model, history, epochs = train(strategy, args.epochs, callbacks, True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        out / f"worker_{strategy.worker_index}.npz",
+        *model.get_weights(),
+        loss=np.array(history.history["loss"]),
+        epochs=np.array(epochs),
+        bytes_per_step=strategy.communication_stats()["bytes_per_step"],
+        num_workers=strategy.num_workers,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

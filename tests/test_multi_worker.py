@@ -1,0 +1,145 @@
+"""DataParallel across worker processes on loopback, started by
+`keras-parallel launch` (or by hand, to see what one worker does when the
+other dies). Every process is bounded by a timeout."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from multi_worker_task import train
+
+TASK = pathlib.Path(__file__).with_name("multi_worker_task.py")
+TIMEOUT = 240
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+def _launch(out, *args, workers=2):
+    return subprocess.run(
+        [sys.executable, "-m", "keras_parallel", "launch", "-n", str(workers)]
+        + [str(TASK), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+    )
+
+
+def _results(out, workers=2):
+    return [dict(np.load(out / f"worker_{i}.npz")) for i in range(workers)]
+
+
+def _weights(result):
+    count = sum(key.startswith("arr_") for key in result)
+    return [result[f"arr_{i}"] for i in range(count)]
+
+
+def _max_difference(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Single-process training with the same global batch."""
+    model, history, _ = train(epochs=3)
+    return model.get_weights(), history.history["loss"]
+
+
+def test_two_workers_equal_single_process(tmp_path, reference):
+    done = _launch(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[worker 0] DataParallel(worker 0 of 2, 2 replicas)" in done.stdout
+    assert "[worker 1] DataParallel(worker 1 of 2, 2 replicas)" in done.stdout
+    first, second = _results(tmp_path)
+    assert int(first["num_workers"]) == 2
+    # Dense + BatchNormalization (statistics over the global batch) + Adam.
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    assert _max_difference(_weights(first), reference[0]) <= 1e-5
+    np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
+    # The gradients went through our engine: 8x16, 2x16 (BN), 16+1 floats.
+    assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
+
+
+def test_compression_across_workers(tmp_path, reference):
+    done = _launch(tmp_path, "--compression", "bf16")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    fp32 = 4 * (8 * 16 + 2 * 16 + 16 + 1)
+    assert int(first["bytes_per_step"]) == fp32 // 2  # bfloat16 on the wire
+    # bfloat16 keeps 8 bits of mantissa: close to, not equal to, float32.
+    assert 0 < _max_difference(_weights(first), reference[0]) < 0.05
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
+    # Started by hand, without the launcher (which would stop worker 0
+    # itself): worker 0 must notice on its own that worker 1 is gone.
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    workers = []
+    for index in range(2):
+        env = _env()
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, str(TASK), str(tmp_path), "--epochs", "1000"]
+                + ["--die-at", "1:1:3"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+        )
+    try:
+        _, _ = workers[1].communicate(timeout=TIMEOUT)
+        died = time.monotonic()
+        assert workers[1].returncode == -9
+        _, stderr = workers[0].communicate(timeout=60)
+        waited = time.monotonic() - died
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert workers[0].returncode != 0
+    assert waited < 60
+    last_line = stderr.strip().splitlines()[-1]
+    assert "WorkerFailedError" in last_line, stderr[-3000:]
+    assert "/job:worker/replica:0/task:1" in last_line
+
+
+def test_backup_and_restore_resumes_after_a_killed_worker(tmp_path, reference):
+    backup = tmp_path / "backup"
+    first_try = _launch(tmp_path / "1", "--backup", str(backup), "--die-at", "1:2:1")
+    # Worker 1 died in epoch 2 (0-based); the launcher stopped worker 0.
+    assert first_try.returncode == 137, first_try.stderr[-3000:]
+    assert "[worker 1] killing myself at epoch 2, batch 1" in first_try.stdout
+    assert "[worker 0] epoch 1 done" in first_try.stdout
+    assert "epoch 2 done" not in first_try.stdout
+    second_try = _launch(tmp_path / "2", "--backup", str(backup))
+    assert second_try.returncode == 0, second_try.stderr[-3000:]
+    first, second = _results(tmp_path / "2")
+    # Resumed from the last finished epoch: only epoch 2 ran again.
+    assert first["epochs"].tolist() == second["epochs"].tolist() == [2]
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    assert _max_difference(_weights(first), reference[0]) <= 1e-5
