@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import tensorflow as tf
 
@@ -60,9 +61,31 @@ def resolve_cluster(
         {"type": cluster_resolver.task_type, "index": cluster_resolver.task_id},
         "the cluster resolver",
     )
-    if sum(len(addresses) for addresses in spec.values()) < 2:
+    if sum(len(_address_list(addresses)) for addresses in spec.values()) < 2:
         return None
+    _check_own_port(cluster_resolver)
     return cluster_resolver
+
+
+def _check_own_port(cluster_resolver) -> None:
+    """Fails early when this task's port is taken: TensorFlow would report it
+    from inside its gRPC server start-up."""
+    task_type, task_id = cluster_resolver.task_type, cluster_resolver.task_id
+    address = cluster_resolver.cluster_spec().task_address(task_type, task_id)
+    port = int(address.rpartition(":")[2])
+    with socket.socket() as probe:
+        # As a server does: a port whose last user is gone may be reused.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise ValueError(
+                f"Port {port} of this task ({task_type} {task_id}, {address}) "
+                f"is in use ({error.strerror}), so TensorFlow cannot start this "
+                "worker's server there. Stop what holds it, or give the task "
+                "another port in TF_CONFIG (`keras-parallel launch` picks free "
+                "ports)."
+            ) from None
 
 
 def parse_tf_config(text: str) -> dict:
