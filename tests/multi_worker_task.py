@@ -32,7 +32,7 @@ def data():
     return x, y
 
 
-def build():
+def build(steps_per_execution=1):
     keras.utils.set_random_seed(1)
     model = keras.Sequential(
         [
@@ -45,7 +45,11 @@ def build():
             keras.layers.Dense(1),
         ]
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
@@ -74,12 +78,14 @@ class _Die(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(strategy=None, epochs=3, callbacks=(), print_epochs=False):
+def train(
+    strategy=None, epochs=3, callbacks=(), print_epochs=False, steps_per_execution=1
+):
     """Trains the model; returns (model, history, epochs run)."""
     x, y = data()
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
     with scope:
-        model = build()
+        model = build(steps_per_execution)
     record = _Record()
     printer = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: print(f"epoch {epoch} done", flush=True)
@@ -103,6 +109,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compression", default=None)
     parser.add_argument("--backup", default=None, help="BackupAndRestore folder")
     parser.add_argument("--die-at", default=None, help="worker:epoch:batch")
+    parser.add_argument("--steps-per-execution", type=int, default=1)
     args = parser.parse_args(argv)
 
     import keras_parallel
@@ -121,12 +128,15 @@ def main(argv: list[str]) -> int:
         worker, epoch, batch = map(int, args.die_at.split(":"))
         if worker == strategy.worker_index:
             callbacks.append(_Die(epoch, batch))
-    model, history, epochs = train(strategy, args.epochs, callbacks, True)
+    model, history, epochs = train(
+        strategy, args.epochs, callbacks, True, args.steps_per_execution
+    )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(
         out / f"worker_{strategy.worker_index}.npz",
         *model.get_weights(),
+        predictions=model.predict(data()[0][:100], batch_size=GLOBAL_BATCH, verbose=0),
         loss=np.array(history.history["loss"]),
         epochs=np.array(epochs),
         bytes_per_step=strategy.communication_stats()["bytes_per_step"],

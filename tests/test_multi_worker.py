@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from multi_worker_task import train
+from multi_worker_task import data, train
 
 TASK = pathlib.Path(__file__).with_name("multi_worker_task.py")
 TIMEOUT = 240
@@ -52,7 +52,8 @@ def _max_difference(a, b):
 def reference():
     """Single-process training with the same global batch."""
     model, history, _ = train(epochs=3)
-    return model.get_weights(), history.history["loss"]
+    predictions = model.predict(data()[0][:100], batch_size=32, verbose=0)
+    return model.get_weights(), history.history["loss"], predictions
 
 
 def test_two_workers_equal_single_process(tmp_path, reference):
@@ -66,6 +67,10 @@ def test_two_workers_equal_single_process(tmp_path, reference):
     assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
     np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
+    # Each worker predicted its share of every batch; Keras gathers them all.
+    for result in (first, second):
+        assert result["predictions"].shape == (100, 1)
+        np.testing.assert_allclose(result["predictions"], reference[2], atol=1e-5)
     # The gradients went through our engine: 8x16, 2x16 (BN), 16+1 floats.
     assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
 
@@ -143,3 +148,11 @@ def test_backup_and_restore_resumes_after_a_killed_worker(tmp_path, reference):
     assert first["epochs"].tolist() == second["epochs"].tolist() == [2]
     assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
+
+
+def test_steps_per_execution_above_one_is_refused_clearly(tmp_path):
+    done = _launch(tmp_path, "--steps-per-execution", "4")
+    assert done.returncode == 1
+    assert "Received: steps_per_execution=4" in done.stderr
+    assert "Compile with `steps_per_execution=1`" in done.stderr
+    assert "keras-parallel launch: worker" in done.stderr

@@ -44,9 +44,16 @@ class DataParallel(tf.distribute.Strategy):
             `"/device:CPU:1"`, ...) with one replica per device. None means
             all GPUs, or all logical CPUs when there is no GPU (see
             `keras_parallel.virtual_devices`).
+        cluster_resolver: The cluster to train on, as a
+            `tf.distribute.cluster_resolver.ClusterResolver`. None reads the
+            `TF_CONFIG` environment variable. With two or more tasks,
+            DataParallel runs on TensorFlow's multi-worker collective engine,
+            one process per task (`keras-parallel launch` starts such
+            processes on one machine); without a cluster it trains on this
+            machine's devices.
         reduction: The all-reduce algorithm: `"auto"` (NCCL between GPUs
-            where TensorFlow has it, else in-process), `"in_process"` or
-            `"nccl"`.
+            where TensorFlow has it, else in-process; TensorFlow's collectives
+            across workers), `"in_process"` or `"nccl"`.
         bucket_mb: Gradients are fused into buckets of at most this many
             megabytes before they are reduced, so many small tensors make few
             reductions. None: the algorithm's default (0.25 in-process, 25
@@ -69,6 +76,10 @@ class DataParallel(tf.distribute.Strategy):
             False, each replica normalises with its own batch statistics,
             which skips a reduction per layer.
 
+    Raises:
+        ValueError: for a malformed `TF_CONFIG` or cluster, a port of this
+            task in use, or an option that does not apply across workers.
+
     Example:
 
     ```python
@@ -80,7 +91,8 @@ class DataParallel(tf.distribute.Strategy):
     ```
     """
 
-    # Read by MirroredExtended; unused since no collective ops are launched.
+    # Read by MirroredExtended, and by the multi-worker engine as its first
+    # collective group key; on one machine no collective ops are launched.
     _collective_key_base = 0
 
     def __init__(

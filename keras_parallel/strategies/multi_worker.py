@@ -131,6 +131,16 @@ class MultiWorkerExtended(
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn)
         if model is not None:
+            if getattr(model, "steps_per_execution", 1) > 1:
+                raise ValueError(
+                    "DataParallel on several workers runs one step per "
+                    "execution: TensorFlow's multi-worker input cannot be read "
+                    "inside the loop Keras uses for steps_per_execution > 1 "
+                    "(keras-team/keras#19246). Received: steps_per_execution="
+                    f"{model.steps_per_execution}. Compile with "
+                    "`steps_per_execution=1` (on one machine DataParallel "
+                    "supports any value)."
+                )
             _report_lost_workers(model)
         return super()._call_for_each_replica(fn, args, kwargs)
 
