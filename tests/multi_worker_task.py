@@ -25,9 +25,9 @@ GLOBAL_BATCH = 32
 SAMPLES = 256
 
 
-def data():
+def data(samples=SAMPLES):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(SAMPLES, 8)).astype("float32")
+    x = rng.normal(size=(samples, 8)).astype("float32")
     y = (np.tanh(x @ rng.normal(size=(8, 1))) + 0.1 * x[:, :1]).astype("float32")
     return x, y
 
@@ -79,10 +79,16 @@ class _Die(keras.callbacks.Callback):
 
 
 def train(
-    strategy=None, epochs=3, callbacks=(), print_epochs=False, steps_per_execution=1
+    strategy=None,
+    epochs=3,
+    callbacks=(),
+    print_epochs=False,
+    steps_per_execution=1,
+    samples=SAMPLES,
+    batch_size=GLOBAL_BATCH,
 ):
     """Trains the model; returns (model, history, epochs run)."""
-    x, y = data()
+    x, y = data(samples)
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
     with scope:
         model = build(steps_per_execution)
@@ -93,7 +99,7 @@ def train(
     history = model.fit(
         x,
         y,
-        batch_size=GLOBAL_BATCH,
+        batch_size=batch_size,
         epochs=epochs,
         shuffle=False,
         verbose=0,
@@ -110,6 +116,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--backup", default=None, help="BackupAndRestore folder")
     parser.add_argument("--die-at", default=None, help="worker:epoch:batch")
     parser.add_argument("--steps-per-execution", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=SAMPLES)
+    parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
     args = parser.parse_args(argv)
 
     import keras_parallel
@@ -129,7 +137,13 @@ def main(argv: list[str]) -> int:
         if worker == strategy.worker_index:
             callbacks.append(_Die(epoch, batch))
     model, history, epochs = train(
-        strategy, args.epochs, callbacks, True, args.steps_per_execution
+        strategy,
+        args.epochs,
+        callbacks,
+        True,
+        args.steps_per_execution,
+        args.samples,
+        args.batch_size,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,18 +37,29 @@ def replica_batch_sizes(global_size: tf.Tensor, num_replicas: int) -> tf.Tensor:
     return base + extra
 
 
-def split_batch(batch, host: str, devices: tuple[str, ...]):
-    """Splits every tensor of `batch` along axis 0, one piece per device.
+def split_batch(
+    batch,
+    host: str,
+    devices: tuple[str, ...],
+    first_replica: int = 0,
+    num_replicas: int | None = None,
+):
+    """Splits every tensor of `batch` along axis 0, one piece per replica,
+    and keeps the pieces of this process's replicas.
 
     Args:
         batch: A nest of tensors sharing their first dimension.
         host: Device on which the global batch lives.
-        devices: The replica devices, in replica order.
+        devices: This process's replica devices, in replica order.
+        first_replica: Index of `devices[0]` among all replicas (across
+            workers, every worker reads the whole global batch).
+        num_replicas: All replicas; None means `len(devices)`.
 
     Returns:
         The nest of `batch`, with each tensor replaced by a `PerReplica`
-        whose i-th value is placed on `devices[i]`.
+        whose i-th value is piece `first_replica + i`, on `devices[i]`.
     """
+    total = num_replicas or len(devices)
     leaves = tf.nest.flatten(batch)
     for leaf in leaves:
         if not isinstance(leaf, tf.Tensor):
@@ -58,12 +69,14 @@ def split_batch(batch, host: str, devices: tuple[str, ...]):
                 "tensor in the dataset (e.g. `x.to_tensor()` for ragged)."
             )
     with tf.device(host):
-        sizes = replica_batch_sizes(tf.shape(leaves[0])[0], len(devices))
-        pieces = [tf.split(leaf, sizes, num=len(devices)) for leaf in leaves]
+        sizes = replica_batch_sizes(tf.shape(leaves[0])[0], total)
+        pieces = [tf.split(leaf, sizes, num=total) for leaf in leaves]
     per_replica = []
     for i, device in enumerate(devices):
         with tf.device(device):
-            local = [tf.identity(leaf_pieces[i]) for leaf_pieces in pieces]
+            local = [
+                tf.identity(leaf_pieces[first_replica + i]) for leaf_pieces in pieces
+            ]
         per_replica.append(tf.nest.pack_sequence_as(batch, local))
     return distribute_utils.regroup(tuple(per_replica), always_wrap=True)
 
@@ -112,18 +125,28 @@ class SplitBatchDataset(tf.distribute.DistributedDataset):
     Args:
         dataset: A `tf.data.Dataset` yielding global batches.
         host: The device holding the input pipeline.
-        devices: The replica devices.
+        devices: This process's replica devices.
+        first_replica: Index of `devices[0]` among all replicas.
+        num_replicas: All replicas, across workers; None: `len(devices)`.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, host: str, devices):
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        host: str,
+        devices,
+        first_replica: int = 0,
+        num_replicas: int | None = None,
+    ):
         self._dataset = dataset
         self._host = host
         self._devices = tuple(devices)
+        self._share = (first_replica, num_replicas or len(self._devices))
 
     def __iter__(self) -> SplitBatchIterator:
         with tf.device(self._host):
             iterator = iter(self._dataset)
-        return SplitBatchIterator(iterator, self._host, self._devices)
+        return SplitBatchIterator(iterator, self._host, self._devices, self._share)
 
     @property
     def element_spec(self):
@@ -140,17 +163,20 @@ class SplitBatchIteratorSpec(type_spec.TypeSpec):
     """Type spec of `SplitBatchIterator`, so that a `tf.function` taking an
     iterator is traced once for all epochs."""
 
-    __slots__ = ["_iterator_spec", "_host", "_devices"]
+    __slots__ = ["_iterator_spec", "_host", "_devices", "_share"]
 
     value_type = property(lambda self: SplitBatchIterator)
 
-    def __init__(self, iterator_spec, host: str, devices: tuple[str, ...]):
+    def __init__(
+        self, iterator_spec, host: str, devices: tuple[str, ...], share: tuple
+    ):
         self._iterator_spec = iterator_spec
         self._host = host
         self._devices = tuple(devices)
+        self._share = tuple(share)
 
     def _serialize(self):
-        return (self._iterator_spec, self._host, self._devices)
+        return (self._iterator_spec, self._host, self._devices, self._share)
 
     @property
     def _component_specs(self):
@@ -160,24 +186,28 @@ class SplitBatchIteratorSpec(type_spec.TypeSpec):
         return value._iterator
 
     def _from_components(self, components):
-        return SplitBatchIterator(components, self._host, self._devices)
+        return SplitBatchIterator(components, self._host, self._devices, self._share)
 
 
 class SplitBatchIterator(
     tf.distribute.DistributedIterator, composite_tensor.CompositeTensor
 ):
-    """Iterator yielding each global batch as per-replica pieces."""
+    """Iterator yielding each global batch as per-replica pieces.
 
-    def __init__(self, iterator, host: str, devices: tuple[str, ...]):
+    `share` is (index of this process's first replica, number of replicas).
+    """
+
+    def __init__(self, iterator, host: str, devices: tuple[str, ...], share: tuple):
         self._iterator = iterator
         self._host = host
         self._devices = tuple(devices)
+        self._share = tuple(share)
         self._first_batch_checked = False
 
     @property
     def _type_spec(self):
         return SplitBatchIteratorSpec(
-            self._iterator._type_spec, self._host, self._devices
+            self._iterator._type_spec, self._host, self._devices, self._share
         )
 
     @property
@@ -197,7 +227,7 @@ class SplitBatchIterator(
         batch = self._iterator.get_next()
         if tf.executing_eagerly():
             self._check_first_batch(batch)
-        return split_batch(batch, self._host, self._devices)
+        return split_batch(batch, self._host, self._devices, *self._share)
 
     def _check_first_batch(self, batch):
         # Keras takes the first batch eagerly before fit, evaluate and predict;
@@ -206,13 +236,22 @@ class SplitBatchIterator(
             return
         self._first_batch_checked = True
         size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
-        if size < len(self._devices):
+        replicas = self._share[1]
+        if size < replicas:
             raise ValueError(
                 f"The global batch has {size} sample(s), fewer than the "
-                f"{len(self._devices)} replicas of DataParallel, so some "
+                f"{replicas} replicas of DataParallel, so some "
                 "replicas would get no data. Use a `batch_size` of at least "
-                f"{len(self._devices)} (a multiple of {len(self._devices)} "
+                f"{replicas} (a multiple of {replicas} "
                 "gives every replica the same share), or fewer devices."
+            )
+        if replicas > len(self._devices) and size % replicas:
+            # Keras reduces the first batch across workers to learn its
+            # shapes, which needs pieces of one shape everywhere.
+            raise ValueError(
+                f"The first global batch has {size} samples, which do not split "
+                f"evenly over the {replicas} replicas of all workers. Use a "
+                f"`batch_size` that is a multiple of {replicas}."
             )
 
     def get_next_as_optional(self):
@@ -220,7 +259,9 @@ class SplitBatchIterator(
         return tf.cond(
             optional.has_value(),
             lambda: tf.experimental.Optional.from_value(
-                split_batch(optional.get_value(), self._host, self._devices)
+                split_batch(
+                    optional.get_value(), self._host, self._devices, *self._share
+                )
             ),
             lambda: tf.experimental.Optional.empty(self.element_spec),
         )

@@ -220,6 +220,32 @@ class ReplicaFeatures:
         """Each replica's loss weight for this step, or None for equal ones."""
         return None
 
+    # Input: every process reads whole global batches and keeps its replicas'
+    # pieces of each.
+
+    def _experimental_distribute_dataset(self, dataset, options):
+        if (
+            options is not None
+            and options.experimental_replication_mode
+            == distribute_lib.InputReplicationMode.PER_REPLICA
+        ):
+            raise NotImplementedError(
+                "InputReplicationMode.PER_REPLICA is only supported by "
+                "`distribute_datasets_from_function`."
+            )
+        return batch_split.SplitBatchDataset(
+            dataset,
+            self._input_workers_devices[0][0],
+            self._devices,
+            first_replica=self._get_replica_id_in_sync_group(0),
+            num_replicas=self._num_replicas_in_sync,
+        )
+
+    def _reduce_to(self, reduce_op, value, destinations, options):
+        return super()._reduce_to(
+            reduce_op, batch_split.common_samples(value), destinations, options
+        )
+
     def _call_for_each_replica(self, fn, args, kwargs):
         if control_flow_util.GraphOrParentsInXlaContext(
             tf.compat.v1.get_default_graph()
@@ -321,27 +347,6 @@ class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
 
     def _replica_sample_weights(self, args):
         return train_step_hooks.replica_sample_weights(args, len(self._devices))
-
-    # Input.
-
-    def _experimental_distribute_dataset(self, dataset, options):
-        if (
-            options is not None
-            and options.experimental_replication_mode
-            == distribute_lib.InputReplicationMode.PER_REPLICA
-        ):
-            raise NotImplementedError(
-                "InputReplicationMode.PER_REPLICA is only supported by "
-                "`distribute_datasets_from_function`."
-            )
-        return batch_split.SplitBatchDataset(
-            dataset, self._input_workers_devices[0][0], self._devices
-        )
-
-    def _reduce_to(self, reduce_op, value, destinations, options):
-        return super()._reduce_to(
-            reduce_op, batch_split.common_samples(value), destinations, options
-        )
 
 
 def _has_integers(value) -> bool:

@@ -2,15 +2,16 @@
 engine (the one under `tf.distribute.MultiWorkerMirroredStrategy`).
 
 Each worker process runs the same program. TensorFlow starts a gRPC server in
-each, broadcasts the chief's initial variable values, shards the input by
-data (every worker reads the whole dataset and keeps its share of each global
-batch) and sums gradients with collective ops. On top of that engine this
-adds what `DataParallel` does on one machine where the engine permits it:
-gradients through our reduction engine (bucketing, fp16/bf16, PowerSGD, sent
-as collectives), global-batch BatchNormalization statistics, and optimizer
-state sharded over a worker's own devices. It also makes Keras 3's `fit` run
-at all: Keras reduces a whole data batch with one `strategy.reduce` call,
-which MultiWorkerMirroredStrategy rejects (keras-team/keras#20585).
+each, broadcasts the chief's initial variable values and sums gradients with
+collective ops. On top of that engine this adds what `DataParallel` does on
+one machine: every worker reads whole global batches and cuts its replicas'
+pieces inside the step (no multi-device iterator rebuilt every epoch),
+gradients go through our reduction engine
+(bucketing, fp16/bf16, PowerSGD, sent as collectives), BatchNormalization
+uses global-batch statistics, and optimizer state is sharded over a worker's
+own devices. It also makes Keras 3's `fit` run at all: Keras reduces a whole
+data batch with one `strategy.reduce` call, which MultiWorkerMirroredStrategy
+rejects (keras-team/keras#20585).
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class MultiWorkerDataParallel(
 class MultiWorkerExtended(
     ReplicaFeatures, collective_all_reduce_strategy.CollectiveAllReduceExtended
 ):
-    """Strategy internals across workers: the collective engine's cluster,
-    variable initialisation and input sharding, with DataParallel's reduction,
+    """Strategy internals across workers: the collective engine's cluster and
+    variable initialisation, with DataParallel's input, reduction,
     BatchNormalization and update placement."""
 
     def __init__(
@@ -134,9 +135,10 @@ class MultiWorkerExtended(
             if getattr(model, "steps_per_execution", 1) > 1:
                 raise ValueError(
                     "DataParallel on several workers runs one step per "
-                    "execution: TensorFlow's multi-worker input cannot be read "
-                    "inside the loop Keras uses for steps_per_execution > 1 "
-                    "(keras-team/keras#19246). Received: steps_per_execution="
+                    "execution: TensorFlow's collectives cannot be traced "
+                    "inside the tf.cond within tf.while_loop that Keras uses for "
+                    "steps_per_execution > 1 (their call-time instance keys are "
+                    "not fed there). Received: steps_per_execution="
                     f"{model.steps_per_execution}. Compile with "
                     "`steps_per_execution=1` (on one machine DataParallel "
                     "supports any value)."
