@@ -1,26 +1,40 @@
-"""keras_parallel: use every device of a workstation from an unchanged Keras `fit`."""
+"""keras_parallel: use every device of a workstation from an unchanged Keras `fit`.
+
+The public names are imported on first use, so that `keras-parallel launch`
+(which runs no TensorFlow itself) starts at once.
+"""
+
+import importlib
 
 from keras_parallel._requirements import check_requirements
 
 check_requirements()
 
-from keras_parallel import callbacks, layers, reduction  # noqa: E402
-from keras_parallel.devices import virtual_devices  # noqa: E402
-from keras_parallel.partition.report import placement_report  # noqa: E402
-from keras_parallel.reduction.powersgd import PowerSGD  # noqa: E402
-from keras_parallel.strategies.data_parallel import DataParallel  # noqa: E402
-from keras_parallel.strategies.model_parallel import ModelParallel  # noqa: E402
-
 __version__ = "0.1.0"
 
-__all__ = [
-    "DataParallel",
-    "ModelParallel",
-    "PowerSGD",
-    "callbacks",
-    "layers",
-    "placement_report",
-    "reduction",
-    "virtual_devices",
-    "__version__",
-]
+# Public name -> module defining it (a module's own name for subpackages).
+_EXPORTS = {
+    "DataParallel": "keras_parallel.strategies.data_parallel",
+    "ModelParallel": "keras_parallel.strategies.model_parallel",
+    "PowerSGD": "keras_parallel.reduction.powersgd",
+    "callbacks": "keras_parallel.callbacks",
+    "layers": "keras_parallel.layers",
+    "placement_report": "keras_parallel.partition.report",
+    "reduction": "keras_parallel.reduction",
+    "virtual_devices": "keras_parallel.devices",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'keras_parallel' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    value = module if module.__name__.endswith(f".{name}") else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

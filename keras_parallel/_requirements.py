@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -9,15 +10,14 @@ import sys
 
 def check_requirements() -> None:
     """Raises ImportError with a fix when TensorFlow or the Keras backend is wrong."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError as error:
+    # Looked up, not imported: `keras-parallel launch` must start at once.
+    if not _installed("tensorflow"):
         raise ImportError(
             "keras_parallel needs TensorFlow, which is not installed. Install "
             "it with the package: `pip install keras-parallel[cpu]` "
             "(tensorflow-cpu) or `pip install keras-parallel[gpu]` "
             "(tensorflow, with CUDA on Linux)."
-        ) from error
+        )
     backend = _keras_backend()
     if backend != "tensorflow":
         raise ImportError(
@@ -26,6 +26,12 @@ def check_requirements() -> None:
             "KERAS_BACKEND=tensorflow before Keras is first imported (or set "
             '"backend": "tensorflow" in ~/.keras/keras.json) and restart.'
         )
+
+
+def _installed(name: str) -> bool:
+    if name in sys.modules:  # None there means "import blocked"
+        return sys.modules[name] is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def _keras_backend() -> str:

@@ -70,6 +70,10 @@ def resolve_cluster(
 def _check_own_port(cluster_resolver) -> None:
     """Fails early when this task's port is taken: TensorFlow would report it
     from inside its gRPC server start-up."""
+    from tensorflow.python.eager import context
+
+    if context.context()._collective_ops_server_def is not None:
+        return  # this process's own server holds the port already
     task_type, task_id = cluster_resolver.task_type, cluster_resolver.task_id
     address = cluster_resolver.cluster_spec().task_address(task_type, task_id)
     port = int(address.rpartition(":")[2])
