@@ -94,7 +94,7 @@ def launch(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if not os.path.isfile(script):
         raise ValueError(f"script {script!r} does not exist or is not a file.")
-    ports = _free_ports(num_workers) if port is None else _port_range(port, num_workers)
+    ports = free_ports(num_workers) if port is None else _port_range(port, num_workers)
     for index, candidate in enumerate(ports):
         _check_port(candidate, index)
 
@@ -238,8 +238,11 @@ def _echo(pipe: IO[bytes], out: IO[str], prefix: str, lock: threading.Lock) -> N
                     pass
 
 
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay bound until every port is chosen, so the ports differ.
+def free_ports(count: int) -> list[int]:
+    """`count` different ports on 127.0.0.1 that nothing listens on now.
+
+    All sockets stay bound until every port is chosen, so the ports differ.
+    """
     sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for sock in sockets:

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import keras_parallel
+from keras_parallel.launch import free_ports
 from keras_parallel.strategies.cluster import parse_tf_config, resolve_cluster
 
 
@@ -91,18 +92,8 @@ def _resolver(ports, index=0):
     )
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_options_that_do_not_apply_across_workers():
-    resolver = _resolver(_free_ports(2))
+    resolver = _resolver(free_ports(2))
     with pytest.raises(ValueError, match="`devices` cannot be given"):
         keras_parallel.DataParallel(["CPU:0", "CPU:1"], cluster_resolver=resolver)
     with pytest.raises(ValueError, match="`reduction` must be one of"):

@@ -5,7 +5,6 @@ other dies). Every process is bounded by a timeout."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ import time
 import numpy as np
 import pytest
 from multi_worker_task import data, train
+
+from keras_parallel.launch import free_ports
 
 TASK = pathlib.Path(__file__).with_name("multi_worker_task.py")
 TIMEOUT = 240
@@ -86,20 +87,10 @@ def test_compression_across_workers(tmp_path, reference):
     assert 0 < _max_difference(_weights(first), reference[0]) < 0.05
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
     # Started by hand, without the launcher (which would stop worker 0
     # itself): worker 0 must notice on its own that worker 1 is gone.
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
     for index in range(2):
