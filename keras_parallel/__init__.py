@@ -22,6 +22,7 @@ _EXPORTS = {
     "placement_report": "keras_parallel.partition.report",
     "reduction": "keras_parallel.reduction",
     "virtual_devices": "keras_parallel.devices",
+    "WorkerFailedError": "keras_parallel.strategies.multi_worker",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from multi_worker_task import data, train
 
+import keras_parallel
 from keras_parallel.launch import free_ports
 
 TASK = pathlib.Path(__file__).with_name("multi_worker_task.py")
@@ -120,8 +121,12 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
     assert workers[0].returncode != 0
     assert waited < 60
     last_line = stderr.strip().splitlines()[-1]
-    assert "WorkerFailedError" in last_line, stderr[-3000:]
+    assert last_line.startswith(
+        "keras_parallel.strategies.multi_worker.WorkerFailedError: A worker of "
+        "the cluster is gone"
+    ), stderr[-3000:]
     assert "/job:worker/replica:0/task:1" in last_line
+    assert keras_parallel.WorkerFailedError.__module__ in last_line
 
 
 def test_backup_and_restore_resumes_after_a_killed_worker(tmp_path, reference):
