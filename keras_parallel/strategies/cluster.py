@@ -125,8 +125,7 @@ def _check_cluster(cluster: dict, task, source: str) -> None:
                 "tf.distribute.experimental.ParameterServerStrategy).",
                 source,
             )
-        if isinstance(addresses, dict):  # ClusterSpec's sparse form
-            addresses = list(addresses.values())
+        addresses = _address_list(addresses)
         if not isinstance(addresses, list) or not addresses:
             _fail(
                 f"job {job!r} must list its tasks' addresses as "
@@ -166,6 +165,7 @@ def _check_cluster(cluster: dict, task, source: str) -> None:
 
 
 def _address_list(addresses) -> list:
+    # ClusterSpec's sparse form maps task indices to addresses.
     return list(addresses.values()) if isinstance(addresses, dict) else addresses
 
 

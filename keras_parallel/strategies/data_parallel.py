@@ -115,7 +115,8 @@ class DataParallel(tf.distribute.Strategy):
                 raise TypeError(
                     f"`{name}` must be True or False. Received: {name}={value!r}"
                 )
-        cluster = resolve_cluster(cluster_resolver)
+        del cluster_resolver  # __new__ resolved it into self._cluster
+        cluster = self._cluster
         if cluster is None:
             devices = resolve_devices(devices)
             extended = DataParallelExtended(
@@ -144,11 +145,16 @@ class DataParallel(tf.distribute.Strategy):
         tf.distribute.Strategy.__init__(self, extended)
 
     def __new__(cls, *args, cluster_resolver=None, **kwargs):
-        if cls is DataParallel and resolve_cluster(cluster_resolver) is not None:
+        # The cluster decides the class, so it is resolved here, before
+        # __init__: TF_CONFIG is parsed and this task's port probed once.
+        cluster = resolve_cluster(cluster_resolver)
+        if cls is DataParallel and cluster is not None:
             from keras_parallel.strategies.multi_worker import MultiWorkerDataParallel
 
             cls = MultiWorkerDataParallel
-        return super().__new__(cls)
+        strategy = super().__new__(cls)
+        strategy._cluster = cluster
+        return strategy
 
     @property
     def num_workers(self) -> int:
