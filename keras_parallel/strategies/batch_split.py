@@ -37,6 +37,32 @@ def replica_batch_sizes(global_size: tf.Tensor, num_replicas: int) -> tf.Tensor:
     return base + extra
 
 
+def replica_loss_weights(args, num_replicas: int) -> tf.Tensor | None:
+    """N * n_i / n for each replica i, from the first per-replica tensor in
+    `args`, or None when `args` holds no per-replica tensor.
+
+    Keras averages each replica's loss over its own samples and scales it by
+    1/N, so summing the replicas' gradients gives the single-device gradient
+    only when every replica holds n/N samples. A global batch that does not
+    split evenly (or a short last batch) breaks that: MirroredStrategy and
+    PyTorch DDP then weight a replica with fewer samples as much as one with
+    more. Scaling replica i's loss by N * n_i / n makes the sum exactly the
+    gradient of the mean over all n samples, also through BatchNormalization's
+    all-reduced statistics.
+    """
+    for leaf in tf.nest.flatten(args, expand_composites=False):
+        if isinstance(leaf, values_lib.PerReplica):
+            sizes = []
+            for part in leaf.values:
+                # Read on the piece's own device: a Shape op elsewhere would
+                # copy the whole piece there first.
+                with tf.device(part.device):
+                    sizes.append(tf.shape(part)[0])
+            sizes = tf.cast(tf.stack(sizes), tf.float32)
+            return num_replicas * sizes / tf.reduce_sum(sizes)
+    return None
+
+
 def split_batch(
     batch,
     host: str,

@@ -8,11 +8,28 @@ the statistics so every replica uses the global batch's.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 
 
-def synchronize_batch_norm(model: keras.Model) -> None:
-    """Sets `synchronized=True` on every BatchNormalization layer of `model`."""
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.BatchNormalization):
+@contextlib.contextmanager
+def synchronized_batch_norm(model: keras.Model | None, enabled: bool):
+    """While a step is traced, the BatchNormalization layers of `model`
+    compute global statistics; afterwards (also on error) each layer's
+    `synchronized` is what the user set, so saved models keep their config."""
+    layers = []
+    if enabled and model is not None:
+        layers = [
+            layer
+            for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, keras.layers.BatchNormalization)
+            and not layer.synchronized
+        ]
+    try:
+        for layer in layers:
             layer.synchronized = True
+        yield
+    finally:
+        for layer in layers:
+            layer.synchronized = False

@@ -17,8 +17,12 @@ from tensorflow.python.ops import control_flow_util
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
-from keras_parallel.strategies import batch_split, batchnorm, train_step_hooks
+from keras_parallel.strategies import batch_split, batchnorm
 from keras_parallel.strategies.cluster import resolve_cluster
+from keras_parallel.strategies.optimizer_step import (
+    replica_step_optimizers,
+    step_optimizers,
+)
 from keras_parallel.strategies.ownership import OwnerTable
 from keras_parallel.strategies.step_model import step_model
 
@@ -212,15 +216,70 @@ class ReplicaFeatures:
 
     def _init_features(self, gradients, shard_optimizer, sync_batch_norm):
         self._gradient_reduction = gradients
-        self._replicas_in_apply = [0]
+        # True while the gradients of a step are reduced (so they take the
+        # compressed path) and while the optimizer is applied once on them.
+        self._reducing_gradients = False
+        self._applying_once = False
+        self._loss_weights = None
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
 
     def _get_cross_device_ops(self, value):
-        if self._replicas_in_apply[0] and not _has_integers(value):
+        if self._reducing_gradients and not _has_integers(value):
             return self._gradient_reduction
         return super()._get_cross_device_ops(value)
+
+    def _use_merge_call(self):
+        # The optimizer applied once runs in cross-replica context, where
+        # Keras' merge calls must call through.
+        return not self._applying_once and super()._use_merge_call()
+
+    def apply_reduced(self, apply, grads, variables):
+        """Reduces all replicas' gradients in one batch and runs the
+        optimizer's own `apply` once on them (cross-replica context).
+
+        Args:
+            apply: Its original `apply`, bound.
+            grads: One per-replica gradient (or None) per variable.
+            variables: The variables, or None for the optimizer's own.
+
+        Returns:
+            What `apply` returns.
+        """
+        present = [i for i, g in enumerate(grads) if g is not None]
+        self._reducing_gradients = True
+        try:
+            sums = self.batch_reduce_to(
+                tf.distribute.ReduceOp.SUM,
+                [(grads[i], grads[i]) for i in present],
+            )
+        finally:
+            self._reducing_gradients = False
+        reduced = list(grads)
+        for i, value in zip(present, sums, strict=True):
+            reduced[i] = self._gradient_for_update(value, variables, i)
+        self._applying_once = True
+        try:
+            return apply(reduced, variables)
+        finally:
+            self._applying_once = False
+
+    def _gradient_for_update(self, value, variables, index):
+        # With sharded updates only the owner's copy of a sum is read.
+        if not self._shard_optimizer or variables is None:
+            return value
+        variable = getattr(variables[index], "value", variables[index])
+        if not isinstance(variable, values_lib.MirroredVariable):
+            return value
+        return value.values[self._owners.owner(variable)]
+
+    def replica_loss_weight(self):
+        """This replica's loss weight in the step being traced, or None."""
+        if self._loss_weights is None:
+            return None
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return tf.gather(self._loss_weights, replica)
 
     def _replica_sample_weights(self, args):
         """Each replica's loss weight for this step, or None for equal ones."""
@@ -264,18 +323,18 @@ class ReplicaFeatures:
                 "jit_compile=True by default on machines with a GPU)."
             )
         model = step_model(fn)
-        if model is None:
-            return super()._call_for_each_replica(fn, args, kwargs)
-        for variable in model.variables:
-            _require_distributed(variable.value)
-        if self._sync_batch_norm:
-            batchnorm.synchronize_batch_norm(model)
-        weights = self._replica_sample_weights(args)
-        with (
-            train_step_hooks.weighted_losses(model, weights),
-            train_step_hooks.marked_gradient_reduction(model, self._replicas_in_apply),
-        ):
-            return super()._call_for_each_replica(fn, args, kwargs)
+        if model is not None:
+            for variable in model.variables:
+                _require_distributed(variable.value)
+        self._loss_weights = self._replica_sample_weights(args)
+        try:
+            with (
+                batchnorm.synchronized_batch_norm(model, self._sync_batch_norm),
+                replica_step_optimizers(step_optimizers(fn)),
+            ):
+                return super()._call_for_each_replica(fn, args, kwargs)
+        finally:
+            self._loss_weights = None
 
     # Variables.
 
@@ -295,6 +354,13 @@ class ReplicaFeatures:
         return variable
 
     def _update(self, var, fn, args, kwargs, group):
+        if self._applying_once and not isinstance(
+            var, values_lib.DistributedVariable
+        ):
+            # Optimizer state on its variable's owner (accumulators, moving
+            # averages): updated where it lives, once.
+            with tf.device(var.device), distribute_lib.UpdateContext(var.device):
+                return fn(var, *args, **kwargs)
         _require_distributed(var)
         if not (self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)):
             return super()._update(var, fn, args, kwargs, group)
@@ -344,7 +410,7 @@ class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
     def _use_merge_call(self):
         # Every cross-replica exchange goes through our reduction engine;
         # collective ops (the other branch) break re-created strategies.
-        return True
+        return not self._applying_once
 
     def _get_cross_device_ops(self, value):
         if _has_integers(value):
@@ -352,7 +418,7 @@ class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
         return super()._get_cross_device_ops(value)
 
     def _replica_sample_weights(self, args):
-        return train_step_hooks.replica_sample_weights(args, len(self._devices))
+        return batch_split.replica_loss_weights(args, len(self._devices))
 
 
 def _has_integers(value) -> bool:
