@@ -270,8 +270,11 @@ class ReplicaFeatures:
         if not self._shard_optimizer or variables is None:
             return value
         variable = getattr(variables[index], "value", variables[index])
-        if not isinstance(variable, values_lib.MirroredVariable):
-            return value
+        if not (
+            isinstance(variable, values_lib.MirroredVariable)
+            and isinstance(value, values_lib.DistributedValues)
+        ):
+            return value  # one local replica gives a plain tensor
         return value.values[self._owners.owner(variable)]
 
     def replica_loss_weight(self):
