@@ -13,7 +13,7 @@ copy to each replica's device. Creating an epoch's iterator costs what a plain
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_utils
+from tensorflow.python.distribute import distribute_utils, input_lib
 from tensorflow.python.distribute import values as values_lib
 from tensorflow.python.framework import composite_tensor, type_spec
 
@@ -145,8 +145,15 @@ def per_replica_element_spec(global_spec, num_replicas: int):
     )
 
 
-class SplitBatchDataset(tf.distribute.DistributedDataset):
+class SplitBatchDataset(input_lib.DistributedDataset):
     """A dataset of global batches whose iterators yield per-replica pieces.
+
+    It derives from TensorFlow's own distributed dataset class (whose
+    constructor it does not run) because Keras' `fit` recognizes a
+    distributed dataset by that class's name (`is_tf_dataset` in
+    `keras/src/trainers/data_adapters/`), so that
+    `model.fit(strategy.experimental_distribute_dataset(ds))` works as under
+    MirroredStrategy.
 
     Args:
         dataset: A `tf.data.Dataset` yielding global batches.
@@ -177,6 +184,18 @@ class SplitBatchDataset(tf.distribute.DistributedDataset):
     @property
     def element_spec(self):
         return per_replica_element_spec(self._dataset.element_spec, len(self._devices))
+
+    @property
+    def cardinality(self):
+        return self._dataset.cardinality()
+
+    @property
+    def _type_spec(self):
+        raise TypeError(
+            "A DataParallel distributed dataset cannot be passed to a "
+            "`tf.function` as an argument; pass its iterator "
+            "(`iter(dataset)`) instead, or iterate it inside the function."
+        )
 
     def reduce(self, initial_state, reduce_func):
         raise NotImplementedError(
