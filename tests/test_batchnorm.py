@@ -1,9 +1,13 @@
 """BatchNormalization statistics over the global batch, or per replica."""
 
+import keras
+import numpy as np
+import tensorflow as tf
 from test_data_parallel import CONV_DATA, conv_batchnorm_adam
 from transparency import devices, max_weight_diff, train
 
 import keras_parallel
+from keras_parallel.strategies import batchnorm
 
 
 def test_global_statistics_by_default_per_replica_on_request():
@@ -21,3 +25,71 @@ def test_global_statistics_by_default_per_replica_on_request():
     assert max_weight_diff(synced, reference) <= 1e-5
     # Per-replica statistics over 8 samples instead of 32 change the numbers.
     assert max_weight_diff(local, reference) > 1e-3
+
+
+def replica_moments(strategy, x, moments):
+    """`moments(piece)` in every replica, each holding its piece of `x`."""
+    pieces = np.split(x, strategy.num_replicas_in_sync)
+    values = strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(pieces[context.replica_id_in_sync_group])
+    )
+    mean, variance = strategy.run(moments, args=(values,))
+    return (
+        strategy.experimental_local_results(mean)[0].numpy(),
+        strategy.experimental_local_results(variance)[0].numpy(),
+    )
+
+
+def test_moments_keep_their_digits_when_the_mean_is_large():
+    rng = np.random.RandomState(0)
+    x = (1000.0 + 0.01 * rng.randn(64, 3)).astype("float32")
+    exact_mean = x.astype("float64").mean(0)
+    exact_variance = x.astype("float64").var(0)
+    strategy = keras_parallel.DataParallel(devices(4))
+    mean, variance = replica_moments(
+        strategy, x, lambda piece: batchnorm.global_moments(piece, [0])
+    )
+    _, keras_variance = replica_moments(
+        strategy,
+        x,
+        lambda piece: keras.ops.moments(piece, axes=[0], synchronized=True),
+    )
+    _, one_device_variance = tf.nn.moments(tf.constant(x), [0])
+
+    def error(v):
+        return np.max(np.abs(v - exact_variance) / exact_variance)
+
+    np.testing.assert_allclose(mean, exact_mean, rtol=1e-6)
+    # As accurate as one device's moments of the whole batch; E[x²]−E[x]²
+    # cancels 1e6 against 1e-4 and keeps no digit.
+    assert error(variance) <= max(2 * error(one_device_variance.numpy()), 1e-5)
+    assert error(keras_variance) > 1e-1
+
+
+def masked_batch_norm():
+    model = keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(20, 4, mask_zero=True),
+            keras.layers.BatchNormalization(),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_masked_statistics_are_global():
+    # Keras' own synchronized moments skip masked inputs (each replica then
+    # normalises with its own piece's statistics).
+    rng = np.random.RandomState(1)
+    x = rng.randint(1, 20, (64, 6))
+    x[:, 4:][rng.rand(64, 2) < 0.5] = 0
+    data = dict(x=x, y=rng.randint(0, 2, 64), batch_size=32, epochs=2)
+    reference, _ = train(masked_batch_norm, data)
+    model, _ = train(masked_batch_norm, data, keras_parallel.DataParallel(devices(4)))
+    assert max_weight_diff(model, reference) <= 1e-5

@@ -19,12 +19,9 @@ from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.strategies import batch_split, batchnorm
 from keras_parallel.strategies.cluster import resolve_cluster
-from keras_parallel.strategies.optimizer_step import (
-    replica_step_optimizers,
-    step_optimizers,
-)
+from keras_parallel.strategies.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.strategies.ownership import OwnerTable
-from keras_parallel.strategies.step_model import step_model
+from keras_parallel.strategies.specialize import reachable, specialized
 
 
 class DataParallel(tf.distribute.Strategy):
@@ -76,9 +73,11 @@ class DataParallel(tf.distribute.Strategy):
             MirroredStrategy does.
         sync_batch_norm: If True (default), `BatchNormalization` layers of a
             model trained with this strategy compute mean and variance over
-            the global batch (`synchronized=True`), as on one device. If
+            the global batch, as on one device (masked inputs included), with
+            one exchange per layer and without the cancellation of Keras'
+            `synchronized=True`; the layers' own config is not changed. If
             False, each replica normalises with its own batch statistics,
-            which skips a reduction per layer.
+            which skips that exchange.
 
     Raises:
         ValueError: for a malformed `TF_CONFIG` or cluster, a port of this
@@ -325,15 +324,16 @@ class ReplicaFeatures:
                 "`model.compile(..., jit_compile=False)` (Keras picks "
                 "jit_compile=True by default on machines with a GPU)."
             )
-        model = step_model(fn)
-        if model is not None:
+        models, optimizers = reachable(fn)
+        for model in models:
             for variable in model.variables:
                 _require_distributed(variable.value)
+        layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
         self._loss_weights = self._replica_sample_weights(args)
         try:
             with (
-                batchnorm.synchronized_batch_norm(model, self._sync_batch_norm),
-                replica_step_optimizers(step_optimizers(fn)),
+                specialized(layers, batchnorm.GlobalStatistics),
+                specialized(optimizers, ReplicaStepOptimizer),
             ):
                 return super()._call_for_each_replica(fn, args, kwargs)
         finally:

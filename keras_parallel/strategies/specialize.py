@@ -1,0 +1,113 @@
+"""What a strategy changes in the user's objects while it traces a step.
+
+Keras offers no hook between a replica's gradients and the optimizer's
+clipping, nor between a BatchNormalization layer and its statistics
+(keras-team/keras#20582 and tensorflow/tensorflow#33929 are the failures that
+follow). DataParallel therefore has, while it traces a step, the optimizers
+and layers the step reaches answer to a subclass of their own class: the
+subclass puts one method first (the reduction the strategy needs) and defers
+to the user's class for everything else. Nothing is set on the instances,
+and each object's own class is back when the trace ends, also after an
+error; the traced graph keeps the subclass's behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import keras
+
+_SUBCLASSES: weakref.WeakKeyDictionary[type, dict[type, type]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def subclass(cls: type, mixin: type) -> type:
+    """`cls` with `mixin` first in its method order (made once per pair),
+    named as `cls`, so that error messages and reprs read as the user's."""
+    made = _SUBCLASSES.setdefault(cls, {})
+    if mixin not in made:
+        made[mixin] = type(
+            cls.__name__,
+            (mixin, cls),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
+    return made[mixin]
+
+
+@contextlib.contextmanager
+def specialized(objects, mixin: type):
+    """While the context is open, each of `objects` answers to
+    `subclass(type(obj), mixin)`; afterwards, also on error, to its own
+    class again."""
+    swapped = []
+    try:
+        for obj in objects:
+            cls = type(obj)
+            if issubclass(cls, mixin):
+                continue  # a nested trace of the same step
+            # object.__setattr__: Keras' tracking __setattr__ would record
+            # the class as a tracked attribute.
+            object.__setattr__(obj, "__class__", subclass(cls, mixin))
+            swapped.append((obj, cls))
+        yield
+    finally:
+        for obj, cls in swapped:
+            object.__setattr__(obj, "__class__", cls)
+
+
+def reachable(fn, depth: int = 4) -> tuple[list[keras.Model], list]:
+    """The Keras models and optimizers a step function can reach: its model
+    (Keras runs `model.train_step`), and those in its closures or in the
+    globals its code names (a custom loop's `model(x)` and
+    `optimizer.apply_gradients`), through the wrappers Keras and
+    `Strategy.run` add.
+
+    Returns:
+        (models, optimizers); a model's compiled optimizer is included.
+    """
+    models: dict[int, keras.Model] = {}
+    optimizers: dict[int, keras.optimizers.Optimizer] = {}
+    seen: set[int] = set()
+
+    def visit(value, level):
+        if value is None or id(value) in seen or level > depth:
+            return
+        seen.add(id(value))
+        if isinstance(value, keras.optimizers.Optimizer):
+            optimizers[id(value)] = value
+            return
+        if isinstance(value, keras.Model):
+            models[id(value)] = value
+            visit(getattr(value, "optimizer", None), level)
+            return
+        if not callable(value):
+            return
+        visit(getattr(value, "__self__", None), level)
+        visit(getattr(value, "__func__", None), level)
+        visit(getattr(value, "__wrapped__", None), level + 1)
+        visit(getattr(value, "python_function", None), level + 1)
+        for cell in getattr(value, "__closure__", None) or ():
+            try:
+                visit(cell.cell_contents, level + 1)
+            except ValueError:  # an empty cell
+                pass
+        code = getattr(value, "__code__", None)
+        scope = getattr(value, "__globals__", None)
+        if code is not None and scope is not None:
+            for name in _names(code):
+                if name in scope:
+                    visit(scope[name], level + 1)
+
+    visit(fn, 0)
+    return list(models.values()), list(optimizers.values())
+
+
+def _names(code) -> set[str]:
+    """Global and attribute names used by `code` and the functions it nests."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if hasattr(constant, "co_names"):
+            names |= _names(constant)
+    return names
