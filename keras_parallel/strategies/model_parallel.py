@@ -142,7 +142,10 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
     def _experimental_distribute_dataset(self, dataset, options):
         if self.num_microbatches > 1:
             _check_first_batch(dataset, self.num_microbatches)
-        return super()._experimental_distribute_dataset(dataset, options)
+        # The dataset itself, as on one device: OneDeviceStrategy's version
+        # prefetches to the device, and a new one each epoch drops the batch
+        # it fetched ahead; from a Python generator that batch is lost.
+        return dataset
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn) or captured_model(fn)
