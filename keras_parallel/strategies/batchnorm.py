@@ -96,6 +96,8 @@ def _all_gather_rows(row):
     """
     context = tf.distribute.get_replica_context()
     rows = context.merge_call(_gather, args=(tf.expand_dims(row, 0),))
+    # Across workers the gather's static shape is lost.
+    rows = tf.ensure_shape(rows, [context.num_replicas_in_sync, *row.shape])
 
     def gradient(upstream):
         total = context.all_reduce(tf.distribute.ReduceOp.SUM, upstream)
