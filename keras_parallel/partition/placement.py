@@ -77,6 +77,8 @@ def run_on(call, device: str, on_call=None):
                 slot[id(x)] = len(inputs)
                 inputs.append(x)
 
+        structure = []  # the outputs' nest, and which carry Keras' logits
+
         @tf.custom_gradient
         def forward(*tensors):
             # Persistent: an outer persistent tape may ask for gradients twice.
@@ -87,12 +89,16 @@ def run_on(call, device: str, on_call=None):
                     (args, kwargs), values
                 )
                 outputs = call(*inner_args, **inner_kwargs)
+            flat_outputs = tf.nest.flatten(outputs)
+            logits = _keras_logits(flat_outputs)
+            structure.extend([outputs, list(logits)])
+            targets = flat_outputs + list(logits.values())
 
             def gradient(*output_gradients, variables=None):
                 sources = list(tensors) + list(variables or [])
                 with tf.device(device):
                     grads = tape.gradient(
-                        tf.nest.flatten(outputs),
+                        targets,
                         sources,
                         output_gradients=list(output_gradients),
                         unconnected_gradients=tf.UnconnectedGradients.ZERO,
@@ -101,13 +107,32 @@ def run_on(call, device: str, on_call=None):
                     return grads
                 return grads[: len(tensors)], grads[len(tensors) :]
 
-            return outputs, gradient
+            return targets, gradient
 
         with tf.device(device):
-            return forward(*inputs)
+            results = forward(*inputs)
+        outputs, with_logits = structure
+        flat_outputs = results[: len(results) - len(with_logits)]
+        for index, logits in zip(
+            with_logits, results[len(flat_outputs) :], strict=True
+        ):
+            flat_outputs[index]._keras_logits = logits
+        return tf.nest.pack_sequence_as(outputs, flat_outputs)
 
     wrapped.__keras_parallel_device__ = device
     return wrapped
+
+
+def _keras_logits(flat_outputs) -> dict[int, tf.Tensor]:
+    """Output index -> the logits Keras' softmax and sigmoid attach to their
+    output (`_keras_logits`), from which Keras' cross-entropies start; they
+    leave the wrapper beside the outputs so the loss sees what it sees on one
+    device."""
+    return {
+        i: x._keras_logits
+        for i, x in enumerate(flat_outputs)
+        if getattr(x, "_keras_logits", None) is not None
+    }
 
 
 def places_itself(layer: keras.layers.Layer) -> bool:
