@@ -87,24 +87,37 @@ def _expand(value, axes, rank):
     return value
 
 
-@tf.custom_gradient
 def _all_gather_rows(row):
     """Stacks every replica's `row` (replica order) on every replica.
 
     The gradient of replica i's row is the sum over replicas of the gradient
-    of the stack's i-th entry: one all-reduce.
+    of the stack's i-th entry: one reduction.
     """
     context = tf.distribute.get_replica_context()
     rows = context.merge_call(_gather, args=(tf.expand_dims(row, 0),))
     # Across workers the gather's static shape is lost.
     rows = tf.ensure_shape(rows, [context.num_replicas_in_sync, *row.shape])
+    return _differentiable_to(rows, row)
+
+
+@tf.custom_gradient
+def _differentiable_to(rows, row):
+    # `rows` enters as an argument: tf.custom_gradient searches the graph
+    # between a function's inputs and outputs for variables, and from a value
+    # computed from every replica that search would cover the other replicas'
+    # whole graphs, once per layer.
+    context = tf.distribute.get_replica_context()
 
     def gradient(upstream):
-        total = context.all_reduce(tf.distribute.ReduceOp.SUM, upstream)
-        return total[context.replica_id_in_sync_group]
+        total = context.merge_call(_sum, args=(upstream,))
+        return None, total[context.replica_id_in_sync_group]
 
-    return rows, gradient
+    return tf.identity(rows), gradient
 
 
 def _gather(strategy, rows):
     return strategy.gather(rows, axis=0)
+
+
+def _sum(strategy, value):
+    return strategy.extended.reduce_to(tf.distribute.ReduceOp.SUM, value, value)

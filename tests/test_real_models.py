@@ -1,0 +1,115 @@
+"""Architectures nobody here wrote train as on one device under DataParallel
+and ModelParallel: keras.applications models (weights=None, small inputs) and
+the Keras examples' text-transformer and bidirectional-RNN classifiers, with
+BatchNormalization, LayerNormalization, LSTM/GRU, MultiHeadAttention,
+Embedding(mask_zero=True) and softmax heads.
+
+Compared in float64. In float32 these models are chaotic at the level of
+rounding: MobileNetV2's ReLU6 units sit within rounding distance of 0, and a
+5e-5 difference in a forward value switches a unit's gradient on or off; on
+one device, reversing the order of the batch moves MobileNetV2's weights by
+6e-3..8e-3 of the update after one step and 50–80% after two (measured), so
+no float32 tolerance separates a bug from rounding. In float64 the same
+reordering moves them by < 1e-13, and any real difference in the arithmetic
+(statistics, gradient sums, updates) shows.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from transparency import devices, max_weight_diff
+
+import keras_parallel
+
+TOLERANCE = 1e-9
+
+
+def images(n=16):
+    rng = np.random.RandomState(0)
+    return rng.rand(n, 32, 32, 3), rng.randint(0, 10, n)
+
+
+def token_ids(n=16, length=12, vocabulary=50):
+    rng = np.random.RandomState(0)
+    x = rng.randint(1, vocabulary, (n, length))
+    for row in x:
+        row[rng.randint(length // 2, length) :] = 0  # padding, masked
+    return x, rng.randint(0, 2, n)
+
+
+def text_transformer():
+    """The Keras example 'Text classification with Transformer' shape."""
+    tokens = keras.Input((12,), dtype="int32")
+    x = keras.layers.Embedding(50, 16)(tokens)
+    x = x + keras.layers.Embedding(12, 16)(keras.ops.arange(12))
+    attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8)(x, x)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x + attention)
+    hidden = keras.layers.Dense(32, activation="relu")(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(
+        x + keras.layers.Dense(16)(hidden)
+    )
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Dense(20, activation="relu")(x)
+    return keras.Model(tokens, keras.layers.Dense(2, activation="softmax")(x))
+
+
+def bidirectional_rnn():
+    """The Keras example 'Bidirectional LSTM on IMDB' shape, with a GRU."""
+    tokens = keras.Input((12,), dtype="int32")
+    x = keras.layers.Embedding(50, 16, mask_zero=True)(tokens)
+    x = keras.layers.Bidirectional(keras.layers.LSTM(8, return_sequences=True))(x)
+    x = keras.layers.Bidirectional(keras.layers.GRU(8))(x)
+    return keras.Model(tokens, keras.layers.Dense(2, activation="softmax")(x))
+
+
+MODELS = {
+    "MobileNetV2": (
+        lambda: keras.applications.MobileNetV2(
+            weights=None, alpha=0.35, input_shape=(32, 32, 3), classes=10
+        ),
+        images,
+    ),
+    "MobileNet": (
+        lambda: keras.applications.MobileNet(
+            weights=None, alpha=0.25, dropout=0.0, input_shape=(32, 32, 3), classes=10
+        ),
+        images,
+    ),
+    "VGG16": (
+        lambda: keras.applications.VGG16(
+            weights=None, input_shape=(32, 32, 3), classes=10
+        ),
+        images,
+    ),
+    "text_transformer": (text_transformer, token_ids),
+    "bidirectional_rnn": (bidirectional_rnn, token_ids),
+}
+
+STRATEGIES = {
+    "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
+    "ModelParallel": lambda: keras_parallel.ModelParallel(devices(2)),
+}
+
+
+def fit(name, strategy=None):
+    build, data = MODELS[name]
+    x, y = data()
+    keras.utils.set_random_seed(0)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build()
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
+            loss="sparse_categorical_crossentropy",
+        )
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_equals_one_device_in_float64(name):
+    keras.config.set_dtype_policy("float64")
+    reference = fit(name)
+    for strategy, make in STRATEGIES.items():
+        model = fit(name, make())
+        assert max_weight_diff(model, reference) <= TOLERANCE, strategy
