@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/compression.py
 	$(VENV)/bin/python benchmarks/model_parallel.py
 	$(VENV)/bin/python benchmarks/multi_worker.py
+	$(VENV)/bin/python benchmarks/compatibility.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check keras_parallel tests benchmarks examples

@@ -1,4 +1,5 @@
-"""Every Keras optimizer option trains as on one device under DataParallel.
+"""Every Keras optimizer option trains as on one device under DataParallel
+(and under ModelParallel, which must not change the arithmetic at all).
 
 The gradients of the whole batch are reduced before the optimizer processes
 them, so clipping, accumulation, moving averages and loss scaling see what
@@ -27,9 +28,7 @@ OPTIMIZERS = {
     "ema": lambda: keras.optimizers.SGD(
         0.1, momentum=0.9, use_ema=True, ema_overwrite_frequency=3
     ),
-    "accumulation": lambda: keras.optimizers.Adam(
-        0.01, gradient_accumulation_steps=3
-    ),
+    "accumulation": lambda: keras.optimizers.Adam(0.01, gradient_accumulation_steps=3),
     "weight_decay": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),
     "sgd_weight_decay": lambda: keras.optimizers.SGD(0.1, weight_decay=0.05),
     "loss_scale": lambda: keras.optimizers.LossScaleOptimizer(
@@ -60,14 +59,19 @@ def mlp(optimizer):
     return build
 
 
-@pytest.mark.parametrize("num_devices", [2, 4])
+STRATEGIES = {
+    "DataParallel-2": lambda: keras_parallel.DataParallel(devices(2)),
+    "DataParallel-4": lambda: keras_parallel.DataParallel(devices(4)),
+    "ModelParallel-2": lambda: keras_parallel.ModelParallel(devices(2)),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("option", sorted(OPTIMIZERS))
-def test_fit_equals_one_device(option, num_devices):
+def test_fit_equals_one_device(option, strategy):
     build = mlp(OPTIMIZERS[option])
     reference, ref_history = train(build, DATA)
-    model, history = train(
-        build, DATA, keras_parallel.DataParallel(devices(num_devices))
-    )
+    model, history = train(build, DATA, STRATEGIES[strategy]())
     assert max_weight_diff(model, reference) <= 1e-5
     np.testing.assert_allclose(history["loss"], ref_history["loss"], atol=1e-5)
     # Optimizer state too: slots, moving averages, accumulators, loss scale.
@@ -116,10 +120,10 @@ def test_custom_train_step_equals_one_device():
     assert max_weight_diff(model, reference) <= 1e-5
 
 
-def custom_loop(strategy, make_optimizer, steps=6):
+def custom_loop(strategy, make_optimizer, steps=6, optimizer_in_args=False):
     """A tf.distribute custom loop: `optimizer.apply_gradients` inside
-    `strategy.run`, the optimizer a global of the step function's module
-    reached through a closure."""
+    `strategy.run`, the optimizer reached through the step function's closure
+    or passed in `strategy.run`'s `args`."""
     keras.utils.set_random_seed(0)
     with strategy.scope():
         model = mlp(lambda: "sgd")()
@@ -131,16 +135,19 @@ def custom_loop(strategy, make_optimizer, steps=6):
     dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(batch)
     distributed = strategy.experimental_distribute_dataset(dataset)
 
-    def replica_step(x, y):
+    def replica_step(x, y, apply_to=None):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True)) / batch
         grads = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        (apply_to or optimizer).apply_gradients(
+            zip(grads, model.trainable_variables, strict=True)
+        )
         return loss
 
     @tf.function
     def step(x, y):
-        losses = strategy.run(replica_step, args=(x, y))
+        args = (x, y, optimizer) if optimizer_in_args else (x, y)
+        losses = strategy.run(replica_step, args=args)
         return strategy.reduce("SUM", losses, axis=None)
 
     iterator = iter(distributed)
@@ -157,12 +164,15 @@ def custom_loop(strategy, make_optimizer, steps=6):
     ],
     ids=["ema", "accumulation", "clipnorm"],
 )
-def test_custom_loop_equals_one_device(make_optimizer):
+@pytest.mark.parametrize("optimizer_in_args", [False, True])
+def test_custom_loop_equals_one_device(make_optimizer, optimizer_in_args):
     ref_model, ref_optimizer, ref_losses = custom_loop(
         tf.distribute.get_strategy(), make_optimizer
     )
     model, optimizer, losses = custom_loop(
-        keras_parallel.DataParallel(devices(2)), make_optimizer
+        keras_parallel.DataParallel(devices(2)),
+        make_optimizer,
+        optimizer_in_args=optimizer_in_args,
     )
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5)
     assert max_weight_diff(model, ref_model) <= 1e-5

@@ -64,9 +64,10 @@ def test_objects_as_after_single_device_training():
         for attribute, value in vars(obj).items():
             if attribute in STRATEGY_ATTRIBUTES:
                 continue
-            assert not getattr(value, "__module__", "").startswith(
-                "keras_parallel"
-            ), (name, attribute)
+            assert not getattr(value, "__module__", "").startswith("keras_parallel"), (
+                name,
+                attribute,
+            )
     assert not model.layers[1].synchronized
 
 
@@ -108,9 +109,9 @@ def test_saved_model_reloads_with_the_users_config(tmp_path):
     assert as_json(loaded.get_config()) == as_json(config)
     assert '"synchronized": false' in as_json(config)
     assert type(loaded.optimizer) is keras.optimizers.Adam
-    assert {
-        k: v for k, v in loaded.optimizer.get_config().items() if k != "name"
-    } == {k: v for k, v in optimizer_config.items() if k != "name"}
+    assert {k: v for k, v in loaded.optimizer.get_config().items() if k != "name"} == {
+        k: v for k, v in optimizer_config.items() if k != "name"
+    }
     x = CONV_DATA["x"][:16]
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6

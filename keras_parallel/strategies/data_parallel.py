@@ -324,7 +324,7 @@ class ReplicaFeatures:
                 "`model.compile(..., jit_compile=False)` (Keras picks "
                 "jit_compile=True by default on machines with a GPU)."
             )
-        models, optimizers = reachable(fn)
+        models, optimizers = reachable(fn, (args, kwargs))
         for model in models:
             for variable in model.variables:
                 _require_distributed(variable.value)

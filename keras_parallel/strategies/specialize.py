@@ -57,10 +57,10 @@ def specialized(objects, mixin: type):
             object.__setattr__(obj, "__class__", cls)
 
 
-def reachable(fn, depth: int = 4) -> tuple[list[keras.Model], list]:
+def reachable(fn, args=(), depth: int = 4) -> tuple[list[keras.Model], list]:
     """The Keras models and optimizers a step function can reach: its model
-    (Keras runs `model.train_step`), and those in its closures or in the
-    globals its code names (a custom loop's `model(x)` and
+    (Keras runs `model.train_step`), those passed in `args`, and those in its
+    closures or in the globals its code names (a custom loop's `model(x)` and
     `optimizer.apply_gradients`), through the wrappers Keras and
     `Strategy.run` add.
 
@@ -82,6 +82,14 @@ def reachable(fn, depth: int = 4) -> tuple[list[keras.Model], list]:
             models[id(value)] = value
             visit(getattr(value, "optimizer", None), level)
             return
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item, level)
+            return
+        if isinstance(value, dict):
+            for item in value.values():
+                visit(item, level)
+            return
         if not callable(value):
             return
         visit(getattr(value, "__self__", None), level)
@@ -101,6 +109,7 @@ def reachable(fn, depth: int = 4) -> tuple[list[keras.Model], list]:
                     visit(scope[name], level + 1)
 
     visit(fn, 0)
+    visit(args, 0)
     return list(models.values()), list(optimizers.values())
 
 
