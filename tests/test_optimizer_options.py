@@ -178,3 +178,49 @@ def test_custom_loop_equals_one_device(make_optimizer, optimizer_in_args):
     assert max_weight_diff(model, ref_model) <= 1e-5
     for ours, theirs in zip(optimizer.variables, ref_optimizer.variables, strict=True):
         np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-5)
+
+
+class Trainer:
+    """Holds the optimizer as an attribute: DataParallel cannot see it."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+def test_an_optimizer_out_of_reach_is_reported(caplog):
+    strategy = keras_parallel.DataParallel(devices(2))
+    with strategy.scope():
+        model = mlp(lambda: "sgd")()
+        trainer = Trainer(keras.optimizers.SGD(0.1, clipnorm=0.1))
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(
+                    y, model(x), from_logits=True
+                )
+            )
+        grads = tape.gradient(loss, model.trainable_variables)
+        trainer.optimizer.apply_gradients(
+            zip(grads, model.trainable_variables, strict=True)
+        )
+
+    x, y = next(
+        iter(
+            strategy.experimental_distribute_dataset(
+                tf.data.Dataset.from_tensor_slices((X, Y)).batch(64)
+            )
+        )
+    )
+    with caplog.at_level("WARNING"):
+        tf.function(lambda x, y: strategy.run(replica_step, args=(x, y)))(x, y)
+    assert "did not find in the step function" in caplog.text
+    assert model.trainable_variables[0].name in caplog.text
+
+
+def test_fit_reports_nothing(caplog):
+    with caplog.at_level("WARNING"):
+        train(
+            mlp(OPTIMIZERS["clipnorm"]), DATA, keras_parallel.DataParallel(devices(2))
+        )
+    assert "did not find in the step function" not in caplog.text

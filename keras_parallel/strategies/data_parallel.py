@@ -219,6 +219,8 @@ class ReplicaFeatures:
         # compressed path) and while the optimizer is applied once on them.
         self._reducing_gradients = False
         self._applying_once = False
+        self._tracing_step = False
+        self._warned_unreduced_update = False
         self._loss_weights = None
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
@@ -330,6 +332,7 @@ class ReplicaFeatures:
                 _require_distributed(variable.value)
         layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
         self._loss_weights = self._replica_sample_weights(args)
+        self._tracing_step = True
         try:
             with (
                 specialized(layers, batchnorm.GlobalStatistics),
@@ -338,6 +341,23 @@ class ReplicaFeatures:
                 return super()._call_for_each_replica(fn, args, kwargs)
         finally:
             self._loss_weights = None
+            self._tracing_step = False
+
+    def _warn_unreduced_update(self, var) -> None:
+        if self._warned_unreduced_update:
+            return
+        self._warned_unreduced_update = True
+        tf.get_logger().warning(
+            "DataParallel: the trainable variable %r is updated from inside "
+            "`strategy.run` by code DataParallel did not find in the step "
+            "function (an optimizer reached only through another object's "
+            "attribute, or a manual assign). An optimizer found there would "
+            "clip, accumulate and average the whole batch's gradient, as on "
+            "one device; this one works on each replica's part, as under "
+            "MirroredStrategy. Keep the optimizer in the step function's "
+            "closure or globals, or pass it in `strategy.run(..., args=...)`.",
+            var.name,
+        )
 
     # Variables.
 
@@ -357,6 +377,12 @@ class ReplicaFeatures:
         return variable
 
     def _update(self, var, fn, args, kwargs, group):
+        if (
+            self._tracing_step
+            and not self._applying_once
+            and getattr(var, "trainable", False)
+        ):
+            self._warn_unreduced_update(var)
         if self._applying_once and not isinstance(
             var, values_lib.DistributedVariable
         ):
