@@ -7,21 +7,15 @@ from collections.abc import Sequence
 import tensorflow as tf
 from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
 from tensorflow.python.distribute import (
-    distribute_lib,
-    distribute_utils,
     mirrored_strategy,
 )
-from tensorflow.python.distribute import values as values_lib
-from tensorflow.python.ops import control_flow_util
 
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
-from keras_parallel.strategies import batch_split, batchnorm
+from keras_parallel.strategies import batch_split
 from keras_parallel.strategies.cluster import resolve_cluster
-from keras_parallel.strategies.optimizer_step import ReplicaStepOptimizer
-from keras_parallel.strategies.ownership import OwnerTable
-from keras_parallel.strategies.specialize import reachable, specialized
+from keras_parallel.strategies.replica_features import ReplicaFeatures, has_integers
 
 
 class DataParallel(tf.distribute.Strategy):
@@ -203,223 +197,6 @@ class DataParallel(tf.distribute.Strategy):
         return f"DataParallel(devices=[{devices}])"
 
 
-class ReplicaFeatures:
-    """What DataParallel adds to tf.distribute's replica machinery, on one
-    machine (`DataParallelExtended`) and across workers (`multi_worker`):
-    gradients through our reduction engine, synchronized BatchNormalization,
-    and optimizer updates on one owner device per variable.
-
-    Mixed into a `MirroredExtended` subclass; `_init_features` must run in
-    its constructor.
-    """
-
-    def _init_features(self, gradients, shard_optimizer, sync_batch_norm):
-        self._gradient_reduction = gradients
-        # True while the gradients of a step are reduced (so they take the
-        # compressed path) and while the optimizer is applied once on them.
-        self._reducing_gradients = False
-        self._applying_once = False
-        self._tracing_step = False
-        self._warned_unreduced_update = False
-        self._loss_weights = None
-        self._shard_optimizer = shard_optimizer
-        self._sync_batch_norm = sync_batch_norm
-        self._owners = OwnerTable(len(self._devices))
-
-    def _get_cross_device_ops(self, value):
-        if self._reducing_gradients and not _has_integers(value):
-            return self._gradient_reduction
-        return super()._get_cross_device_ops(value)
-
-    def _use_merge_call(self):
-        # The optimizer applied once runs in cross-replica context, where
-        # Keras' merge calls must call through.
-        return not self._applying_once and super()._use_merge_call()
-
-    def apply_reduced(self, apply, grads, variables):
-        """Reduces all replicas' gradients in one batch and runs the
-        optimizer's own `apply` once on them (cross-replica context).
-
-        Args:
-            apply: Its original `apply`, bound.
-            grads: One per-replica gradient (or None) per variable.
-            variables: The variables, or None for the optimizer's own.
-
-        Returns:
-            What `apply` returns.
-        """
-        present = [i for i, g in enumerate(grads) if g is not None]
-        self._reducing_gradients = True
-        try:
-            sums = self.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM,
-                [(grads[i], grads[i]) for i in present],
-            )
-        finally:
-            self._reducing_gradients = False
-        reduced = list(grads)
-        for i, value in zip(present, sums, strict=True):
-            reduced[i] = self._gradient_for_update(value, variables, i)
-        self._applying_once = True
-        try:
-            return apply(reduced, variables)
-        finally:
-            self._applying_once = False
-
-    def _gradient_for_update(self, value, variables, index):
-        # With sharded updates only the owner's copy of a sum is read.
-        if not self._shard_optimizer or variables is None:
-            return value
-        variable = getattr(variables[index], "value", variables[index])
-        if not (
-            isinstance(variable, values_lib.MirroredVariable)
-            and isinstance(value, values_lib.DistributedValues)
-        ):
-            return value  # one local replica gives a plain tensor
-        return value.values[self._owners.owner(variable)]
-
-    def replica_loss_weight(self):
-        """This replica's loss weight in the step being traced, or None."""
-        if self._loss_weights is None:
-            return None
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return tf.gather(self._loss_weights, replica)
-
-    def _replica_sample_weights(self, args):
-        """Each replica's loss weight for this step, or None for equal ones."""
-        return None
-
-    # Input: every process reads whole global batches and keeps its replicas'
-    # pieces of each.
-
-    def _experimental_distribute_dataset(self, dataset, options):
-        if (
-            options is not None
-            and options.experimental_replication_mode
-            == distribute_lib.InputReplicationMode.PER_REPLICA
-        ):
-            raise NotImplementedError(
-                "InputReplicationMode.PER_REPLICA is only supported by "
-                "`distribute_datasets_from_function`."
-            )
-        return batch_split.SplitBatchDataset(
-            dataset,
-            self._input_workers_devices[0][0],
-            self._devices,
-            first_replica=self._get_replica_id_in_sync_group(0),
-            num_replicas=self._num_replicas_in_sync,
-        )
-
-    def _reduce_to(self, reduce_op, value, destinations, options):
-        return super()._reduce_to(
-            reduce_op, batch_split.common_samples(value), destinations, options
-        )
-
-    def _call_for_each_replica(self, fn, args, kwargs):
-        if control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        ):
-            raise ValueError(
-                "DataParallel cannot run inside an XLA-compiled function: XLA "
-                "compiles a function for one device, and DataParallel runs one "
-                "replica per device. Compile the model with "
-                "`model.compile(..., jit_compile=False)` (Keras picks "
-                "jit_compile=True by default on machines with a GPU)."
-            )
-        models, optimizers = reachable(fn, (args, kwargs))
-        for model in models:
-            for variable in model.variables:
-                _require_distributed(variable.value)
-        layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
-        self._loss_weights = self._replica_sample_weights(args)
-        self._tracing_step = True
-        try:
-            with (
-                specialized(layers, batchnorm.GlobalStatistics),
-                specialized(optimizers, ReplicaStepOptimizer),
-            ):
-                return super()._call_for_each_replica(fn, args, kwargs)
-        finally:
-            self._loss_weights = None
-            self._tracing_step = False
-
-    def _warn_unreduced_update(self, var) -> None:
-        if self._warned_unreduced_update:
-            return
-        self._warned_unreduced_update = True
-        tf.get_logger().warning(
-            "DataParallel: the trainable variable %r is updated from inside "
-            "`strategy.run` by code DataParallel did not find in the step "
-            "function (an optimizer reached only through another object's "
-            "attribute, or a manual assign). An optimizer found there would "
-            "clip, accumulate and average the whole batch's gradient, as on "
-            "one device; this one works on each replica's part, as under "
-            "MirroredStrategy. Keep the optimizer in the step function's "
-            "closure or globals, or pass it in `strategy.run(..., args=...)`.",
-            var.name,
-        )
-
-    # Variables.
-
-    def _create_variable(self, next_creator, **kwargs):
-        colocate_with = kwargs.get("colocate_with")
-        if self._shard_optimizer and isinstance(
-            colocate_with, values_lib.MirroredVariable
-        ):
-            # An optimizer slot: one copy, on the owner of its variable.
-            kwargs.pop("colocate_with")
-            device = colocate_with.values[self._owners.owner(colocate_with)].device
-            with tf.device(device):
-                return next_creator(**kwargs)
-        variable = super()._create_variable(next_creator, **kwargs)
-        if isinstance(variable, values_lib.MirroredVariable):
-            self._owners.assign(variable)
-        return variable
-
-    def _update(self, var, fn, args, kwargs, group):
-        if (
-            self._tracing_step
-            and not self._applying_once
-            and getattr(var, "trainable", False)
-        ):
-            self._warn_unreduced_update(var)
-        if self._applying_once and not isinstance(
-            var, values_lib.DistributedVariable
-        ):
-            # Optimizer state on its variable's owner (accumulators, moving
-            # averages): updated where it lives, once.
-            with tf.device(var.device), distribute_lib.UpdateContext(var.device):
-                return fn(var, *args, **kwargs)
-        _require_distributed(var)
-        if not (self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)):
-            return super()._update(var, fn, args, kwargs, group)
-        owner = self._owners.owner(var)
-        components = var.values
-        with (
-            tf.device(components[owner].device),
-            distribute_lib.UpdateContext(owner),
-            tf.name_scope(f"update_{owner}"),
-        ):
-            result = fn(
-                components[owner],
-                *distribute_utils.select_replica(owner, args),
-                **distribute_utils.select_replica(owner, kwargs),
-            )
-            new_value = components[owner].read_value()
-        # Non-owners return what the owner's update returned (nothing, an op,
-        # or the variable), so that callers see MirroredStrategy's result.
-        wants_value = result is not None and not isinstance(result, tf.Operation)
-        updates = []
-        for i, component in enumerate(components):
-            if i == owner:
-                updates.append(result)
-                continue
-            with tf.device(component.device), tf.name_scope(f"update_{i}"):
-                assign = component.assign(new_value, read_value=wants_value)
-            updates.append(None if result is None else assign)
-        return distribute_utils.update_regroup(self, updates, group)
-
-
 class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
     """Strategy internals on one machine: MirroredStrategy's replica machinery
     with our own input splitting, reduction and update placement."""
@@ -442,29 +219,9 @@ class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
         return not self._applying_once
 
     def _get_cross_device_ops(self, value):
-        if _has_integers(value):
+        if has_integers(value):
             return cross_device_ops_lib.ReductionToOneDevice()
         return super()._get_cross_device_ops(value)
 
-    def _replica_sample_weights(self, args):
+    def _replica_loss_weights(self, args):
         return batch_split.replica_loss_weights(args, len(self._devices))
-
-
-def _has_integers(value) -> bool:
-    parts = value.values if isinstance(value, values_lib.DistributedValues) else [value]
-    return any(not tf.as_dtype(p.dtype).is_floating for p in parts)
-
-
-def _require_distributed(variable) -> None:
-    if not isinstance(variable, values_lib.DistributedVariable):
-        raise ValueError(
-            f"Variable {variable.name!r} was created outside "
-            "`DataParallel.scope()`, so it lives on one device only. Build and "
-            "compile the model inside the scope:\n"
-            "    with strategy.scope():\n"
-            "        model = ...\n"
-            "        model.compile(...)\n"
-            "To move an existing model, rebuild it in the scope and copy its "
-            "weights: `new = keras.models.clone_model(model)` and "
-            "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
-        )

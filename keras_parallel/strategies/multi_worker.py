@@ -24,7 +24,8 @@ from tensorflow.python.distribute import collective_all_reduce_strategy, collect
 
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
-from keras_parallel.strategies.data_parallel import DataParallel, ReplicaFeatures
+from keras_parallel.strategies.data_parallel import DataParallel
+from keras_parallel.strategies.replica_features import ReplicaFeatures
 from keras_parallel.strategies.step_model import step_model
 
 IMPLEMENTATIONS = {
