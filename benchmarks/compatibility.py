@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,9 +79,14 @@ def cell(feature, make_strategy, reference) -> str:
     try:
         weights = feature(make_strategy())
     except Exception as error:  # noqa: BLE001 - the table reports any failure
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        # TensorFlow's runtime errors say what went wrong on their last line.
-        line = lines[-1] if isinstance(error, tf.errors.OpError) else lines[0]
+        text = str(error).strip()
+        # A TensorFlow runtime error's cause follows its status code
+        # ("INVALID_ARGUMENT:  You must feed ..."), after the traceback.
+        cause = re.search(r"\b[A-Z_]{5,}:\s+(.+)", text)
+        if isinstance(error, tf.errors.OpError) and cause:
+            line = cause.group(1)
+        else:
+            line = text.splitlines()[0] if text else ""
         return f"{type(error).__name__}: {line.strip()[:90]}"
     diff = max(
         float(np.max(np.abs(a - b))) for a, b in zip(weights, reference, strict=True)

@@ -8,7 +8,7 @@ Compared in float64. In float32 these models are chaotic at the level of
 rounding: MobileNetV2's ReLU6 units sit within rounding distance of 0, and a
 5e-5 difference in a forward value switches a unit's gradient on or off; on
 one device, reversing the order of the batch moves MobileNetV2's weights by
-6e-3..8e-3 of the update after one step and 50–80% after two (measured), so
+0.4–0.8% of the update after one step and 50–80% after two (measured), so
 no float32 tolerance separates a bug from rounding. In float64 the same
 reordering moves them by < 1e-13, and any real difference in the arithmetic
 (statistics, gradient sums, updates) shows.
