@@ -26,7 +26,10 @@ class DataParallel(tf.distribute.Strategy):
     `fit`, `evaluate` and `predict`. `batch_size` is the global batch; each
     step cuts it into one piece per device, runs forward and backward on every
     device, sums the gradients and applies one update, so training gives the
-    numbers of single-device training.
+    numbers of single-device training. The optimizer's own `apply` runs once
+    on the summed gradients, so clipping, gradient accumulation, moving
+    averages, weight decay and loss scaling behave as on one device, in
+    `fit`, in a custom `train_step` and in custom loops.
 
     Compared with MirroredStrategy it feeds replicas without rebuilding a
     multi-device iterator each epoch, supports `steps_per_execution > 1`,
