@@ -32,8 +32,20 @@ def data(samples=SAMPLES):
     return x, y
 
 
-def build(steps_per_execution=1):
+def build(steps_per_execution=1, optimizer_options=False):
     keras.utils.set_random_seed(1)
+    # Clipping, moving averages and accumulation: they must see the gradient
+    # of the whole global batch.
+    options = (
+        dict(
+            clipnorm=0.1,
+            use_ema=True,
+            ema_overwrite_frequency=3,
+            gradient_accumulation_steps=2,
+        )
+        if optimizer_options
+        else {}
+    )
     model = keras.Sequential(
         [
             keras.Input((8,)),
@@ -46,7 +58,7 @@ def build(steps_per_execution=1):
         ]
     )
     model.compile(
-        optimizer=keras.optimizers.Adam(0.01),
+        optimizer=keras.optimizers.Adam(0.01, **options),
         loss="mse",
         steps_per_execution=steps_per_execution,
     )
@@ -86,12 +98,13 @@ def train(
     steps_per_execution=1,
     samples=SAMPLES,
     batch_size=GLOBAL_BATCH,
+    optimizer_options=False,
 ):
     """Trains the model; returns (model, history, epochs run)."""
     x, y = data(samples)
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
     with scope:
-        model = build(steps_per_execution)
+        model = build(steps_per_execution, optimizer_options)
     record = _Record()
     printer = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: print(f"epoch {epoch} done", flush=True)
@@ -118,6 +131,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
+    parser.add_argument("--optimizer-options", action="store_true")
     args = parser.parse_args(argv)
 
     import keras_parallel
@@ -144,6 +158,7 @@ def main(argv: list[str]) -> int:
         args.steps_per_execution,
         args.samples,
         args.batch_size,
+        args.optimizer_options,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

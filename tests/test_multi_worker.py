@@ -77,6 +77,15 @@ def test_two_workers_equal_single_process(tmp_path, reference):
     assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
 
 
+def test_optimizer_options_across_workers(tmp_path):
+    done = _launch(tmp_path, "--optimizer-options")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    model, _, _ = train(optimizer_options=True)
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+
+
 def test_compression_across_workers(tmp_path, reference):
     done = _launch(tmp_path, "--compression", "bf16")
     assert done.returncode == 0, done.stderr[-3000:]
