@@ -99,8 +99,7 @@ class DataParallel(tf.distribute.Strategy):
         self,
         devices: str | Sequence[str] | None = None,
         *,
-        cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver
-        | None = None,
+        cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver | None = None,
         reduction: str = "auto",
         bucket_mb: float | None = None,
         compression: str | Compression | None = None,
@@ -172,16 +171,21 @@ class DataParallel(tf.distribute.Strategy):
         return True
 
     def communication_stats(self) -> dict:
-        """Bytes the gradient all-reduce of one training step sends per replica.
+        """Bytes the gradient all-reduce sends per replica, per training step
+        and per optimizer update.
 
         Read after `fit` has run (or traced) a step; before, the counts are 0.
+        With `gradient_accumulation_steps=k` in the optimizer, replicas
+        accumulate locally and reduce once per update, so a step sends 1/k of
+        an update's bytes.
 
         Returns:
-            A dict with `bytes_per_step`, `fp32_bytes_per_step` (what plain
-            float32 gradients would send), `warmup_bytes_per_step`,
-            `reductions` (all-reduces per step), `reduction`, `compression`
-            and `buckets` (one dict per all-reduce: label, tensors, elements,
-            dtype, bytes, phase).
+            A dict with `bytes_per_step` (averaged over the steps of an
+            update), `bytes_per_update`, `steps_per_update`,
+            `fp32_bytes_per_step` (what plain float32 gradients would send),
+            `warmup_bytes_per_step`, `reductions` (all-reduces per update),
+            `reduction`, `compression` and `buckets` (one dict per all-reduce:
+            label, tensors, elements, dtype, bytes, phase).
 
         Example:
 
@@ -193,7 +197,17 @@ class DataParallel(tf.distribute.Strategy):
         stats["bytes_per_step"] / stats["fp32_bytes_per_step"]  # 0.5
         ```
         """
-        return self.extended._gradient_reduction.communication_stats()
+        stats = self.extended._gradient_reduction.communication_stats()
+        steps = self.extended.steps_per_update
+        per_update = stats["bytes_per_step"]
+        if steps > 1:
+            for key in (
+                "bytes_per_step",
+                "fp32_bytes_per_step",
+                "warmup_bytes_per_step",
+            ):
+                stats[key] /= steps
+        return dict(stats, bytes_per_update=per_update, steps_per_update=steps)
 
     def __repr__(self) -> str:
         devices = ", ".join(short_device(d) for d in self.extended.worker_devices)
@@ -224,7 +238,11 @@ class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
     def _get_cross_device_ops(self, value):
         if has_integers(value):
             return cross_device_ops_lib.ReductionToOneDevice()
-        return super()._get_cross_device_ops(value)
+        if self._reducing_gradients:
+            return self._gradient_reduction
+        # Not MirroredExtended's choice: it turns to collective ops whenever
+        # merge calls are off, as they are while the optimizer applies once.
+        return self._cross_device_ops
 
     def _replica_loss_weights(self, args):
         return batch_split.replica_loss_weights(args, len(self._devices))

@@ -3,12 +3,18 @@ machinery, on one machine and across workers."""
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib, distribute_utils
 from tensorflow.python.distribute import values as values_lib
 from tensorflow.python.ops import control_flow_util
 
 from keras_parallel.strategies import batch_split, batchnorm
+from keras_parallel.strategies.local_accumulation import (
+    LocalAccumulators,
+    is_accumulator,
+)
 from keras_parallel.strategies.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.strategies.ownership import OwnerTable
 from keras_parallel.strategies.specialize import reachable, specialized
@@ -36,6 +42,12 @@ class ReplicaFeatures:
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
+        self._local_accumulators = LocalAccumulators(
+            self._reduce_gradients, self._local_results
+        )
+        # Steps per optimizer update in the step traced last (Keras'
+        # `gradient_accumulation_steps` when accumulating locally).
+        self.steps_per_update = 1
 
     def _get_cross_device_ops(self, value):
         if self._reducing_gradients and not has_integers(value):
@@ -51,6 +63,10 @@ class ReplicaFeatures:
         """Reduces all replicas' gradients in one batch and runs the
         optimizer's own `apply` once on them (cross-replica context).
 
+        An optimizer that accumulates gradients (`gradient_accumulation_steps`)
+        keeps each replica's sum local instead, and its update reads them
+        reduced in one batch (`local_accumulation.py`).
+
         Args:
             apply: Its original `apply`, bound.
             grads: One per-replica gradient (or None) per variable.
@@ -60,22 +76,43 @@ class ReplicaFeatures:
             What `apply` returns.
         """
         present = [i for i, g in enumerate(grads) if g is not None]
-        self._reducing_gradients = True
-        try:
-            sums = self.batch_reduce_to(
-                tf.distribute.ReduceOp.SUM,
-                [(grads[i], grads[i]) for i in present],
+        accumulators = (
+            None
+            if variables is None
+            else self._local_accumulators.of(
+                getattr(apply, "__self__", None), variables
             )
-        finally:
-            self._reducing_gradients = False
-        reduced = list(grads)
-        for i, value in zip(present, sums, strict=True):
-            reduced[i] = self._gradient_for_update(value, variables, i)
+        )
+        if accumulators is not None:
+            self._local_accumulators.add(accumulators, grads)
+            # The gradient is already in the accumulators: Keras adds zero.
+            handed = [
+                None if g is None else tf.zeros(v.shape, v.dtype)
+                for g, v in zip(grads, variables, strict=True)
+            ]
+            self.steps_per_update = apply.__self__.gradient_accumulation_steps
+            reading = self._local_accumulators.reading(accumulators)
+        else:
+            sums = self._reduce_gradients([(grads[i], grads[i]) for i in present])
+            handed = list(grads)
+            for i, value in zip(present, sums, strict=True):
+                handed[i] = self._gradient_for_update(value, variables, i)
+            self.steps_per_update = 1
+            reading = contextlib.nullcontext()
         self._applying_once = True
         try:
-            return apply(reduced, variables)
+            with reading:
+                return apply(handed, variables)
         finally:
             self._applying_once = False
+
+    def _reduce_gradients(self, pairs):
+        """SUM of `(value, destinations)` pairs through the gradient engine."""
+        self._reducing_gradients = True
+        try:
+            return self.batch_reduce_to(tf.distribute.ReduceOp.SUM, pairs)
+        finally:
+            self._reducing_gradients = False
 
     def _gradient_for_update(self, value, variables, index):
         # With sharded updates only the owner's copy of a sum is read.
@@ -122,6 +159,9 @@ class ReplicaFeatures:
         )
 
     def _reduce_to(self, reduce_op, value, destinations, options):
+        served = self._local_accumulators.read(value, destinations)
+        if served is not None:
+            return served
         return super()._reduce_to(
             reduce_op, batch_split.common_samples(value), destinations, options
         )
@@ -173,6 +213,13 @@ class ReplicaFeatures:
     # Variables.
 
     def _create_variable(self, next_creator, **kwargs):
+        if is_accumulator(kwargs):
+            return self._local_accumulators.create(
+                lambda **kw: super(ReplicaFeatures, self)._create_variable(
+                    next_creator, **kw
+                ),
+                kwargs,
+            )
         colocate_with = kwargs.get("colocate_with")
         if self._shard_optimizer and isinstance(
             colocate_with, values_lib.MirroredVariable
@@ -194,14 +241,21 @@ class ReplicaFeatures:
             and getattr(var, "trainable", False)
         ):
             self._warn_unreduced_update(var)
-        if self._applying_once and not isinstance(
-            var, values_lib.DistributedVariable
-        ):
+        if self._applying_once and not isinstance(var, values_lib.DistributedVariable):
             # Optimizer state on its variable's owner (accumulators, moving
             # averages): updated where it lives, once.
             with tf.device(var.device), distribute_lib.UpdateContext(var.device):
                 return fn(var, *args, **kwargs)
         _require_distributed(var)
+        if self._applying_once and isinstance(var, values_lib.SyncOnReadVariable):
+            # A local gradient accumulator: its value is the sum of its copies
+            # (on all workers) and this update's value is the whole batch's,
+            # so one copy takes it: the first replica's.
+            if self._get_replica_id_in_sync_group(0) != 0:
+                return tf.no_op()
+            copy = var.values[0]
+            with tf.device(copy.device), distribute_lib.UpdateContext(0):
+                return fn(copy, *args, **kwargs)
         if not (self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)):
             return super()._update(var, fn, args, kwargs, group)
         owner = self._owners.owner(var)
