@@ -50,8 +50,7 @@ def test_batch_normalization_uses_each_micro_batch_statistics():
     strategy = keras_parallel.ModelParallel(["CPU:0", "CPU:1"], num_microbatches=2)
     with strategy.scope():
         model = build()
-    strategy.place(model)
-    output = model(x, training=True)
+    output = strategy.run(lambda: model(x, training=True))
 
     plain = build()
     halves = [plain(x[:4], training=True), plain(x[4:], training=True)]

@@ -1,4 +1,5 @@
-"""DataParallel leaves the user's model, optimizer and layers as it found them.
+"""DataParallel and ModelParallel leave the user's model, optimizer and
+layers as they found them.
 
 Reference: the same model trained on one device. After `fit`, `evaluate` and
 `predict` (and after a step that fails while it is traced) every object has
@@ -49,11 +50,20 @@ def exercise(model):
     model.predict(x, batch_size=32, verbose=0)
 
 
-def test_objects_as_after_single_device_training():
+STRATEGIES = {
+    "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
+    "ModelParallel": lambda: keras_parallel.ModelParallel(
+        devices(2), num_microbatches=2
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_objects_as_after_single_device_training(strategy):
     keras.utils.set_random_seed(0)
     reference = conv_batchnorm_adam()
     exercise(reference)
-    with keras_parallel.DataParallel(devices(2)).scope():
+    with STRATEGIES[strategy]().scope():
         model = conv_batchnorm_adam()
     before = {name: type(obj) for name, obj in objects(model).items()}
     exercise(model)
@@ -76,8 +86,9 @@ class FailingModel(keras.Sequential):
         raise RuntimeError("the user's step failed")
 
 
-def test_objects_restored_after_a_failing_step():
-    with keras_parallel.DataParallel(devices(2)).scope():
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_objects_restored_after_a_failing_step(strategy):
+    with STRATEGIES[strategy]().scope():
         model = FailingModel(
             [
                 keras.Input((4,)),
@@ -90,6 +101,11 @@ def test_objects_restored_after_a_failing_step():
     with pytest.raises(RuntimeError, match="the user's step failed"):
         model.fit(np.ones((8, 4)), np.ones((8, 1)), batch_size=4, verbose=0)
     assert type(model.optimizer) is optimizer_type is keras.optimizers.SGD
+    assert type(model) is FailingModel
+    assert [type(layer) for layer in model.layers] == [
+        keras.layers.BatchNormalization,
+        keras.layers.Dense,
+    ]
     assert not model.layers[0].synchronized
 
 

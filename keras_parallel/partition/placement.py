@@ -119,7 +119,6 @@ def run_on(call, device: str, on_call=None):
             flat_outputs[index]._keras_logits = logits
         return tf.nest.pack_sequence_as(outputs, flat_outputs)
 
-    wrapped.__keras_parallel_device__ = device
     return wrapped
 
 
@@ -141,18 +140,9 @@ def places_itself(layer: keras.layers.Layer) -> bool:
     return getattr(layer, "places_itself", False)
 
 
-def place_layer(layer: keras.layers.Layer, device: str, on_call=None) -> None:
-    """Moves `layer`'s variables to `device` and runs its calls there
-    (`on_call` as for `run_on`)."""
+def move_layer(layer: keras.layers.Layer, device: str) -> None:
+    """Moves `layer`'s variables to `device`, unless it places itself."""
     if places_itself(layer):
         return
     for variable in layer.variables:
         move_variable(variable, device)
-    call = layer.call
-    placed_on = getattr(call, "__keras_parallel_device__", None)
-    if placed_on == device:
-        return
-    if placed_on is not None:
-        call = call.__wrapped__
-    # An instance attribute: Keras' __call__ looks `call` up on the instance.
-    layer.call = run_on(call, device, on_call)

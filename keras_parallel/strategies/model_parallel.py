@@ -15,6 +15,8 @@ from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.partition import microbatch, placement
 from keras_parallel.partition.order import CallOrder
 from keras_parallel.partition.plan import plan_devices, variable_bytes
+from keras_parallel.strategies.specialize import specialized
+from keras_parallel.strategies.stage_calls import StagedLayer, StagedModel
 from keras_parallel.strategies.step_model import captured_model, step_model
 
 HOST = "/device:CPU:0"
@@ -122,7 +124,9 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         self.devices = tuple(devices)
         self.num_microbatches = num_microbatches
         self.partition = partition
-        self._placed: weakref.WeakSet[keras.Model] = weakref.WeakSet()
+        # Placed model -> its CallOrder; placed layer -> (device, model).
+        self._placed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._layer_devices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # (slot, the variable it serves) for slots created before placement,
         # which move with their variable.
         self._slots: list[tuple[tf.Variable, tf.Variable]] = []
@@ -149,9 +153,36 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn) or captured_model(fn)
-        if model is not None:
-            self.place(model)
-        return super()._call_for_each_replica(fn, args, kwargs)
+        if model is None:
+            return super()._call_for_each_replica(fn, args, kwargs)
+        self.place(model)
+        layers = [
+            layer
+            for layer in placement.stage_layers(model)
+            if layer in self._layer_devices
+        ]
+        with specialized(layers, StagedLayer), specialized([model], StagedModel):
+            return super()._call_for_each_replica(fn, args, kwargs)
+
+    def layer_call(self, layer, call):
+        """`call` (the layer's own) running on the layer's device, forward
+        and backward."""
+        placed = self._layer_devices.get(layer)
+        if placed is None:
+            return call
+        device, model = placed
+        return placement.run_on(
+            call, device, functools.partial(self._placed[model].record, layer)
+        )
+
+    def model_call(self, model, call):
+        """`call` (the model's own) with micro-batches and, on its first run,
+        the check that layers run in the order of their stages."""
+        if not isinstance(self.partition, Mapping):
+            call = self._placed[model].checked(call)  # a dict may place in any order
+        if self.num_microbatches > 1:
+            call = microbatch.microbatched(call, self.num_microbatches)
+        return call
 
     def _update(self, var, fn, args, kwargs, group):
         # The optimizer's update runs where the variable and its slots are.
@@ -181,11 +212,12 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
         )
         device_of = {}
         for layer, device in zip(layers, devices, strict=True):
+            if placement.places_itself(layer):
+                continue  # its slots were created beside its weights
             for variable in layer.variables:
-                # Slots of self-placed weights were created beside them.
-                if not placement.places_itself(layer):
-                    device_of[id(variable.value)] = device
-            placement.place_layer(layer, device, functools.partial(order.record, layer))
+                device_of[id(variable.value)] = device
+            placement.move_layer(layer, device)
+            self._layer_devices[layer] = (device, model)
         optimizer = getattr(model, "optimizer", None)  # None before compile
         if optimizer is not None:
             moved = {id(slot): id(owner) for slot, owner in self._slots}
@@ -195,13 +227,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
                     placement.move_variable(slot, device_of[owner])
         # Slots created from now on are colocated with moved variables.
         self._slots = [(s, o) for s, o in self._slots if id(o) not in device_of]
-        call = model.call
-        if not isinstance(self.partition, Mapping):
-            call = order.checked(call)  # a dict may place layers in any order
-        if self.num_microbatches > 1:
-            call = microbatch.microbatched(call, self.num_microbatches)
-        model.call = call
-        self._placed.add(model)
+        self._placed[model] = order
 
 
 def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
