@@ -74,9 +74,9 @@ def test_element_spec_has_an_unknown_replica_batch():
 
 
 def test_common_samples_cuts_uneven_pieces_to_the_shortest():
-    from tensorflow.python.distribute import values as values_lib
+    from keras_parallel._tf_internal import PerReplica
 
-    uneven = values_lib.PerReplica((tf.ones((3, 2)), tf.ones((2, 2))))
+    uneven = PerReplica((tf.ones((3, 2)), tf.ones((2, 2))))
     assert [v.shape[0] for v in batch_split.common_samples(uneven).values] == [2, 2]
-    even = values_lib.PerReplica((tf.ones((2, 2)), tf.zeros((2, 2))))
+    even = PerReplica((tf.ones((2, 2)), tf.zeros((2, 2))))
     assert batch_split.common_samples(even) is even

@@ -18,6 +18,7 @@ from test_data_parallel import CONV_DATA, conv_batchnorm_adam
 from transparency import devices
 
 import keras_parallel
+from keras_parallel._tf_internal import sublayers
 
 # Set by Keras from the strategy in scope when the object is created.
 STRATEGY_ATTRIBUTES = {"_distribute_strategy", "_distribution_strategy"}
@@ -27,7 +28,7 @@ def objects(model):
     return {
         "model": model,
         "optimizer": model.optimizer,
-        **{f"layer {layer.name}": layer for layer in model._flatten_layers()},
+        **{f"layer {layer.name}": layer for layer in sublayers(model)},
     }
 
 

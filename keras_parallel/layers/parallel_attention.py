@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-# Keras' own mask bookkeeping, as keras.layers.MultiHeadAttention uses it.
-from keras.src.backend.common.masking import get_keras_mask, set_keras_mask
+from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
 
+# Keras' own mask bookkeeping, as keras.layers.MultiHeadAttention uses it.
 from keras_parallel.layers import sharding
 from keras_parallel.partition.placement import move_variable, run_on
 

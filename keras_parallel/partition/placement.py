@@ -13,7 +13,13 @@ import functools
 
 import keras
 import tensorflow as tf
-from tensorflow.python.ops import resource_variable_ops
+
+from keras_parallel._tf_internal import (
+    keras_logits,
+    replace_storage,
+    set_keras_logits,
+    variable_on,
+)
 
 
 def stage_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -32,24 +38,10 @@ def move_variable(variable: keras.Variable, device: str) -> None:
     The Keras variable object stays the same, so the layer, the optimizer
     and any checkpoint keep referring to it.
     """
-    old = variable.value
-    if tf.DeviceSpec.from_string(old.device) == tf.DeviceSpec.from_string(device):
+    current = tf.DeviceSpec.from_string(variable.value.device)
+    if current == tf.DeviceSpec.from_string(device):
         return
-    with tf.init_scope(), tf.device(device):
-        # Built directly rather than through tf.Variable, which a strategy's
-        # variable creator would place on its own device.
-        new = resource_variable_ops.ResourceVariable(
-            old.read_value(),
-            trainable=old.trainable,
-            name=variable.name,
-            aggregation=old.aggregation,
-            synchronization=old.synchronization,
-            # Still the strategy's variable: optimizers check that.
-            distribute_strategy=old._distribute_strategy,
-        )
-    # Keras optimizers key their per-variable state by this id.
-    new._unique_id = old._unique_id
-    variable._value = new
+    replace_storage(variable, variable_on(variable, device))
 
 
 def run_on(call, device: str, on_call=None):
@@ -116,7 +108,7 @@ def run_on(call, device: str, on_call=None):
         for index, logits in zip(
             with_logits, results[len(flat_outputs) :], strict=True
         ):
-            flat_outputs[index]._keras_logits = logits
+            set_keras_logits(flat_outputs[index], logits)
         return tf.nest.pack_sequence_as(outputs, flat_outputs)
 
     return wrapped
@@ -124,14 +116,10 @@ def run_on(call, device: str, on_call=None):
 
 def _keras_logits(flat_outputs) -> dict[int, tf.Tensor]:
     """Output index -> the logits Keras' softmax and sigmoid attach to their
-    output (`_keras_logits`), from which Keras' cross-entropies start; they
-    leave the wrapper beside the outputs so the loss sees what it sees on one
-    device."""
-    return {
-        i: x._keras_logits
-        for i, x in enumerate(flat_outputs)
-        if getattr(x, "_keras_logits", None) is not None
-    }
+    output, from which Keras' cross-entropies start; they leave the wrapper
+    beside the outputs so the loss sees what it sees on one device."""
+    found = {i: keras_logits(x) for i, x in enumerate(flat_outputs)}
+    return {i: logits for i, logits in found.items() if logits is not None}
 
 
 def places_itself(layer: keras.layers.Layer) -> bool:

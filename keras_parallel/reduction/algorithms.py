@@ -7,7 +7,8 @@ import abc
 from collections.abc import Sequence
 
 import tensorflow as tf
-from tensorflow.python.distribute import values as values_lib
+
+from keras_parallel._tf_internal import PerReplica, nccl_all_sum
 
 NAMES = ("auto", "in_process", "nccl")
 
@@ -78,9 +79,7 @@ class NcclAllReduce(AllReduceAlgorithm):
     default_bucket_mb = 25.0  # PyTorch DDP's bucket_cap_mb
 
     def all_reduce(self, parts, accumulate_dtype=None):
-        from tensorflow.python.ops import nccl_ops
-
-        sums = nccl_ops.all_sum(list(parts))
+        sums = nccl_all_sum(list(parts))
         if accumulate_dtype is None:
             return sums
         result = []
@@ -112,7 +111,7 @@ class CollectiveAllReduce(AllReduceAlgorithm):
         self.num_workers = num_workers
 
     def all_reduce(self, parts, accumulate_dtype=None):
-        per_replica = values_lib.PerReplica(list(parts))
+        per_replica = PerReplica(list(parts))
         reduced = self._collective.reduce(
             tf.distribute.ReduceOp.SUM, per_replica, destinations=per_replica
         )

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
-from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
-from tensorflow.python.distribute import cross_device_utils, distribute_utils
-from tensorflow.python.distribute import values as values_lib
 
+from keras_parallel._tf_internal import (
+    Mirrored,
+    aggregate_tensors,
+    check_destinations,
+    divide_by_n,
+    gather_to_one_device,
+    get_devices_from,
+    regroup,
+)
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm, resolve_algorithm
 from keras_parallel.reduction.communicator import Communicator, Transfer
 from keras_parallel.reduction.compression import Compression, resolve_compression
@@ -142,13 +148,8 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
     @staticmethod
     def _regroup(reduce_op, parts, num_replicas):
         if reduce_op == tf.distribute.ReduceOp.MEAN:
-            parts = [
-                cross_device_utils.divide_by_n_tensors_or_indexed_slices(
-                    p, num_replicas
-                )
-                for p in parts
-            ]
-        return distribute_utils.regroup(parts, wrap_class=values_lib.Mirrored)
+            parts = [divide_by_n(p, num_replicas) for p in parts]
+        return regroup(parts, wrap_class=Mirrored)
 
     def _reduce_dense(self, gradients):
         if self._algorithm is None:
@@ -167,9 +168,7 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         return sums
 
     def _gather_implementation(self, per_replica_value, destinations, axis, options):
-        return cross_device_ops_lib.ReductionToOneDevice()._gather_implementation(
-            per_replica_value, destinations, axis, options
-        )
+        return gather_to_one_device(per_replica_value, destinations, axis, options)
 
     def communication_stats(self) -> dict:
         """What the last traced reduction of dense values sends, per replica.
@@ -206,9 +205,9 @@ def _is_dense(parts) -> bool:
 
 
 def _devices(destinations, value) -> list[str]:
-    if cross_device_ops_lib.check_destinations(destinations):
-        return list(cross_device_ops_lib.get_devices_from(destinations))
-    return list(cross_device_ops_lib.get_devices_from(value))
+    if check_destinations(destinations):
+        return list(get_devices_from(destinations))
+    return list(get_devices_from(value))
 
 
 def _copy_and_sum(parts, devices) -> list:
@@ -217,5 +216,5 @@ def _copy_and_sum(parts, devices) -> list:
     sums = []
     for device in devices:
         with tf.device(device):
-            sums.append(cross_device_utils.aggregate_tensors_or_indexed_slices(parts))
+            sums.append(aggregate_tensors(parts))
     return sums

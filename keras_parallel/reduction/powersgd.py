@@ -22,8 +22,8 @@ into buckets.
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.python.ops import resource_variable_ops
 
+from keras_parallel._tf_internal import local_variable
 from keras_parallel._validation import check_int
 from keras_parallel.reduction.compression import Compression
 
@@ -214,10 +214,10 @@ class PowerSGD(Compression):
             )
             for part in parts:
                 with tf.device(part.device):
-                    q.append(_variable(initial_q, f"powersgd_q_{index}"))
+                    q.append(local_variable(initial_q, f"powersgd_q_{index}"))
                     if self.error_feedback:
                         error.append(
-                            _variable(
+                            local_variable(
                                 tf.zeros([n, m], part.dtype), f"powersgd_error_{index}"
                             )
                         )
@@ -226,16 +226,8 @@ class PowerSGD(Compression):
     def _step_counter(self):
         if self._step is None:
             with tf.init_scope():
-                self._step = _variable(tf.constant(0, tf.int64), "powersgd_step")
+                self._step = local_variable(tf.constant(0, tf.int64), "powersgd_step")
         return self._step
-
-
-def _variable(initial_value, name):
-    # Constructed directly, not through tf.Variable: inside a strategy's scope
-    # that would make a mirrored variable; this state is per device.
-    return resource_variable_ops.ResourceVariable(
-        initial_value, trainable=False, name=name
-    )
 
 
 def _on(tensor, fn):

@@ -13,9 +13,14 @@ copy to each replica's device. Creating an epoch's iterator costs what a plain
 from __future__ import annotations
 
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_utils, input_lib
-from tensorflow.python.distribute import values as values_lib
-from tensorflow.python.framework import composite_tensor, type_spec
+
+from keras_parallel._tf_internal import (
+    CompositeTensor,
+    DistributedDataset,
+    PerReplica,
+    PerReplicaSpec,
+    regroup,
+)
 
 
 def replica_batch_sizes(global_size: tf.Tensor, num_replicas: int) -> tf.Tensor:
@@ -51,7 +56,7 @@ def replica_loss_weights(args, num_replicas: int) -> tf.Tensor | None:
     all-reduced statistics.
     """
     for leaf in tf.nest.flatten(args, expand_composites=False):
-        if isinstance(leaf, values_lib.PerReplica):
+        if isinstance(leaf, PerReplica):
             sizes = []
             for part in leaf.values:
                 # Read on the piece's own device: a Shape op elsewhere would
@@ -104,7 +109,7 @@ def split_batch(
                 tf.identity(leaf_pieces[first_replica + i]) for leaf_pieces in pieces
             ]
         per_replica.append(tf.nest.pack_sequence_as(batch, local))
-    return distribute_utils.regroup(tuple(per_replica), always_wrap=True)
+    return regroup(tuple(per_replica), always_wrap=True)
 
 
 def common_samples(value):
@@ -119,7 +124,7 @@ def common_samples(value):
     """
 
     def cut(v):
-        if not isinstance(v, values_lib.PerReplica):
+        if not isinstance(v, PerReplica):
             return v
         shapes = [part.shape for part in v.values]
         if not all(s.rank and s.is_fully_defined() for s in shapes):
@@ -128,7 +133,7 @@ def common_samples(value):
         if len(sizes) == 1:
             return v
         n = min(sizes)
-        return values_lib.PerReplica(tuple(part[:n] for part in v.values))
+        return PerReplica(tuple(part[:n] for part in v.values))
 
     return tf.nest.map_structure(cut, value)
 
@@ -140,12 +145,12 @@ def _replica_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
 def per_replica_element_spec(global_spec, num_replicas: int):
     """The element spec of `split_batch` applied to elements of `global_spec`."""
     return tf.nest.map_structure(
-        lambda s: values_lib.PerReplicaSpec(*[_replica_spec(s)] * num_replicas),
+        lambda s: PerReplicaSpec(*[_replica_spec(s)] * num_replicas),
         global_spec,
     )
 
 
-class SplitBatchDataset(input_lib.DistributedDataset):
+class SplitBatchDataset(DistributedDataset):
     """A dataset of global batches whose iterators yield per-replica pieces.
 
     It derives from TensorFlow's own distributed dataset class (whose
@@ -204,7 +209,7 @@ class SplitBatchDataset(input_lib.DistributedDataset):
         )
 
 
-class SplitBatchIteratorSpec(type_spec.TypeSpec):
+class SplitBatchIteratorSpec(tf.TypeSpec):
     """Type spec of `SplitBatchIterator`, so that a `tf.function` taking an
     iterator is traced once for all epochs."""
 
@@ -234,9 +239,7 @@ class SplitBatchIteratorSpec(type_spec.TypeSpec):
         return SplitBatchIterator(components, self._host, self._devices, self._share)
 
 
-class SplitBatchIterator(
-    tf.distribute.DistributedIterator, composite_tensor.CompositeTensor
-):
+class SplitBatchIterator(tf.distribute.DistributedIterator, CompositeTensor):
     """Iterator yielding each global batch as per-replica pieces.
 
     `share` is (index of this process's first replica, number of replicas).

@@ -21,6 +21,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from keras_parallel._tf_internal import sublayers
+
 
 class GlobalStatistics:
     """Put before a BatchNormalization layer's class while DataParallel
@@ -34,7 +36,9 @@ class GlobalStatistics:
         if mask is not None:
             weights = tf.cast(tf.expand_dims(mask, -1), inputs.dtype)
             weights = tf.broadcast_to(weights, tf.shape(inputs))
-        return global_moments(inputs, self._reduction_axes, weights)
+        rank = len(inputs.shape)
+        axes = [i for i in range(rank) if i != self.axis % rank]
+        return global_moments(inputs, axes, weights)
 
 
 def batch_norm_layers(models) -> list[keras.layers.BatchNormalization]:
@@ -42,7 +46,7 @@ def batch_norm_layers(models) -> list[keras.layers.BatchNormalization]:
     return [
         layer
         for model in models
-        for layer in model._flatten_layers(include_self=False)
+        for layer in sublayers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 

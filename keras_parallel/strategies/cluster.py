@@ -14,6 +14,8 @@ import socket
 
 import tensorflow as tf
 
+from keras_parallel._tf_internal import collective_server_started
+
 ENVIRONMENT_VARIABLE = "TF_CONFIG"
 # Jobs whose tasks train under a collective strategy; a chief is a worker
 # that also writes checkpoints and summaries.
@@ -70,9 +72,7 @@ def resolve_cluster(
 def _check_own_port(cluster_resolver) -> None:
     """Fails early when this task's port is taken: TensorFlow would report it
     from inside its gRPC server start-up."""
-    from tensorflow.python.eager import context
-
-    if context.context()._collective_ops_server_def is not None:
+    if collective_server_started():
         return  # this process's own server holds the port already
     task_type, task_id = cluster_resolver.task_type, cluster_resolver.task_id
     address = cluster_resolver.cluster_spec().task_address(task_type, task_id)
@@ -134,9 +134,7 @@ def _check_cluster(cluster: dict, task, source: str) -> None:
             )
         for address in addresses:
             _check_address(job, address, source)
-    everywhere = [
-        a for addresses in cluster.values() for a in _address_list(addresses)
-    ]
+    everywhere = [a for addresses in cluster.values() for a in _address_list(addresses)]
     repeated = sorted({a for a in everywhere if everywhere.count(a) > 1})
     if repeated:
         _fail(f"gives the address(es) {repeated} to more than one task.", source)
@@ -175,8 +173,7 @@ def _check_address(job: str, address, source: str) -> None:
         _fail(f"job {job!r} has the address {address!r}, not 'host:port'.", source)
     if not 1 <= int(port) <= 65535:
         _fail(
-            f"job {job!r} has the address {address!r}; a port must be "
-            "from 1 to 65535.",
+            f"job {job!r} has the address {address!r}; a port must be from 1 to 65535.",
             source,
         )
 

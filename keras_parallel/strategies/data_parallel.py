@@ -5,11 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import tensorflow as tf
-from tensorflow.python.distribute import cross_device_ops as cross_device_ops_lib
-from tensorflow.python.distribute import (
-    mirrored_strategy,
-)
 
+from keras_parallel._tf_internal import MirroredExtended
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
@@ -214,7 +211,7 @@ class DataParallel(tf.distribute.Strategy):
         return f"DataParallel(devices=[{devices}])"
 
 
-class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
+class DataParallelExtended(ReplicaFeatures, MirroredExtended):
     """Strategy internals on one machine: MirroredStrategy's replica machinery
     with our own input splitting, reduction and update placement."""
 
@@ -237,7 +234,7 @@ class DataParallelExtended(ReplicaFeatures, mirrored_strategy.MirroredExtended):
 
     def _get_cross_device_ops(self, value):
         if has_integers(value):
-            return cross_device_ops_lib.ReductionToOneDevice()
+            return tf.distribute.ReductionToOneDevice()
         if self._reducing_gradients:
             return self._gradient_reduction
         # Not MirroredExtended's choice: it turns to collective ops whenever

@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 
 import tensorflow as tf
-from tensorflow.python.distribute import values as values_lib
+
+from keras_parallel._tf_internal import DistributedVariable, PerReplica
 
 # The name Keras' `BaseOptimizer.build` gives its accumulators; together with
 # a model variable as `colocate_with` it marks one being created.
@@ -32,9 +33,9 @@ _ACCUMULATOR_NAME = "gradient_accumulator"
 def is_accumulator(kwargs: dict) -> bool:
     """Whether variable-creation `kwargs` are those of a Keras gradient
     accumulator for a distributed model variable."""
-    return isinstance(
-        kwargs.get("colocate_with"), values_lib.DistributedVariable
-    ) and str(kwargs.get("name", "")).endswith(_ACCUMULATOR_NAME)
+    return isinstance(kwargs.get("colocate_with"), DistributedVariable) and str(
+        kwargs.get("name", "")
+    ).endswith(_ACCUMULATOR_NAME)
 
 
 class LocalAccumulators:
@@ -118,7 +119,7 @@ class LocalAccumulators:
             return None
         graph = tf.compat.v1.get_default_graph()
         if graph not in self._sums:
-            pairs = [(values_lib.PerReplica(_read(acc)), acc) for acc in self._reading]
+            pairs = [(PerReplica(_read(acc)), acc) for acc in self._reading]
             self._sums[graph] = dict(
                 zip(map(id, self._reading), self._batch_reduce(pairs), strict=True)
             )

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_lib, one_device_strategy
 
+from keras_parallel._tf_internal import OneDeviceExtended, UpdateContext
 from keras_parallel._validation import check_int
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.partition import microbatch, placement
@@ -115,7 +115,7 @@ def _check_partition(partition, devices) -> None:
     )
 
 
-class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
+class ModelParallelExtended(OneDeviceExtended):
     """One replica; inputs, losses and metrics on the first device, each
     layer's weights, slots, forward and backward on its stage's."""
 
@@ -187,7 +187,7 @@ class ModelParallelExtended(one_device_strategy.OneDeviceExtended):
     def _update(self, var, fn, args, kwargs, group):
         # The optimizer's update runs where the variable and its slots are.
         device = var.device
-        with tf.device(device), distribute_lib.UpdateContext(device):
+        with tf.device(device), UpdateContext(device):
             result = fn(var, *args, **kwargs)
         if group:
             return result

@@ -20,8 +20,13 @@ import functools
 import re
 
 import tensorflow as tf
-from tensorflow.python.distribute import collective_all_reduce_strategy, collective_util
 
+from keras_parallel._tf_internal import (
+    CollectiveAllReduceExtended,
+    CollectiveAllReduceStrategy,
+    num_workers,
+    worker_id,
+)
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.strategies.data_parallel import DataParallel
@@ -29,8 +34,8 @@ from keras_parallel.strategies.replica_features import ReplicaFeatures
 from keras_parallel.strategies.step_model import step_model
 
 IMPLEMENTATIONS = {
-    "auto": collective_util.CommunicationImplementation.AUTO,
-    "nccl": collective_util.CommunicationImplementation.NCCL,
+    "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+    "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
 }
 
 
@@ -47,20 +52,18 @@ class WorkerFailedError(RuntimeError):
     """Another worker of the cluster stopped, so training cannot go on."""
 
 
-class MultiWorkerDataParallel(
-    DataParallel, collective_all_reduce_strategy.CollectiveAllReduceStrategy
-):
+class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
     """What `DataParallel(...)` returns when it finds a cluster of two or more
     workers. It is also a `tf.distribute.MultiWorkerMirroredStrategy`, so that
     Keras gathers `predict` outputs from all workers."""
 
     @property
     def num_workers(self) -> int:
-        return self.extended._num_workers
+        return num_workers(self.extended)
 
     @property
     def worker_index(self) -> int:
-        return self.extended._id_in_cluster
+        return worker_id(self.extended)
 
     @property
     def is_chief(self) -> bool:
@@ -86,9 +89,7 @@ class MultiWorkerDataParallel(
         )
 
 
-class MultiWorkerExtended(
-    ReplicaFeatures, collective_all_reduce_strategy.CollectiveAllReduceExtended
-):
+class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
     """Strategy internals across workers: the collective engine's cluster and
     variable initialisation, with DataParallel's input, reduction,
     BatchNormalization and update placement."""
@@ -118,13 +119,15 @@ class MultiWorkerExtended(
                 "NCCL between GPUs where TensorFlow picks it) or 'nccl'. "
                 f"Received: reduction={reduction!r}"
             )
-        options = collective_util.Options(implementation=IMPLEMENTATIONS[reduction])
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=IMPLEMENTATIONS[reduction]
+        )
         super().__init__(
             container_strategy,
             cluster_resolver=cluster_resolver,
             communication_options=options,
         )
-        algorithm = CollectiveAllReduce(self._cross_device_ops, self._num_workers)
+        algorithm = CollectiveAllReduce(self._cross_device_ops, num_workers(self))
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops
         )

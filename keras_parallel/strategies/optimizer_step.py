@@ -22,6 +22,8 @@ import functools
 import keras
 import tensorflow as tf
 
+from keras_parallel._tf_internal import loss_scale_apply
+
 
 class ReplicaStepOptimizer:
     """Mixed in before an optimizer's class while DataParallel traces a step.
@@ -69,4 +71,4 @@ def _apply_loss_scale(optimizer, grads, variables):
     if not optimizer.built:
         optimizer.build(variables)
         optimizer.built = True
-    optimizer._common_apply(grads, variables)
+    loss_scale_apply(optimizer, grads, variables)

@@ -6,10 +6,16 @@ from __future__ import annotations
 import contextlib
 
 import tensorflow as tf
-from tensorflow.python.distribute import distribute_lib, distribute_utils
-from tensorflow.python.distribute import values as values_lib
-from tensorflow.python.ops import control_flow_util
 
+from keras_parallel._tf_internal import (
+    DistributedVariable,
+    MirroredVariable,
+    SyncOnReadVariable,
+    UpdateContext,
+    in_xla_context,
+    select_replica,
+    update_regroup,
+)
 from keras_parallel.strategies import batch_split, batchnorm
 from keras_parallel.strategies.local_accumulation import (
     LocalAccumulators,
@@ -120,8 +126,8 @@ class ReplicaFeatures:
             return value
         variable = getattr(variables[index], "value", variables[index])
         if not (
-            isinstance(variable, values_lib.MirroredVariable)
-            and isinstance(value, values_lib.DistributedValues)
+            isinstance(variable, MirroredVariable)
+            and isinstance(value, tf.distribute.DistributedValues)
         ):
             return value  # one local replica gives a plain tensor
         return value.values[self._owners.owner(variable)]
@@ -144,7 +150,7 @@ class ReplicaFeatures:
         if (
             options is not None
             and options.experimental_replication_mode
-            == distribute_lib.InputReplicationMode.PER_REPLICA
+            == tf.distribute.InputReplicationMode.PER_REPLICA
         ):
             raise NotImplementedError(
                 "InputReplicationMode.PER_REPLICA is only supported by "
@@ -167,9 +173,7 @@ class ReplicaFeatures:
         )
 
     def _call_for_each_replica(self, fn, args, kwargs):
-        if control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        ):
+        if in_xla_context():
             raise ValueError(
                 "DataParallel cannot run inside an XLA-compiled function: XLA "
                 "compiles a function for one device, and DataParallel runs one "
@@ -221,16 +225,14 @@ class ReplicaFeatures:
                 kwargs,
             )
         colocate_with = kwargs.get("colocate_with")
-        if self._shard_optimizer and isinstance(
-            colocate_with, values_lib.MirroredVariable
-        ):
+        if self._shard_optimizer and isinstance(colocate_with, MirroredVariable):
             # An optimizer slot: one copy, on the owner of its variable.
             kwargs.pop("colocate_with")
             device = colocate_with.values[self._owners.owner(colocate_with)].device
             with tf.device(device):
                 return next_creator(**kwargs)
         variable = super()._create_variable(next_creator, **kwargs)
-        if isinstance(variable, values_lib.MirroredVariable):
+        if isinstance(variable, MirroredVariable):
             self._owners.assign(variable)
         return variable
 
@@ -241,34 +243,34 @@ class ReplicaFeatures:
             and getattr(var, "trainable", False)
         ):
             self._warn_unreduced_update(var)
-        if self._applying_once and not isinstance(var, values_lib.DistributedVariable):
+        if self._applying_once and not isinstance(var, DistributedVariable):
             # Optimizer state on its variable's owner (accumulators, moving
             # averages): updated where it lives, once.
-            with tf.device(var.device), distribute_lib.UpdateContext(var.device):
+            with tf.device(var.device), UpdateContext(var.device):
                 return fn(var, *args, **kwargs)
         _require_distributed(var)
-        if self._applying_once and isinstance(var, values_lib.SyncOnReadVariable):
+        if self._applying_once and isinstance(var, SyncOnReadVariable):
             # A local gradient accumulator: its value is the sum of its copies
             # (on all workers) and this update's value is the whole batch's,
             # so one copy takes it: the first replica's.
             if self._get_replica_id_in_sync_group(0) != 0:
                 return tf.no_op()
             copy = var.values[0]
-            with tf.device(copy.device), distribute_lib.UpdateContext(0):
+            with tf.device(copy.device), UpdateContext(0):
                 return fn(copy, *args, **kwargs)
-        if not (self._shard_optimizer and isinstance(var, values_lib.MirroredVariable)):
+        if not (self._shard_optimizer and isinstance(var, MirroredVariable)):
             return super()._update(var, fn, args, kwargs, group)
         owner = self._owners.owner(var)
         components = var.values
         with (
             tf.device(components[owner].device),
-            distribute_lib.UpdateContext(owner),
+            UpdateContext(owner),
             tf.name_scope(f"update_{owner}"),
         ):
             result = fn(
                 components[owner],
-                *distribute_utils.select_replica(owner, args),
-                **distribute_utils.select_replica(owner, kwargs),
+                *select_replica(owner, args),
+                **select_replica(owner, kwargs),
             )
             new_value = components[owner].read_value()
         # Non-owners return what the owner's update returned (nothing, an op,
@@ -282,16 +284,18 @@ class ReplicaFeatures:
             with tf.device(component.device), tf.name_scope(f"update_{i}"):
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
-        return distribute_utils.update_regroup(self, updates, group)
+        return update_regroup(self, updates, group)
 
 
 def has_integers(value) -> bool:
-    parts = value.values if isinstance(value, values_lib.DistributedValues) else [value]
+    parts = (
+        value.values if isinstance(value, tf.distribute.DistributedValues) else [value]
+    )
     return any(not tf.as_dtype(p.dtype).is_floating for p in parts)
 
 
 def _require_distributed(variable) -> None:
-    if not isinstance(variable, values_lib.DistributedVariable):
+    if not isinstance(variable, DistributedVariable):
         raise ValueError(
             f"Variable {variable.name!r} was created outside "
             "`DataParallel.scope()`, so it lives on one device only. Build and "

@@ -1,0 +1,203 @@
+"""Every TensorFlow and Keras internal keras_parallel relies on, in one place.
+
+tf.distribute documents how to use a strategy but not how to write one: the
+extension points (`StrategyExtended`'s underscore hooks, the distributed value
+and variable classes) live in `tensorflow.python.distribute`. Keras' hooks
+between a layer or optimizer and its arithmetic are underscore methods too.
+This module is the only one that imports `tensorflow.python.*` or
+`keras.src.*` or touches a private attribute of a TensorFlow or Keras object
+(`tests/test_tf_internal.py` fails on one elsewhere); the rest of the package
+uses public APIs and the names below.
+
+Checked on TensorFlow 2.21 and Keras 3.15, the range `setup.cfg` declares and
+`.ci/run` tests. `HOOKS` lists the private methods our subclasses override or
+call; the test checks that each still exists with the arguments we pass.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common import masking
+from tensorflow.python.distribute import (
+    collective_all_reduce_strategy,
+    cross_device_ops,
+    cross_device_utils,
+    distribute_lib,
+    distribute_utils,
+    input_lib,
+    mirrored_strategy,
+    one_device_strategy,
+    values,
+)
+from tensorflow.python.framework import composite_tensor
+from tensorflow.python.ops import control_flow_util, resource_variable_ops
+
+# Strategy internals our strategies derive from (`strategies/`): MirroredStrategy's
+# replicas on one machine, the collective engine across workers, one device.
+MirroredExtended = mirrored_strategy.MirroredExtended
+CollectiveAllReduceExtended = collective_all_reduce_strategy.CollectiveAllReduceExtended
+CollectiveAllReduceStrategy = collective_all_reduce_strategy.CollectiveAllReduceStrategy
+OneDeviceExtended = one_device_strategy.OneDeviceExtended
+
+# Distributed values and variables: what replicas hand each other and what a
+# strategy's variable creator returns.
+PerReplica = values.PerReplica
+PerReplicaSpec = values.PerReplicaSpec
+Mirrored = values.Mirrored
+DistributedVariable = values.DistributedVariable
+MirroredVariable = values.MirroredVariable
+SyncOnReadVariable = values.SyncOnReadVariable
+
+# Helpers of the stock strategies that custom `_update`/reductions need to
+# return what callers expect.
+select_replica = distribute_utils.select_replica
+regroup = distribute_utils.regroup
+update_regroup = distribute_utils.update_regroup
+UpdateContext = distribute_lib.UpdateContext
+get_devices_from = cross_device_ops.get_devices_from
+check_destinations = cross_device_ops.check_destinations
+divide_by_n = cross_device_utils.divide_by_n_tensors_or_indexed_slices
+aggregate_tensors = cross_device_utils.aggregate_tensors_or_indexed_slices
+
+# Keras recognises a distributed dataset by this class (`batch_split.py`);
+# our iterator is a composite tensor so that it can enter a tf.function.
+DistributedDataset = input_lib.DistributedDataset
+CompositeTensor = composite_tensor.CompositeTensor
+
+# Keras' masks travel as a tensor attribute (tensor-parallel attention).
+get_keras_mask = masking.get_keras_mask
+set_keras_mask = masking.set_keras_mask
+
+# Private methods overridden (by the subclass named) or called; the test checks
+# each on the installed versions.
+HOOKS = {
+    MirroredExtended: (
+        "_call_for_each_replica",
+        "_create_variable",
+        "_experimental_distribute_dataset",
+        "_get_cross_device_ops",
+        "_get_replica_id_in_sync_group",
+        "_local_results",
+        "_reduce_to",
+        "_update",
+        "_use_merge_call",
+    ),
+    CollectiveAllReduceExtended: ("_reduce_to", "_call_for_each_replica"),
+    OneDeviceExtended: (
+        "_call_for_each_replica",
+        "_create_variable",
+        "_experimental_distribute_dataset",
+        "_update",
+    ),
+    keras.layers.BatchNormalization: ("_moments",),
+    # Keras' own attention-mask logic, reused by ParallelMultiHeadAttention.
+    keras.layers.MultiHeadAttention: ("_compute_attention_mask",),
+    keras.optimizers.LossScaleOptimizer: ("_common_apply",),
+    keras.Model: ("_flatten_layers",),
+    tf.distribute.CrossDeviceOps: (
+        "_gather_implementation",
+        "_num_between_graph_workers",
+    ),
+}
+
+# Attributes of the stock strategies' extended objects that ours read.
+EXTENDED_ATTRIBUTES = (
+    "_cross_device_ops",
+    "_devices",
+    "_input_workers_devices",
+    "_num_replicas_in_sync",
+)
+
+
+def in_xla_context() -> bool:
+    """Whether the graph being built is compiled by XLA."""
+    return control_flow_util.GraphOrParentsInXlaContext(
+        tf.compat.v1.get_default_graph()
+    )
+
+
+def collective_server_started() -> bool:
+    """Whether this process already runs TensorFlow's collective server."""
+    from tensorflow.python.eager import context
+
+    return context.context()._collective_ops_server_def is not None
+
+
+def nccl_all_sum(tensors: list) -> list:
+    """NCCL all-reduce (sum) of one tensor per GPU (imported on first use:
+    it loads the NCCL kernels)."""
+    from tensorflow.python.ops import nccl_ops
+
+    return nccl_ops.all_sum(tensors)
+
+
+def gather_to_one_device(per_replica_value, destinations, axis, options):
+    """`CrossDeviceOps.gather` as `tf.distribute.ReductionToOneDevice` does it."""
+    return tf.distribute.ReductionToOneDevice()._gather_implementation(
+        per_replica_value, destinations, axis, options
+    )
+
+
+def num_workers(extended) -> int:
+    """Workers of a collective strategy's cluster."""
+    return extended._num_workers
+
+
+def worker_id(extended) -> int:
+    """This process's index among a collective strategy's workers."""
+    return extended._id_in_cluster
+
+
+def sublayers(model: keras.Model) -> list:
+    """Every layer inside `model`, nested ones included."""
+    return list(model._flatten_layers(include_self=False))
+
+
+def loss_scale_apply(optimizer, grads, variables) -> None:
+    """`LossScaleOptimizer`'s backend-neutral apply: one finite check and one
+    loss scale; its TensorFlow path refuses cross-replica context."""
+    optimizer._common_apply(grads, variables)
+
+
+def keras_logits(tensor):
+    """The logits Keras' softmax and sigmoid attach to their output, or None."""
+    return getattr(tensor, "_keras_logits", None)
+
+
+def set_keras_logits(tensor, logits) -> None:
+    tensor._keras_logits = logits
+
+
+def local_variable(initial_value, name: str) -> tf.Variable:
+    """A variable on the current device only, also inside a strategy's scope
+    (`tf.Variable` there would make a mirrored variable)."""
+    return resource_variable_ops.ResourceVariable(
+        initial_value, trainable=False, name=name
+    )
+
+
+def variable_on(variable: keras.Variable, device: str) -> tf.Variable:
+    """A new TensorFlow variable on `device` with the value and settings of
+    `variable`'s storage, made directly rather than through `tf.Variable`,
+    which a strategy's variable creator would place on its own device."""
+    old = variable.value
+    with tf.init_scope(), tf.device(device):
+        new = resource_variable_ops.ResourceVariable(
+            old.read_value(),
+            trainable=old.trainable,
+            name=variable.name,
+            aggregation=old.aggregation,
+            synchronization=old.synchronization,
+            # Still the strategy's variable: optimizers check that.
+            distribute_strategy=old._distribute_strategy,
+        )
+    # Keras optimizers key their per-variable state by this id.
+    new._unique_id = old._unique_id
+    return new
+
+
+def replace_storage(variable: keras.Variable, storage: tf.Variable) -> None:
+    """Makes the Keras variable read and write `storage`; layers, optimizers
+    and checkpoints keep referring to the same Keras variable."""
+    variable._value = storage
