@@ -1,7 +1,7 @@
 """Which Keras features give single-device numbers under each strategy.
 
 Each feature trains a small seeded MLP for 2 epochs (batch 64, 256 samples) on
-one device, under MirroredStrategy, DataParallel and ModelParallel on the same
+one device, under MirroredStrategy, DataParallel and PipelineParallel on the same
 2 logical CPUs, and compares the weights with one device: a cell is ✔ when
 the largest difference is at most 1e-5 (float32 rounding of a reordered sum
 moves these weights by < 1e-6), the difference when larger, or the error.
@@ -27,7 +27,7 @@ TOLERANCE = 1e-5
 NUM_DEVICES = 2
 
 
-STRATEGIES = ["MirroredStrategy", "DataParallel", "ModelParallel"]
+STRATEGIES = ["MirroredStrategy", "DataParallel", "PipelineParallel"]
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def row(name: str) -> dict:
     makers = {
         "MirroredStrategy": features.mirrored,
         "DataParallel": features.data_parallel,
-        "ModelParallel": features.model_parallel,
+        "PipelineParallel": features.model_parallel,
     }
     return {s: cell(feature, makers[s], reference) for s in STRATEGIES}
 

@@ -27,7 +27,7 @@ def data_parallel():
 
 
 def model_parallel():
-    return keras_parallel.ModelParallel(DEVICES)
+    return keras_parallel.PipelineParallel(DEVICES)
 
 
 def build(optimizer="sgd", model_class=keras.Sequential, **compile_kwargs):

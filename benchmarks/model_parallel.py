@@ -1,7 +1,7 @@
-"""Step time of ModelParallel over single-device step time under `fit`.
+"""Step time of PipelineParallel over single-device step time under `fit`.
 
 An 8x1024 Dense MLP (64 inputs, Adam, global batch 256) on one device and
-under ModelParallel with 2 and 4 stages and 1, 4 and 8 micro-batches, all in
+under PipelineParallel with 2 and 4 stages and 1, 4 and 8 micro-batches, all in
 one process on 4 logical CPU devices. The setups take turns, one epoch each
 and a different one first every round; each round gives every setup's epoch
 time over the single device's in that round, and the figure is the median of
@@ -50,7 +50,7 @@ def main() -> None:
     setups = {(1, 1): tf.distribute.get_strategy()}
     for stages in (2, 4):
         for microbatches in (1, 4, 8):
-            setups[(stages, microbatches)] = keras_parallel.ModelParallel(
+            setups[(stages, microbatches)] = keras_parallel.PipelineParallel(
                 devices[:stages], num_microbatches=microbatches
             )
     models = {key: build(strategy) for key, strategy in setups.items()}

@@ -1,5 +1,5 @@
 """A transformer block built from keras_parallel's tensor-parallel layers,
-trained with an unchanged `fit` under ModelParallel on 4 logical devices.
+trained with an unchanged `fit` under PipelineParallel on 4 logical devices.
 
 Run:
     .venv/bin/python examples/transformer_block.py
@@ -51,7 +51,7 @@ def main() -> None:
     x = rng.randint(1, VOCABULARY, (2048, LENGTH))
     y = (x[:, 0] < VOCABULARY // 2).astype("int32")  # depends on the first token
 
-    strategy = keras_parallel.ModelParallel(devices)
+    strategy = keras_parallel.PipelineParallel(devices)
     with strategy.scope():
         model = build_model()
     model.fit(x, y, batch_size=64, epochs=2)

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DataParallel": "keras_parallel.strategies.data_parallel",
     "ModelParallel": "keras_parallel.strategies.model_parallel",
+    "PipelineParallel": "keras_parallel.strategies.model_parallel",
     "PowerSGD": "keras_parallel.reduction.powersgd",
     "callbacks": "keras_parallel.callbacks",
     "layers": "keras_parallel.layers",

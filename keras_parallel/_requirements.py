@@ -71,7 +71,7 @@ def check_versions(found: dict[str, str]) -> None:
             raise ImportError(
                 f"keras_parallel supports {supported}; found {_name(name)} "
                 f"{version}. Below {_text(oldest)} {_TOO_OLD[name]}. Upgrade: "
-                f"`pip install -U \"{name}>={_text(oldest)}\"`."
+                f'`pip install -U "{name}>={_text(oldest)}"`.'
             )
         if minor > newest:
             warnings.warn(

@@ -19,7 +19,7 @@ def test_all_callbacks_run_and_log(strategy):
     strategy = {
         "none": None,
         "data_parallel": keras_parallel.DataParallel(devices(2)),
-        "model_parallel": keras_parallel.ModelParallel(devices(2)),
+        "model_parallel": keras_parallel.PipelineParallel(devices(2)),
     }[strategy]
     with strategy.scope() if strategy else contextlib.nullcontext():
         model = keras.Sequential(

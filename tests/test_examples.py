@@ -13,7 +13,7 @@ import transformer_block  # noqa: E402
 
 
 def test_transformer_block_splits_its_bytes_evenly_over_four_devices():
-    strategy = keras_parallel.ModelParallel(devices(4))
+    strategy = keras_parallel.PipelineParallel(devices(4))
     with strategy.scope():
         model = transformer_block.build_model()
     rng = np.random.RandomState(0)

@@ -1,6 +1,6 @@
 """Every input form MirroredStrategy's `fit` takes trains as numpy arrays do
 on one device, with validation data in the same form (a Python generator
-under ModelParallel once lost the batch prefetched at each epoch's end)."""
+under PipelineParallel once lost the batch prefetched at each epoch's end)."""
 
 import itertools
 
@@ -100,7 +100,7 @@ def fit(form, strategy):
 
 STRATEGIES = {
     "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
-    "ModelParallel": lambda: keras_parallel.ModelParallel(devices(2)),
+    "PipelineParallel": lambda: keras_parallel.PipelineParallel(devices(2)),
 }
 
 

@@ -25,7 +25,9 @@ def fit_with_monitor(strategy=None):
 
 
 def test_model_parallel_splits_the_bytes_and_the_logs_show_them():
-    model, monitor, history = fit_with_monitor(keras_parallel.ModelParallel(devices(2)))
+    model, monitor, history = fit_with_monitor(
+        keras_parallel.PipelineParallel(devices(2))
+    )
     weights = 4 * model.count_params()
     recorded = {d: values[-1] for d, values in monitor.history.items()}
     # Weights plus two Adam slots each, and Adam's two scalars.

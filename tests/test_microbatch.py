@@ -47,7 +47,7 @@ def test_batch_normalization_uses_each_micro_batch_statistics():
             ]
         )
 
-    strategy = keras_parallel.ModelParallel(["CPU:0", "CPU:1"], num_microbatches=2)
+    strategy = keras_parallel.PipelineParallel(["CPU:0", "CPU:1"], num_microbatches=2)
     with strategy.scope():
         model = build()
     output = strategy.run(lambda: model(x, training=True))

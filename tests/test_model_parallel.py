@@ -1,4 +1,4 @@
-"""ModelParallel: transparency against one device, placement of weights,
+"""PipelineParallel: transparency against one device, placement of weights,
 slots and ops, saving, and bad input."""
 
 import keras
@@ -79,7 +79,7 @@ MODELS = {
 def test_training_equals_one_device(name, num_devices, num_microbatches):
     build, data = MODELS[name]
     single, single_history = train(build, data)
-    strategy = keras_parallel.ModelParallel(
+    strategy = keras_parallel.PipelineParallel(
         devices(num_devices), num_microbatches=num_microbatches
     )
     model, history = train(build, data, strategy)
@@ -106,7 +106,7 @@ def adam_mlp():
 
 @pytest.mark.parametrize("num_microbatches", [1, 2])
 def test_weights_slots_and_ops_live_on_the_stage_device(num_microbatches):
-    strategy = keras_parallel.ModelParallel(devices(4), num_microbatches)
+    strategy = keras_parallel.PipelineParallel(devices(4), num_microbatches)
     model, _ = train(adam_mlp, {**DENSE_DATA, "epochs": 1}, strategy)
     layer_device = {}
     for layer in model.layers:
@@ -167,7 +167,7 @@ def test_explicit_partitions(partition, expected):
         model.compile("sgd", "mse")
         return model
 
-    strategy = keras_parallel.ModelParallel(devices(3), partition=partition)
+    strategy = keras_parallel.PipelineParallel(devices(3), partition=partition)
     data = dict(x=DENSE_DATA["x"][:64], y=np.zeros((64, 8)), batch_size=32)
     model, history = train(build, data, strategy)
     assert [short(layer.kernel.value.device) for layer in model.layers] == expected
@@ -176,7 +176,7 @@ def test_explicit_partitions(partition, expected):
 
 
 def test_saved_model_loads_on_one_device_and_repartitioned(tmp_path):
-    strategy = keras_parallel.ModelParallel(devices(4), num_microbatches=2)
+    strategy = keras_parallel.PipelineParallel(devices(4), num_microbatches=2)
     model, _ = train(adam_mlp, DENSE_DATA, strategy)
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -187,7 +187,7 @@ def test_saved_model_loads_on_one_device_and_repartitioned(tmp_path):
     np.testing.assert_allclose(plain.predict(x, verbose=0), expected, atol=1e-6)
     assert {short(v.value.device) for v in plain.variables} == {"CPU:0"}
 
-    again = keras_parallel.ModelParallel(devices(2))
+    again = keras_parallel.PipelineParallel(devices(2))
     with again.scope():
         loaded = keras.models.load_model(path)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
@@ -215,7 +215,7 @@ class Reversed(keras.Model):
 
 
 def test_a_model_that_cannot_be_split_in_order():
-    strategy = keras_parallel.ModelParallel(devices(2))
+    strategy = keras_parallel.PipelineParallel(devices(2))
     with strategy.scope():
         model = Reversed()
         model.compile("sgd", SCE)
@@ -231,7 +231,7 @@ def test_a_model_that_cannot_be_split_in_order():
 
 
 def test_a_dict_partition_may_place_layers_in_any_order():
-    strategy = keras_parallel.ModelParallel(
+    strategy = keras_parallel.PipelineParallel(
         devices(2), partition={"first": "CPU:0", "last": "CPU:1"}
     )
     with strategy.scope():
@@ -260,7 +260,7 @@ def two_layers():
     "make, fragments",
     [
         (
-            lambda: fit_in(keras_parallel.ModelParallel(devices(4)), two_layers),
+            lambda: fit_in(keras_parallel.PipelineParallel(devices(4)), two_layers),
             [
                 "has 2 layers to split into stages, fewer than the 4 stages",
                 "Use fewer devices",
@@ -268,7 +268,7 @@ def two_layers():
         ),
         (
             lambda: fit_in(
-                keras_parallel.ModelParallel(devices(2), num_microbatches=4),
+                keras_parallel.PipelineParallel(devices(2), num_microbatches=4),
                 two_layers,
                 batch_size=30,
             ),
@@ -279,32 +279,37 @@ def two_layers():
         ),
         (
             lambda: fit_in(
-                keras_parallel.ModelParallel(devices(2), partition=[1, 2]), two_layers
+                keras_parallel.PipelineParallel(devices(2), partition=[1, 2]),
+                two_layers,
             ),
             ["stage sizes [1, 2] add up to 3", "model has 2 layers to split"],
         ),
         (
             lambda: fit_in(
-                keras_parallel.ModelParallel(devices(2), partition={"nope": "CPU:1"}),
+                keras_parallel.PipelineParallel(
+                    devices(2), partition={"nope": "CPU:1"}
+                ),
                 two_layers,
             ),
             ["names layers ['nope']", "Its layers, in order"],
         ),
-        (lambda: keras_parallel.ModelParallel(["CPU:0", "CPU:9"]), ["CPU:9"]),
+        (lambda: keras_parallel.PipelineParallel(["CPU:0", "CPU:9"]), ["CPU:9"]),
         (
-            lambda: keras_parallel.ModelParallel(devices(2), partition={"a": "CPU:3"}),
+            lambda: keras_parallel.PipelineParallel(
+                devices(2), partition={"a": "CPU:3"}
+            ),
             ["not among the strategy's devices"],
         ),
         (
-            lambda: keras_parallel.ModelParallel(devices(2), partition=[1]),
+            lambda: keras_parallel.PipelineParallel(devices(2), partition=[1]),
             ["gives 1 stage sizes for 2 devices"],
         ),
         (
-            lambda: keras_parallel.ModelParallel(devices(2), partition="even"),
+            lambda: keras_parallel.PipelineParallel(devices(2), partition="even"),
             ["'auto', a list of positive stage sizes", "partition='even'"],
         ),
         (
-            lambda: keras_parallel.ModelParallel(devices(2), num_microbatches=0),
+            lambda: keras_parallel.PipelineParallel(devices(2), num_microbatches=0),
             ["`num_microbatches` must be an integer >= 1", "num_microbatches=0"],
         ),
     ],
@@ -334,7 +339,7 @@ def test_pipelined_gradients_equal_unpipelined(traced):
         return (tf.function(step) if traced else step)()
 
     plain = adam_mlp()
-    strategy = keras_parallel.ModelParallel(devices(4), num_microbatches=8)
+    strategy = keras_parallel.PipelineParallel(devices(4), num_microbatches=8)
     with strategy.scope():
         pipelined = adam_mlp()
     pipelined.set_weights(plain.get_weights())
@@ -352,5 +357,21 @@ def test_a_tensor_passed_twice_to_a_layer_gets_its_gradient_once():
         return model
 
     single, _ = train(build, DENSE_DATA)
-    model, _ = train(build, DENSE_DATA, keras_parallel.ModelParallel(devices(3)))
+    model, _ = train(build, DENSE_DATA, keras_parallel.PipelineParallel(devices(3)))
     assert max_weight_diff(model, single) <= 1e-5
+
+
+def test_the_old_name_warns_and_trains_the_same():
+    with pytest.warns(DeprecationWarning, match="now keras_parallel.PipelineParallel"):
+        old = keras_parallel.ModelParallel(devices(2), num_microbatches=2)
+    assert isinstance(old, keras_parallel.PipelineParallel)
+    assert (
+        old.stage_devices == keras_parallel.PipelineParallel(devices(2)).stage_devices
+    )
+    model, _ = train(adam_mlp, DENSE_DATA, old)
+    reference, _ = train(
+        adam_mlp,
+        DENSE_DATA,
+        keras_parallel.PipelineParallel(devices(2), num_microbatches=2),
+    )
+    assert max_weight_diff(model, reference) == 0

@@ -1,4 +1,4 @@
-"""OnDevice: one layer pinned to a device, outside and inside ModelParallel."""
+"""OnDevice: one layer pinned to a device, outside and inside PipelineParallel."""
 
 import keras
 import numpy as np
@@ -53,7 +53,7 @@ def test_outside_a_strategy_weights_forward_and_backward_are_placed():
 
 def test_inside_model_parallel_the_pin_wins_and_slots_follow():
     # The pinned layer belongs to no stage: three stages for the other three.
-    strategy = keras_parallel.ModelParallel(devices(3), partition=[1, 1, 1])
+    strategy = keras_parallel.PipelineParallel(devices(3), partition=[1, 1, 1])
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = keras.Sequential(

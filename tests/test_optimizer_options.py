@@ -1,5 +1,5 @@
 """Every Keras optimizer option trains as on one device under DataParallel
-(and under ModelParallel, which must not change the arithmetic at all).
+(and under PipelineParallel, which must not change the arithmetic at all).
 
 The gradients of the whole batch are reduced before the optimizer processes
 them, so clipping, accumulation, moving averages and loss scaling see what
@@ -62,7 +62,7 @@ def mlp(optimizer):
 STRATEGIES = {
     "DataParallel-2": lambda: keras_parallel.DataParallel(devices(2)),
     "DataParallel-4": lambda: keras_parallel.DataParallel(devices(4)),
-    "ModelParallel-2": lambda: keras_parallel.ModelParallel(devices(2)),
+    "PipelineParallel-2": lambda: keras_parallel.PipelineParallel(devices(2)),
 }
 
 

@@ -119,7 +119,7 @@ def shard_lists(layer):
 
 
 def test_block_under_model_parallel_holds_a_quarter_per_device_with_slots():
-    strategy = keras_parallel.ModelParallel(devices(4))
+    strategy = keras_parallel.PipelineParallel(devices(4))
     plain = block(False)()
     with strategy.scope():
         model = block(True)()

@@ -86,7 +86,7 @@ def test_column_then_row_needs_one_reduction_and_equals_two_denses():
 
 
 def test_each_device_holds_a_quarter_of_each_weight_and_of_its_slots():
-    strategy = keras_parallel.ModelParallel(devices(4))
+    strategy = keras_parallel.PipelineParallel(devices(4))
     with strategy.scope():
         model = keras.Sequential(
             [
@@ -138,7 +138,7 @@ DATA = dict(
 @pytest.mark.parametrize("strategy", [None, "model_parallel"])
 def test_fit_equals_plain_dense_layers(strategy):
     if strategy:
-        strategy = keras_parallel.ModelParallel(devices(2), num_microbatches=2)
+        strategy = keras_parallel.PipelineParallel(devices(2), num_microbatches=2)
     model, history = train(mlp(True), DATA, strategy)
     plain, plain_history = train(mlp(False), DATA)
     column, row = model.layers[1:]
@@ -167,7 +167,7 @@ def test_saves_whole_weights_and_loads_on_another_number_of_devices(tmp_path):
     path = str(tmp_path / "tp.keras")
     model.save(path)
     expected = model.predict(DATA["x"], verbose=0)
-    with keras_parallel.ModelParallel(devices(2)).scope():
+    with keras_parallel.PipelineParallel(devices(2)).scope():
         loaded = keras.models.load_model(path)
     assert len(loaded.layers[0].kernels) == 2
     np.testing.assert_allclose(

@@ -72,7 +72,7 @@ DATA = dict(
 @pytest.mark.parametrize("under_model_parallel", [False, True])
 def test_fit_equals_plain_embedding_and_slots_are_sharded(under_model_parallel):
     strategy = (
-        keras_parallel.ModelParallel(devices(2)) if under_model_parallel else None
+        keras_parallel.PipelineParallel(devices(2)) if under_model_parallel else None
     )
     sharded_model, history = train(model(True), DATA, strategy)
     plain_model, plain_history = train(model(False), DATA)
@@ -104,7 +104,7 @@ def test_saves_and_loads_on_another_number_of_devices(tmp_path):
     assert len(trained.layers[0].tables) == 4
     path = str(tmp_path / "embedding.keras")
     trained.save(path)
-    with keras_parallel.ModelParallel(devices(2)).scope():
+    with keras_parallel.PipelineParallel(devices(2)).scope():
         loaded = keras.models.load_model(path)
     assert len(loaded.layers[0].tables) == 2
     np.testing.assert_allclose(

@@ -8,7 +8,7 @@ import keras_parallel
 
 
 def test_four_stage_mlp_of_equal_layers_holds_an_even_share_per_device():
-    strategy = keras_parallel.ModelParallel(devices(4))
+    strategy = keras_parallel.PipelineParallel(devices(4))
     with strategy.scope():
         model = keras.Sequential(
             [keras.Input((64,))] + [keras.layers.Dense(64) for _ in range(8)]

@@ -1,5 +1,5 @@
 """Architectures nobody here wrote train as on one device under DataParallel
-and ModelParallel: keras.applications models (weights=None, small inputs) and
+and PipelineParallel: keras.applications models (weights=None, small inputs) and
 the Keras examples' text-transformer and bidirectional-RNN classifiers, with
 BatchNormalization, LayerNormalization, LSTM/GRU, MultiHeadAttention,
 Embedding(mask_zero=True) and softmax heads.
@@ -88,7 +88,7 @@ MODELS = {
 
 STRATEGIES = {
     "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
-    "ModelParallel": lambda: keras_parallel.ModelParallel(devices(2)),
+    "PipelineParallel": lambda: keras_parallel.PipelineParallel(devices(2)),
 }
 
 
@@ -139,7 +139,7 @@ def largest_difference(a, b) -> float:
 
 
 def test_mobilenet_v2_in_float32_within_what_rounding_moves():
-    """ModelParallel changes no arithmetic: after 2 steps it is within 1e-4 of
+    """PipelineParallel changes no arithmetic: after 2 steps it is within 1e-4 of
     the update (measured: 4e-6). DataParallel sums the batch in another order;
     after 1 step, reversing the batch on one device moves the kernels by 0.4%
     of the update (ReLU6 units flip, see the module docstring), and
@@ -155,6 +155,6 @@ def test_mobilenet_v2_in_float32_within_what_rounding_moves():
     )
 
     initial, two_steps = mobilenet_v2_kernels(2)
-    _, model_parallel = mobilenet_v2_kernels(2, STRATEGIES["ModelParallel"]())
+    _, model_parallel = mobilenet_v2_kernels(2, STRATEGIES["PipelineParallel"]())
     update = largest_difference(two_steps, initial)
     assert largest_difference(model_parallel, two_steps) <= 1e-4 * update

@@ -95,7 +95,7 @@ def test_hooks_exist_in_the_installed_versions():
 def test_strategy_attributes_exist_in_the_installed_versions():
     for strategy in (
         keras_parallel.DataParallel(["CPU:0", "CPU:1"]),
-        keras_parallel.ModelParallel(["CPU:0", "CPU:1"]),
+        keras_parallel.PipelineParallel(["CPU:0", "CPU:1"]),
     ):
         base = type(strategy.extended).__mro__
         used = [

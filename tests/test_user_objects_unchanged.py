@@ -1,4 +1,4 @@
-"""DataParallel and ModelParallel leave the user's model, optimizer and
+"""DataParallel and PipelineParallel leave the user's model, optimizer and
 layers as they found them.
 
 Reference: the same model trained on one device. After `fit`, `evaluate` and
@@ -53,7 +53,7 @@ def exercise(model):
 
 STRATEGIES = {
     "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
-    "ModelParallel": lambda: keras_parallel.ModelParallel(
+    "PipelineParallel": lambda: keras_parallel.PipelineParallel(
         devices(2), num_microbatches=2
     ),
 }

@@ -13,7 +13,7 @@ from keras_parallel.partition.placement import move_variable, run_on
 class OnDevice(keras.layers.Layer):
     """Runs a layer on one device: its weights, forward and backward ops.
 
-    Inside `ModelParallel` the layer keeps this device whatever the
+    Inside `PipelineParallel` the layer keeps this device whatever the
     partition, and its optimizer slots live there too. Outside a strategy
     the weights, forward and backward are placed; Keras then creates
     optimizer slots on the default device.

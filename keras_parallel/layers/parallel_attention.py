@@ -44,7 +44,7 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
             (`output_shape` an integer).
         dropout: Dropout on the attention probabilities.
         devices: Devices to shard over; default: those of the enclosing
-            `ModelParallel` strategy, else all local devices.
+            `PipelineParallel` strategy, else all local devices.
 
     The call takes `keras.layers.MultiHeadAttention`'s arguments: `query`,
     `value`, `key`, `attention_mask`, `return_attention_scores`, `training`,

@@ -134,7 +134,7 @@ class ColumnParallelDense(_ShardedDense):
     Args:
         units: Output features, a multiple of the number of devices.
         devices: Devices to shard over; default: those of the enclosing
-            `ModelParallel` strategy, else all local devices.
+            `PipelineParallel` strategy, else all local devices.
         gather_output: If True, the outputs are concatenated into one tensor;
             if False, the layer returns the list of per-device pieces, for a
             `RowParallelDense(input_is_parallel=True)`. (A Functional model

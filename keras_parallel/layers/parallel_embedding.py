@@ -26,7 +26,7 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         input_dim: Vocabulary size, a multiple of the number of devices.
         output_dim: Embedding size.
         devices: Devices to shard over; default: those of the enclosing
-            `ModelParallel` strategy, else all local devices.
+            `PipelineParallel` strategy, else all local devices.
         embeddings_initializer: As for `keras.layers.Embedding`.
         mask_zero: As for `keras.layers.Embedding`.
 

@@ -15,15 +15,11 @@ from keras_parallel.partition.placement import move_variable
 
 def shard_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:
     """The devices a layer shards over: `devices`, else those of the
-    enclosing `ModelParallel` strategy, else all local devices."""
+    enclosing `PipelineParallel` strategy, else all local devices."""
     if devices is not None:
         return resolve_devices(devices)
-    from keras_parallel.strategies.model_parallel import ModelParallel
-
-    strategy = tf.distribute.get_strategy()
-    if isinstance(strategy, ModelParallel):
-        return strategy.extended.devices
-    return resolve_devices(None)
+    stages = getattr(tf.distribute.get_strategy(), "stage_devices", None)
+    return stages if stages is not None else resolve_devices(None)
 
 
 def even_split(total: int, num_devices: int, argument: str) -> int:

@@ -52,7 +52,7 @@ class CallOrder:
                     f"Layer {layer.name!r} (stage {stage}, {device}) runs after "
                     f"layer {latest[0].name!r} (stage {latest[1]}, {latest[2]}), "
                     "so the model cannot be split into stages in order: "
-                    "ModelParallel gives each device a contiguous run of "
+                    "PipelineParallel gives each device a contiguous run of "
                     "`model.layers`, and this model calls them in the order "
                     f"{[c.name for c in calls]}. Create the layers in the order "
                     "`call` uses them (and do not reuse a layer further on), "

@@ -73,9 +73,9 @@ def plan_devices(
     if len(staged) < len(devices):
         raise ValueError(
             f"The model has {len(staged)} layers to split into stages, fewer "
-            f"than the {len(devices)} stages (one per device) ModelParallel "
+            f"than the {len(devices)} stages (one per device) PipelineParallel "
             f"needs: {staged_names}. Use fewer devices, e.g. "
-            "`ModelParallel(devices=[...])`."
+            "`PipelineParallel(devices=[...])`."
         )
     if partition == "auto":
         sizes = balanced_stage_sizes(

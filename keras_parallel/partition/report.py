@@ -67,7 +67,7 @@ class PlacementReport:
 def placement_report(model: keras.Model) -> PlacementReport:
     """Where each layer's weights and each device's optimizer state live.
 
-    A model built in a `ModelParallel` scope is placed first if it was not
+    A model built in a `PipelineParallel` scope is placed first if it was not
     yet (placement otherwise happens before its first step).
 
     Args:

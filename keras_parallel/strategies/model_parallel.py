@@ -1,8 +1,9 @@
-"""`ModelParallel`: a model's layers split into stages, one per device."""
+"""`PipelineParallel`: a model's layers split into stages, one per device."""
 
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 
@@ -22,7 +23,7 @@ from keras_parallel.strategies.step_model import captured_model, step_model
 HOST = "/device:CPU:0"
 
 
-class ModelParallel(tf.distribute.Strategy):
+class PipelineParallel(tf.distribute.Strategy):
     """Splits a model's layers into contiguous stages, one per device.
 
     Build and compile the model in `strategy.scope()`, then call the usual
@@ -51,7 +52,7 @@ class ModelParallel(tf.distribute.Strategy):
     Example:
 
     ```python
-    strategy = keras_parallel.ModelParallel(num_microbatches=4)
+    strategy = keras_parallel.PipelineParallel(num_microbatches=4)
     with strategy.scope():
         model = keras.Sequential([...])
         model.compile(optimizer="adam", loss="mse")
@@ -70,7 +71,7 @@ class ModelParallel(tf.distribute.Strategy):
         devices = resolve_devices(devices)
         _check_partition(partition, devices)
         super().__init__(
-            ModelParallelExtended(self, devices, num_microbatches, partition)
+            PipelineParallelExtended(self, devices, num_microbatches, partition)
         )
 
     def place(self, model: keras.Model) -> None:
@@ -79,12 +80,34 @@ class ModelParallel(tf.distribute.Strategy):
         nothing."""
         self.extended.place(model)
 
+    @property
+    def stage_devices(self) -> tuple[str, ...]:
+        """The devices, one stage each, in order."""
+        return self.extended.devices
+
     def __repr__(self) -> str:
-        devices = ", ".join(short_device(d) for d in self.extended.devices)
+        devices = ", ".join(short_device(d) for d in self.stage_devices)
         return (
-            f"ModelParallel(devices=[{devices}], "
+            f"{type(self).__name__}(devices=[{devices}], "
             f"num_microbatches={self.extended.num_microbatches})"
         )
+
+
+class ModelParallel(PipelineParallel):
+    """Deprecated name of `PipelineParallel`, kept for one release.
+
+    Renamed because `keras.distribution.ModelParallel` means sharding weights
+    by layouts, not layer stages.
+    """
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn(
+            "keras_parallel.ModelParallel is now keras_parallel.PipelineParallel "
+            "(same arguments); the old name will be removed in the next release.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)
 
 
 def _check_partition(partition, devices) -> None:
@@ -115,7 +138,7 @@ def _check_partition(partition, devices) -> None:
     )
 
 
-class ModelParallelExtended(OneDeviceExtended):
+class PipelineParallelExtended(OneDeviceExtended):
     """One replica; inputs, losses and metrics on the first device, each
     layer's weights, slots, forward and backward on its stage's."""
 

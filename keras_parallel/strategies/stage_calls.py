@@ -1,6 +1,6 @@
-"""What ModelParallel's traced step calls in place of the user's `call`s.
+"""What PipelineParallel's traced step calls in place of the user's `call`s.
 
-While ModelParallel traces a step, the placed layers answer to a subclass
+While PipelineParallel traces a step, the placed layers answer to a subclass
 of their own class whose `call` runs the user's `call` on the layer's device,
 forward and backward (`placement.run_on`), and the model to one whose `call`
 cuts the batch into micro-batches and checks the stage order on its first
@@ -18,7 +18,7 @@ def _extended():
 
 
 class StagedLayer:
-    """Mixed in before a placed layer's class while ModelParallel traces.
+    """Mixed in before a placed layer's class while PipelineParallel traces.
 
     The strategy's extended provides `layer_call(layer, call)`.
     """
@@ -28,7 +28,7 @@ class StagedLayer:
 
 
 class StagedModel:
-    """Mixed in before a placed model's class while ModelParallel traces.
+    """Mixed in before a placed model's class while PipelineParallel traces.
 
     The strategy's extended provides `model_call(model, call)`.
     """
