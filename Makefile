@@ -9,9 +9,8 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 OLDEST_VENV := .venv-oldest
 OLDEST := tensorflow-cpu==2.18.0 keras==3.14.0
 CORE_TESTS := tests/test_tf_internal.py tests/test_requirements.py \
-	tests/test_data_parallel.py tests/test_model_parallel.py \
-	tests/test_parallel_dense.py tests/test_parallel_embedding.py \
-	tests/test_parallel_attention.py tests/test_optimizer_options.py
+	tests/test_optimizer_options.py tests/data_parallel/test_data_parallel.py \
+	tests/pipeline/test_pipeline_parallel.py tests/layers
 
 .PHONY: demo test test-oldest bench lint clean
 
@@ -32,10 +31,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check keras_parallel tests benchmarks examples
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 tests
 
 test-oldest: $(OLDEST_VENV)/.installed
-	$(OLDEST_VENV)/bin/python -m pytest -q $(CORE_TESTS)
+	$(OLDEST_VENV)/bin/python -m pytest -q -n 2 $(CORE_TESTS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_time.py

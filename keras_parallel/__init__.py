@@ -14,16 +14,16 @@ __version__ = "0.1.0"
 
 # Public name -> module defining it (a module's own name for subpackages).
 _EXPORTS = {
-    "DataParallel": "keras_parallel.strategies.data_parallel",
-    "ModelParallel": "keras_parallel.strategies.model_parallel",
-    "PipelineParallel": "keras_parallel.strategies.model_parallel",
+    "DataParallel": "keras_parallel.data_parallel",
+    "ModelParallel": "keras_parallel.pipeline",
+    "PipelineParallel": "keras_parallel.pipeline",
     "PowerSGD": "keras_parallel.reduction.powersgd",
     "callbacks": "keras_parallel.callbacks",
     "layers": "keras_parallel.layers",
-    "placement_report": "keras_parallel.partition.report",
+    "placement_report": "keras_parallel.report",
     "reduction": "keras_parallel.reduction",
     "virtual_devices": "keras_parallel.devices",
-    "WorkerFailedError": "keras_parallel.strategies.multi_worker",
+    "WorkerFailedError": "keras_parallel.data_parallel",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_data_parallel import CONV_DATA, conv_batchnorm_adam
+from models import CONV_DATA, conv_batchnorm_adam
 from transparency import devices, max_history_diff, max_weight_diff, train
 
 import keras_parallel

@@ -117,7 +117,7 @@ def test_variable_storage_moves_and_keeps_identity():
     import keras
     import numpy as np
 
-    from keras_parallel.partition.placement import move_variable
+    from keras_parallel.placement import move_variable
 
     variable = keras.Variable(np.arange(6.0).reshape(2, 3), dtype="float32")
     optimizer = keras.optimizers.Adam()

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_data_parallel import CONV_DATA, conv_batchnorm_adam
+from models import CONV_DATA, conv_batchnorm_adam
 from transparency import devices
 
 import keras_parallel

@@ -5,11 +5,17 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_parallel.demo import max_weight_diff  # noqa: F401  (re-exported)
-
 
 def devices(n: int) -> list[str]:
     return [f"CPU:{i}" for i in range(n)]
+
+
+def max_weight_diff(a, b) -> float:
+    """Largest absolute difference between the weights of two models."""
+    return max(
+        float(np.max(np.abs(u - v)))
+        for u, v in zip(a.get_weights(), b.get_weights(), strict=True)
+    )
 
 
 def max_history_diff(a: dict, b: dict) -> float:

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_parallel.devices import short_device
-from keras_parallel.partition.plan import variable_bytes
+from keras_parallel.placement import variable_bytes
 
 
 def variable_bytes_by_device(model: keras.Model) -> dict[str, int]:

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from keras_parallel.devices import resolve_devices
-from keras_parallel.partition.placement import move_variable, run_on
+from keras_parallel.placement import move_variable, run_on
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")

@@ -13,7 +13,7 @@ from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
 
 # Keras' own mask bookkeeping, as keras.layers.MultiHeadAttention uses it.
 from keras_parallel.layers import sharding
-from keras_parallel.partition.placement import move_variable, run_on
+from keras_parallel.placement import move_variable, run_on
 
 # Per head-sharded weight: (name, axis of the heads).
 _HEAD_WEIGHTS = (

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from keras_parallel._validation import check_int
 from keras_parallel.layers import sharding
-from keras_parallel.partition.placement import move_variable, run_on
+from keras_parallel.placement import move_variable, run_on
 
 
 class _ShardedDense(sharding.SavesWholeWeights, keras.layers.Layer):

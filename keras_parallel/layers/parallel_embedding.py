@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 from keras_parallel.layers import sharding
-from keras_parallel.partition.placement import run_on
+from keras_parallel.placement import run_on
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel.devices import resolve_devices
-from keras_parallel.partition.placement import move_variable
+from keras_parallel.placement import move_variable
 
 
 def shard_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:

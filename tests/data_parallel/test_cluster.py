@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 import keras_parallel
+from keras_parallel.data_parallel.cluster import parse_tf_config, resolve_cluster
 from keras_parallel.launch import free_ports
-from keras_parallel.strategies.cluster import parse_tf_config, resolve_cluster
 
 
 def _config(workers=("127.0.0.1:2000", "127.0.0.1:2001"), index=0, job="worker"):

@@ -7,8 +7,7 @@ import dataclasses
 import keras
 
 from keras_parallel.devices import short_device
-from keras_parallel.partition.placement import stage_layers
-from keras_parallel.partition.plan import variable_bytes
+from keras_parallel.placement import stage_layers, variable_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,11 +27,11 @@ from keras_parallel._tf_internal import (
     num_workers,
     worker_id,
 )
+from keras_parallel.data_parallel.replica_features import ReplicaFeatures
+from keras_parallel.data_parallel.strategy import DataParallel
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
-from keras_parallel.strategies.data_parallel import DataParallel
-from keras_parallel.strategies.replica_features import ReplicaFeatures
-from keras_parallel.strategies.step_model import step_model
+from keras_parallel.specialize import step_model
 
 IMPLEMENTATIONS = {
     "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
@@ -82,11 +82,17 @@ class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
             )
         return super().reduce(reduce_op, value, axis)
 
+    def _make_extended(self, devices, **options):
+        return MultiWorkerExtended(self, self._cluster, devices, **options)
+
     def __repr__(self) -> str:
         return (
             f"DataParallel(worker {self.worker_index} of {self.num_workers}, "
             f"{self.num_replicas_in_sync} replicas)"
         )
+
+
+DataParallel._on_cluster = MultiWorkerDataParallel
 
 
 class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):

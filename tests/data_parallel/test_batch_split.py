@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 from transparency import devices
 
-from keras_parallel.strategies import batch_split
+from keras_parallel.data_parallel import batch_split
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from keras_parallel.partition.balance import balanced_stage_sizes
+from keras_parallel.pipeline.balance import balanced_stage_sizes
 
 
 def brute_force_best(costs, stages):

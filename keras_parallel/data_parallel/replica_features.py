@@ -16,14 +16,14 @@ from keras_parallel._tf_internal import (
     select_replica,
     update_regroup,
 )
-from keras_parallel.strategies import batch_split, batchnorm
-from keras_parallel.strategies.local_accumulation import (
+from keras_parallel.data_parallel import batch_split, batchnorm
+from keras_parallel.data_parallel.local_accumulation import (
     LocalAccumulators,
     is_accumulator,
 )
-from keras_parallel.strategies.optimizer_step import ReplicaStepOptimizer
-from keras_parallel.strategies.ownership import OwnerTable
-from keras_parallel.strategies.specialize import reachable, specialized
+from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
+from keras_parallel.data_parallel.ownership import OwnerTable
+from keras_parallel.specialize import reachable, specialized
 
 
 class ReplicaFeatures:

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_parallel
-from keras_parallel.partition import microbatch
+from keras_parallel.pipeline import microbatch
 
 
 @pytest.mark.parametrize(

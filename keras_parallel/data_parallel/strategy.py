@@ -7,12 +7,12 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from keras_parallel._tf_internal import MirroredExtended
+from keras_parallel.data_parallel import batch_split
+from keras_parallel.data_parallel.cluster import resolve_cluster
+from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
-from keras_parallel.strategies import batch_split
-from keras_parallel.strategies.cluster import resolve_cluster
-from keras_parallel.strategies.replica_features import ReplicaFeatures, has_integers
 
 
 class DataParallel(tf.distribute.Strategy):
@@ -92,6 +92,11 @@ class DataParallel(tf.distribute.Strategy):
     # collective group key; on one machine no collective ops are launched.
     _collective_key_base = 0
 
+    # What `DataParallel(...)` makes on a cluster of two or more workers:
+    # `multi_worker.py` names its subclass here (the package imports both), so
+    # that this module does not import the one that derives from it.
+    _on_cluster: type[DataParallel] | None = None
+
     def __init__(
         self,
         devices: str | Sequence[str] | None = None,
@@ -112,42 +117,36 @@ class DataParallel(tf.distribute.Strategy):
                     f"`{name}` must be True or False. Received: {name}={value!r}"
                 )
         del cluster_resolver  # __new__ resolved it into self._cluster
-        cluster = self._cluster
-        if cluster is None:
-            devices = resolve_devices(devices)
-            extended = DataParallelExtended(
-                self,
-                devices,
-                exact=GradientReduction(reduction, bucket_mb, None, devices),
-                gradients=GradientReduction(reduction, bucket_mb, compression, devices),
-                shard_optimizer=shard_optimizer,
-                sync_batch_norm=sync_batch_norm,
-            )
-        else:
-            from keras_parallel.strategies.multi_worker import MultiWorkerExtended
-
-            extended = MultiWorkerExtended(
-                self,
-                cluster,
-                devices,
-                reduction,
-                bucket_mb,
-                compression,
-                shard_optimizer,
-                sync_batch_norm,
-            )
+        extended = self._make_extended(
+            devices,
+            reduction=reduction,
+            bucket_mb=bucket_mb,
+            compression=compression,
+            shard_optimizer=shard_optimizer,
+            sync_batch_norm=sync_batch_norm,
+        )
         # Not super(): a multi-worker DataParallel also derives from
         # MultiWorkerMirroredStrategy, whose constructor builds its own engine.
         tf.distribute.Strategy.__init__(self, extended)
+
+    def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
+        """The extended for this machine's devices; the arguments are
+        `__init__`'s (`updates`: shard_optimizer, sync_batch_norm)."""
+        devices = resolve_devices(devices)
+        return DataParallelExtended(
+            self,
+            devices,
+            exact=GradientReduction(reduction, bucket_mb, None, devices),
+            gradients=GradientReduction(reduction, bucket_mb, compression, devices),
+            **updates,
+        )
 
     def __new__(cls, *args, cluster_resolver=None, **kwargs):
         # The cluster decides the class, so it is resolved here, before
         # __init__: TF_CONFIG is parsed and this task's port probed once.
         cluster = resolve_cluster(cluster_resolver)
         if cls is DataParallel and cluster is not None:
-            from keras_parallel.strategies.multi_worker import MultiWorkerDataParallel
-
-            cls = MultiWorkerDataParallel
+            cls = DataParallel._on_cluster
         strategy = super().__new__(cls)
         strategy._cluster = cluster
         return strategy

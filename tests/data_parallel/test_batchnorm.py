@@ -3,11 +3,11 @@
 import keras
 import numpy as np
 import tensorflow as tf
-from test_data_parallel import CONV_DATA, conv_batchnorm_adam
+from models import CONV_DATA, conv_batchnorm_adam
 from transparency import devices, max_weight_diff, train
 
 import keras_parallel
-from keras_parallel.strategies import batchnorm
+from keras_parallel.data_parallel import batchnorm
 
 
 def test_global_statistics_by_default_per_replica_on_request():

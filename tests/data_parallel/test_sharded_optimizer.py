@@ -6,7 +6,7 @@ import tensorflow as tf
 from transparency import devices
 
 import keras_parallel
-from keras_parallel.strategies.ownership import OwnerTable
+from keras_parallel.data_parallel.ownership import OwnerTable
 
 
 def four_equal_layers():

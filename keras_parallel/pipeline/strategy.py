@@ -10,15 +10,16 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
+from keras_parallel import placement
 from keras_parallel._tf_internal import OneDeviceExtended, UpdateContext
 from keras_parallel._validation import check_int
 from keras_parallel.devices import resolve_devices, short_device
-from keras_parallel.partition import microbatch, placement
-from keras_parallel.partition.order import CallOrder
-from keras_parallel.partition.plan import plan_devices, variable_bytes
-from keras_parallel.strategies.specialize import specialized
-from keras_parallel.strategies.stage_calls import StagedLayer, StagedModel
-from keras_parallel.strategies.step_model import captured_model, step_model
+from keras_parallel.pipeline import microbatch
+from keras_parallel.pipeline.order import CallOrder
+from keras_parallel.pipeline.plan import plan_devices
+from keras_parallel.pipeline.stage_calls import StagedLayer, StagedModel
+from keras_parallel.placement import variable_bytes
+from keras_parallel.specialize import captured_model, specialized, step_model
 
 HOST = "/device:CPU:0"
 

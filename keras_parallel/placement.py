@@ -22,6 +22,11 @@ from keras_parallel._tf_internal import (
 )
 
 
+def variable_bytes(variable) -> int:
+    """Bytes of a `tf.Variable`'s value."""
+    return variable.shape.num_elements() * variable.dtype.size
+
+
 def stage_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The layers a model is partitioned into, in the order they were built
     (for Sequential and Functional models, the order they run)."""

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 import keras
 
 from keras_parallel.devices import resolve_devices
-from keras_parallel.partition.balance import balanced_stage_sizes
-from keras_parallel.partition.placement import places_itself
+from keras_parallel.pipeline.balance import balanced_stage_sizes
+from keras_parallel.placement import places_itself, variable_bytes
 
 
 def layer_bytes(layer: keras.layers.Layer, slot_bytes: Mapping[int, int]) -> int:
@@ -22,11 +22,6 @@ def layer_bytes(layer: keras.layers.Layer, slot_bytes: Mapping[int, int]) -> int
         variable_bytes(v.value) + slot_bytes.get(id(v.value), 0)
         for v in layer.variables
     )
-
-
-def variable_bytes(variable) -> int:
-    """Bytes of a `tf.Variable`'s value."""
-    return variable.shape.num_elements() * variable.dtype.size
 
 
 def plan_devices(

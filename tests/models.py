@@ -1,13 +1,9 @@
-"""Transparency: DataParallel trains to the numbers of single-device training."""
-
-import functools
+"""Models and data the transparency tests train on one device and in
+parallel: an MLP, a convnet with BatchNormalization, an Embedding+LSTM, a
+weighted and regularized model, and a bfloat16 one."""
 
 import keras
 import numpy as np
-import pytest
-from transparency import devices, max_history_diff, max_weight_diff, train
-
-import keras_parallel
 
 RNG = np.random.RandomState(42)
 
@@ -144,30 +140,3 @@ CASES = {
     # product. Weights stay float32; after one epoch they agree to 1e-2.
     "bf16_loss_scale": (bf16_loss_scale, MLP_DATA, 1e-2),
 }
-
-
-@functools.cache
-def single_device(case: str):
-    build, data, _ = CASES[case]
-    return train(build, data)
-
-
-@pytest.mark.parametrize("num_devices", [2, 4])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_single_device(case, num_devices):
-    build, data, tolerance = CASES[case]
-    reference, reference_history = single_device(case)
-    strategy = keras_parallel.DataParallel(devices(num_devices))
-    model, history = train(build, data, strategy)
-    assert max_weight_diff(model, reference) <= tolerance
-    assert max_history_diff(history, reference_history) <= tolerance
-
-
-@pytest.mark.parametrize("case", ["mlp_sgd_momentum", "embedding_lstm_adamw"])
-def test_replicated_optimizer_matches_single_device(case):
-    build, data, tolerance = CASES[case]
-    reference, reference_history = single_device(case)
-    strategy = keras_parallel.DataParallel(devices(2), shard_optimizer=False)
-    model, history = train(build, data, strategy)
-    assert max_weight_diff(model, reference) <= tolerance
-    assert max_history_diff(history, reference_history) <= tolerance

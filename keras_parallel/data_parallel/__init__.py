@@ -1,0 +1,14 @@
+"""Data parallelism: `DataParallel`, on one machine and across workers.
+
+`strategy.py` is the strategy; `replica_features.py` its replica machinery
+(reduction, sharded updates, the traced step) and `multi_worker.py` the same
+on TensorFlow's collective engine; `batch_split.py` the input,
+`optimizer_step.py`, `local_accumulation.py` and `batchnorm.py` what the
+traced step puts in place of Keras' per-replica arithmetic, `ownership.py`
+the owner device of each variable, and `cluster.py` the `TF_CONFIG` checks.
+"""
+
+from keras_parallel.data_parallel.multi_worker import WorkerFailedError
+from keras_parallel.data_parallel.strategy import DataParallel
+
+__all__ = ["DataParallel", "WorkerFailedError"]

@@ -1,1 +1,0 @@
-"""Splitting a model over devices: plans, placement and micro-batches."""
