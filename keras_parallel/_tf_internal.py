@@ -124,6 +124,14 @@ def collective_server_started() -> bool:
     return context.context()._collective_ops_server_def is not None
 
 
+def wait_for_all_workers(barrier_id: str, timeout_seconds: float) -> None:
+    """Blocks until every worker of the cluster reaches `barrier_id`, through
+    TensorFlow's coordination service (no collective op involved)."""
+    from tensorflow.python.eager import context
+
+    context.context().wait_at_barrier(barrier_id, int(timeout_seconds * 1000))
+
+
 def nccl_all_sum(tensors: list) -> list:
     """NCCL all-reduce (sum) of one tensor per GPU (imported on first use:
     it loads the NCCL kernels)."""

@@ -17,6 +17,7 @@ rejects (keras-team/keras#20585).
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 import tensorflow as tf
@@ -25,6 +26,7 @@ from keras_parallel._tf_internal import (
     CollectiveAllReduceExtended,
     CollectiveAllReduceStrategy,
     num_workers,
+    wait_for_all_workers,
     worker_id,
 )
 from keras_parallel.data_parallel.replica_features import ReplicaFeatures
@@ -46,6 +48,12 @@ PEER_ERRORS = (
     tf.errors.AbortedError,
     tf.errors.DeadlineExceededError,
 )
+
+
+# Strategies made in this process, counted alike on every worker (they make
+# them in the same order), and how long one waits for the others to make its.
+_CREATIONS = itertools.count()
+STRATEGY_TIMEOUT_SECONDS = 600
 
 
 class WorkerFailedError(RuntimeError):
@@ -132,6 +140,13 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
             container_strategy,
             cluster_resolver=cluster_resolver,
             communication_options=options,
+        )
+        # Made again in a running process (a notebook cell run twice), the
+        # engine above resets this worker's collectives; a worker that sends
+        # before its peer has reset makes the peer fail with "Delete called on
+        # non-empty BufRendezvous". So no worker goes on before all are here.
+        wait_for_all_workers(
+            f"keras_parallel/strategy/{next(_CREATIONS)}", STRATEGY_TIMEOUT_SECONDS
         )
         algorithm = CollectiveAllReduce(self._cross_device_ops, num_workers(self))
         gradients = GradientReduction(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import warnings
 import weakref
@@ -18,7 +19,6 @@ from keras_parallel.pipeline import microbatch
 from keras_parallel.pipeline.order import CallOrder
 from keras_parallel.pipeline.plan import plan_devices
 from keras_parallel.pipeline.stage_calls import StagedLayer, StagedModel
-from keras_parallel.placement import variable_bytes
 from keras_parallel.specialize import captured_model, specialized, step_model
 
 HOST = "/device:CPU:0"
@@ -221,9 +221,9 @@ class PipelineParallelExtended(OneDeviceExtended):
         if model in self._placed:
             return
         layers = placement.stage_layers(model)
-        slot_bytes: dict[int, int] = {}
+        slot_bytes: dict[int, int] = collections.Counter()
         for slot, owner in self._slots:
-            slot_bytes[id(owner)] = slot_bytes.get(id(owner), 0) + variable_bytes(slot)
+            slot_bytes[id(owner)] += placement.variable_bytes(slot)
         devices = plan_devices(layers, self.devices, self.partition, slot_bytes)
         stage_index = {d: i for i, d in enumerate(self.devices)}
         # Layers placing themselves may sit anywhere: only the others are checked.
