@@ -7,7 +7,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 3
 # The oldest TensorFlow/Keras pair setup.cfg allows, and the tests of equality
 # with one device that must pass on it (`.ci/run` runs both targets).
 OLDEST_VENV := .venv-oldest
-OLDEST := tensorflow-cpu==2.18.0 keras==3.14.0
+OLDEST := tensorflow-cpu==2.16.1 keras==3.14.0
 CORE_TESTS := tests/test_tf_internal.py tests/test_requirements.py \
 	tests/test_optimizer_options.py tests/data_parallel/test_data_parallel.py \
 	tests/pipeline/test_pipeline_parallel.py tests/layers

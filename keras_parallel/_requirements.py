@@ -14,7 +14,7 @@ import warnings
 # (oldest, newest) minor versions `.ci/run` proves: `make test` runs the suite
 # on the newest pair, `make test-oldest` the transparency tests on the oldest.
 # setup.cfg declares the same range (tests/test_requirements.py checks).
-SUPPORTED = {"tensorflow": ((2, 18), (2, 21)), "keras": ((3, 14), (3, 15))}
+SUPPORTED = {"tensorflow": ((2, 16), (2, 21)), "keras": ((3, 14), (3, 15))}
 
 # What goes wrong below the oldest version (measured with MirroredStrategy as
 # well as ours, so it is not ours to work around).

@@ -48,7 +48,7 @@ def test_older_keras_is_refused_with_the_reason_and_the_fix():
         check_versions({"tensorflow": "2.21.0", "keras": "3.13.2"})
     message = str(raised.value)
     assert "found Keras 3.13.2" in message
-    assert "TensorFlow 2.18–2.21, Keras 3.14–3.15" in message
+    assert "TensorFlow 2.16–2.21, Keras 3.14–3.15" in message
     assert "activity regularizer" in message
     assert 'pip install -U "keras>=3.14"' in message
 
