@@ -3,6 +3,7 @@ both are versions the test suite passes on."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -101,13 +102,18 @@ def _version(module: str) -> str | None:
     metadata without importing it; None when no metadata says."""
     if module in sys.modules and hasattr(sys.modules[module], "__version__"):
         return sys.modules[module].__version__
-    names = importlib.metadata.packages_distributions().get(module, [])
-    for name in names:
+    for name in _distributions().get(module, []):
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    # One scan of the installed distributions for all the modules asked about.
+    return importlib.metadata.packages_distributions()
 
 
 def _installed(name: str) -> bool:
