@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from keras_parallel.launch import launch
+from keras_parallel.launch import NETWORKS, launch
 
 
 def _positive(text: str) -> int:
@@ -52,6 +52,14 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         help="worker i listens on 127.0.0.1:PORT+i (default: free ports)",
     )
+    launcher.add_argument(
+        "--network",
+        choices=NETWORKS,
+        default="private",
+        help="private (default): the workers share a network of their own with "
+        "only loopback, unreachable from other machines; host: this machine's "
+        "network (needed to download anything; opens the workers' ports)",
+    )
     launcher.add_argument("script", help="the training script")
     launcher.add_argument(
         "args", nargs=argparse.REMAINDER, help="arguments for the script"
@@ -63,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "launch":
         try:
-            return launch(args.script, args.args, args.num_workers, args.port)
+            return launch(
+                args.script,
+                args.args,
+                args.num_workers,
+                args.port,
+                network=args.network,
+            )
         except ValueError as error:
             print(f"keras-parallel launch: {error}", file=sys.stderr)
             return 2

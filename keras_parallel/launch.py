@@ -19,6 +19,9 @@ import time
 from collections.abc import Sequence
 from typing import IO
 
+from keras_parallel.worker_process import PrivateNetwork, worker_command
+
+NETWORKS = ("private", "host")
 HOST = "127.0.0.1"
 GRACE_PERIOD = 10.0
 _POLL_INTERVAL = 0.1
@@ -62,6 +65,7 @@ def launch(
     num_workers: int = 2,
     port: int | None = None,
     grace_period: float = GRACE_PERIOD,
+    network: str = "private",
 ) -> int:
     """Runs `script` as `num_workers` local workers and waits for all of them.
 
@@ -70,7 +74,15 @@ def launch(
     and die together: when one exits non-zero or is killed, the others get
     SIGTERM (SIGKILL after `grace_period` seconds). SIGINT and SIGTERM sent to
     this process are forwarded to the workers in the same way, which makes
-    Ctrl-C a `KeyboardInterrupt` in each of them.
+    Ctrl-C a `KeyboardInterrupt` in each of them. On Linux the kernel stops
+    the workers when the launcher dies, even by SIGKILL.
+
+    TensorFlow's servers listen on every interface and run whatever graph a
+    client sends them, so by default the workers share a private network
+    whose only interface is loopback: they reach each other, and no other
+    machine reaches them (nor do they reach the internet). Where the kernel
+    does not allow that, a warning names the open ports before any worker
+    starts.
 
     Args:
         script: path of the Python script to run in each worker.
@@ -78,6 +90,9 @@ def launch(
         num_workers: number of workers, at least 1.
         port: worker `i` listens on `port + i`; `None` picks free ports.
         grace_period: seconds a stopped worker gets to exit before SIGKILL.
+        network: `"private"` (the default: loopback only, isolated from other
+            hosts) or `"host"` (this machine's network, for a script that must
+            download something; every worker's port is open to the network).
 
     Returns:
         The exit code for the launcher: 0 when every worker exited 0, else the
@@ -94,9 +109,17 @@ def launch(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if not os.path.isfile(script):
         raise ValueError(f"script {script!r} does not exist or is not a file.")
+    if network not in NETWORKS:
+        raise ValueError(
+            f"network must be one of {', '.join(map(repr, NETWORKS))}, got {network!r}."
+        )
     ports = free_ports(num_workers) if port is None else _port_range(port, num_workers)
-    for index, candidate in enumerate(ports):
-        _check_port(candidate, index)
+    private = _private_network(ports) if network == "private" else None
+    if private is None:
+        if network == "host":
+            _warn_open(ports, "--network host was given")
+        for index, candidate in enumerate(ports):
+            _check_port(candidate, index)
 
     received: list[int] = []
 
@@ -118,7 +141,8 @@ def launch(
                 "PYTHONUNBUFFERED": "1",
             }
             worker = subprocess.Popen(
-                [sys.executable, script, *args],
+                worker_command(script, args, private),
+                pass_fds=private.fds if private else (),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -137,6 +161,8 @@ def launch(
                 readers.append(reader)
         code = _supervise(workers, received, grace_period, lock)
     finally:
+        if private:
+            private.close()
         # Reached with workers still running only if the launcher itself failed.
         for worker in workers:
             if worker.poll() is None:
@@ -148,6 +174,27 @@ def launch(
     for reader in readers:
         reader.join(_READER_JOIN_TIMEOUT)
     return code
+
+
+def _private_network(ports: Sequence[int]) -> PrivateNetwork | None:
+    try:
+        return PrivateNetwork()
+    except OSError as error:
+        _warn_open(ports, f"no private network could be made ({error})")
+        return None
+
+
+def _warn_open(ports: Sequence[int], reason: str) -> None:
+    print(
+        f"keras-parallel launch: WARNING: {reason}, so the workers' TensorFlow "
+        f"servers listen on ALL network interfaces, ports {', '.join(map(str, ports))}."
+        " TensorFlow runs any graph a client sends to them, without "
+        "authentication: anyone who can reach this machine on those ports can "
+        "run code as you. Block them with a firewall or train only on a trusted "
+        "network (README, 'Security').",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _supervise(

@@ -4,12 +4,14 @@ The launcher runs as `python -m keras_parallel launch` in a subprocess, except
 for the argument checks, which never get as far as starting a worker.
 """
 
+import fcntl
 import json
 import os
 import queue
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ import time
 
 import pytest
 
-from keras_parallel import launch
+from keras_parallel import launch, worker_process
 from keras_parallel.cli import main
 
 # Longer than any test's timeout: a worker that sleeps this long and is gone
@@ -94,8 +96,6 @@ def test_tf_config_rejects_inconsistent_arguments(num_workers, index, ports, mes
 
 
 def test_launcher_module_does_not_import_tensorflow():
-    # Loaded by path: importing it as keras_parallel.launch would run the
-    # package's __init__, which imports TensorFlow on its own.
     code = (
         "import importlib.util, sys; "
         "spec = importlib.util.spec_from_file_location('launch', sys.argv[1]); "
@@ -166,7 +166,9 @@ def test_port_in_use_is_refused_before_any_worker_starts(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port + 1))
         busy.listen()
-        result = run_launcher("-n", "2", "--port", str(port), script)
+        result = run_launcher(
+            "-n", "2", "--network", "host", "--port", str(port), script
+        )
     assert result.returncode == 2
     assert (
         f"keras-parallel launch: port {port + 1} (worker 1) on 127.0.0.1 is in use"
@@ -321,3 +323,174 @@ def test_signals_to_the_launcher_are_forwarded(tmp_path, signum, code):
         f"[worker 0] got {name}\n",
         f"[worker 1] got {name}\n",
     ]
+
+
+def private_network_unavailable() -> str:
+    """Why no private network can be made here ('' when one can)."""
+    try:
+        worker_process.PrivateNetwork().close()
+    except OSError as error:
+        return str(error)
+    return ""
+
+
+def test_a_busy_port_of_this_host_does_not_matter_in_the_private_network(tmp_path):
+    if reason := private_network_unavailable():
+        pytest.skip(f"no private network here: {reason}")
+    script = write_script(tmp_path, "print('ran')\n")
+    port = free_port_pair()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + 1))
+        busy.listen()
+        result = run_launcher("-n", "2", "--port", str(port), script)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == ["[worker 0] ran", "[worker 1] ran"]
+
+
+def this_hosts_other_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, or None."""
+    for _, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                answer = fcntl.ioctl(sock, SIOCGIFADDR, request)
+            except OSError:  # an interface without an IPv4 address
+                continue
+        address = socket.inet_ntoa(answer[20:24])
+        if not address.startswith("127."):
+            return address
+    return None
+
+
+SIOCGIFADDR = 0x8915
+
+# A worker whose TensorFlow gRPC server listens (on every interface, whatever
+# TF_CONFIG names) until the test creates the file named by argv[1].
+SERVER_SCRIPT = """
+import json, os, sys, time
+import tensorflow as tf
+config = json.loads(os.environ["TF_CONFIG"])
+server = tf.distribute.Server(
+    tf.train.ClusterSpec(config["cluster"]),
+    job_name="worker",
+    task_index=config["task"]["index"],
+)
+print("listening", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.1)
+"""
+
+
+def connect_to_workers(tmp_path, network: str) -> tuple[list[bool], str]:
+    """Starts 2 TensorFlow workers and tries each one's port from this host's
+    non-loopback address: True where the connection was accepted."""
+    address = this_hosts_other_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    tmp_path.mkdir()
+    script = write_script(tmp_path, SERVER_SCRIPT)
+    release = tmp_path / "release"
+    launcher = subprocess.Popen(
+        [*LAUNCHER, "-n", "2", "--network", network, script, str(release)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        encoding="utf-8",
+        env=ENV,
+    )
+    try:
+        lines = [launcher.stdout.readline() for _ in range(2)]
+        assert sorted(lines) == ["[worker 0] listening\n", "[worker 1] listening\n"]
+        ports = [int(worker.rsplit(":", 1)[1]) for worker in workers_of(launcher)]
+        accepted = []
+        for port in ports:
+            with socket.socket() as sock:
+                sock.settimeout(5)
+                accepted.append(sock.connect_ex((address, port)) == 0)
+        release.touch()
+        _, stderr = launcher.communicate(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 0, stderr
+    return accepted, stderr
+
+
+def workers_of(launcher: subprocess.Popen) -> list[str]:
+    """The workers' addresses, read from /proc (the workers print nothing else)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True
+    ).stdout.split()
+    environ = open(f"/proc/{children[0]}/environ", "rb").read().split(b"\0")
+    config = next(v for v in environ if v.startswith(b"TF_CONFIG="))
+    return json.loads(config.split(b"=", 1)[1])["cluster"]["worker"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux namespaces")
+def test_workers_servers_are_unreachable_from_other_hosts(tmp_path):
+    if reason := private_network_unavailable():
+        pytest.skip(f"no private network here: {reason}")
+    accepted, stderr = connect_to_workers(tmp_path / "private", "private")
+    assert accepted == [False, False]
+    assert "keras-parallel launch: WARNING" not in stderr
+    # The same workers on the host's network: TensorFlow's servers accept
+    # connections from the machine's address, which is what the private
+    # network prevents.
+    accepted, stderr = connect_to_workers(tmp_path / "host", "host")
+    assert accepted == [True, True]
+    assert "listen on ALL network interfaces, ports" in stderr
+
+
+def test_without_a_private_network_a_warning_names_the_open_ports(
+    tmp_path, monkeypatch, capsys
+):
+    def refused():
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(launch, "PrivateNetwork", refused)
+    script = write_script(tmp_path, "print('ran')\n")
+    port = free_port_pair()
+    assert launch.launch(script, num_workers=2, port=port) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "keras-parallel launch: WARNING: no private network could be made "
+        "([Errno 1] Operation not permitted), so the workers' TensorFlow servers "
+        f"listen on ALL network interfaces, ports {port}, {port + 1}."
+    )
+    assert "firewall" in err and "README, 'Security'" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("network", ["private", "host"])
+def test_workers_stop_when_the_launcher_is_killed(tmp_path, network):
+    script = write_script(
+        tmp_path,
+        f"""
+        import json, os, sys, time
+        index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+        print(os.getpid(), flush=True)
+        time.sleep({LONG_SLEEP})
+        """,
+    )
+    launcher = subprocess.Popen(
+        [*LAUNCHER, "-n", "2", "--network", network, script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        encoding="utf-8",
+        env=ENV,
+    )
+    try:
+        pids = [int(launcher.stdout.readline().split()[-1]) for _ in range(2)]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    for pid in pids:
+        assert_gone(pid)
+
+
+def test_unknown_network_is_refused(tmp_path, capsys):
+    script = write_script(tmp_path, "raise SystemExit('must not run')\n")
+    with pytest.raises(
+        ValueError, match="network must be one of 'private', 'host', got 'lan'"
+    ):
+        launch.launch(script, network="lan")
