@@ -54,7 +54,7 @@ class DataParallel(tf.distribute.Strategy):
             reductions. None: the algorithm's default (0.25 in-process, 25
             for NCCL).
         compression: How gradients travel: None (their own dtype),
-            `"fp16"` or `"bf16"` (half the bytes, added up in float32), or
+            `"fp16"` or `"bf16"` (half the bytes, added in that dtype), or
             `keras_parallel.PowerSGD(rank=...)` (low-rank, with error
             feedback). Only the optimizer's gradient all-reduce is
             compressed; BatchNormalization statistics stay exact.

@@ -25,15 +25,11 @@ class AllReduceAlgorithm(abc.ABC):
     num_workers: int = 1
 
     @abc.abstractmethod
-    def all_reduce(
-        self, parts: Sequence[tf.Tensor], accumulate_dtype: tf.DType | None = None
-    ) -> list[tf.Tensor]:
-        """Sums `parts` (one per device, in replica order).
+    def all_reduce(self, parts: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Sums `parts` (one per device, in replica order) in their dtype.
 
         Args:
             parts: Tensors of one shape and dtype, each on its device.
-            accumulate_dtype: Dtype to add in, if not the parts' own (parts
-                travel in their dtype and are widened where they are added).
 
         Returns:
             One sum per part, on that part's device.
@@ -55,38 +51,22 @@ class InProcessAllReduce(AllReduceAlgorithm):
     # since one device's add then waits for the whole model's gradients.
     default_bucket_mb = 0.25
 
-    def all_reduce(self, parts, accumulate_dtype=None):
+    def all_reduce(self, parts):
         sums = []
         for destination in parts:
             with tf.device(destination.device):
-                received = [
-                    part
-                    if accumulate_dtype is None
-                    else tf.cast(part, accumulate_dtype)
-                    for part in parts
-                ]
-                sums.append(tf.add_n(received))
+                sums.append(tf.add_n(list(parts)))
         return sums
 
 
 class NcclAllReduce(AllReduceAlgorithm):
-    """NVIDIA NCCL's all-reduce between GPUs of one machine.
-
-    NCCL adds in the parts' dtype: `accumulate_dtype` only sets the result's.
-    """
+    """NVIDIA NCCL's all-reduce between GPUs of one machine."""
 
     name = "nccl"
     default_bucket_mb = 25.0  # PyTorch DDP's bucket_cap_mb
 
-    def all_reduce(self, parts, accumulate_dtype=None):
-        sums = nccl_all_sum(list(parts))
-        if accumulate_dtype is None:
-            return sums
-        result = []
-        for total in sums:
-            with tf.device(total.device):
-                result.append(tf.cast(total, accumulate_dtype))
-        return result
+    def all_reduce(self, parts):
+        return nccl_all_sum(list(parts))
 
 
 class CollectiveAllReduce(AllReduceAlgorithm):
@@ -94,8 +74,7 @@ class CollectiveAllReduce(AllReduceAlgorithm):
 
     The engine of `tf.distribute.MultiWorkerMirroredStrategy` (ring over gRPC
     between hosts, NCCL between GPUs where chosen); DataParallel uses it when
-    it runs on several workers. Collectives add in the parts' dtype:
-    `accumulate_dtype` only sets the result's.
+    it runs on several workers.
 
     Args:
         collective: The strategy's `tf.distribute` collective ops over this
@@ -110,20 +89,13 @@ class CollectiveAllReduce(AllReduceAlgorithm):
         self._collective = collective
         self.num_workers = num_workers
 
-    def all_reduce(self, parts, accumulate_dtype=None):
+    def all_reduce(self, parts):
         per_replica = PerReplica(list(parts))
         reduced = self._collective.reduce(
             tf.distribute.ReduceOp.SUM, per_replica, destinations=per_replica
         )
         # A single local part comes back as a plain tensor.
-        sums = getattr(reduced, "values", (reduced,))
-        if accumulate_dtype is None:
-            return list(sums)
-        result = []
-        for total in sums:
-            with tf.device(total.device):
-                result.append(tf.cast(total, accumulate_dtype))
-        return result
+        return list(getattr(reduced, "values", (reduced,)))
 
 
 def resolve_algorithm(

@@ -45,7 +45,8 @@ class Communicator:
     Args:
         algorithm: The all-reduce algorithm.
         bucket_bytes: Bucket capacity for `bucketed_sum`.
-        num_replicas: Number of devices taking part.
+        num_replicas: Number of this process's devices taking part (the
+            parts each sum is given).
     """
 
     def __init__(
@@ -56,6 +57,11 @@ class Communicator:
         self.num_replicas = num_replicas
         self.transfers: list[Transfer] = []
         self._phase = "every step"
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """Replicas of every worker whose parts each sum adds up."""
+        return self.num_replicas * self.algorithm.num_workers
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -71,7 +77,6 @@ class Communicator:
         parts: Sequence[tf.Tensor],
         label: str,
         tensors: int = 1,
-        accumulate_dtype: tf.DType | None = None,
     ) -> list[tf.Tensor]:
         """All-reduces one tensor per device and records the transfer."""
         elements = parts[0].shape.num_elements()
@@ -85,7 +90,7 @@ class Communicator:
                 self._phase,
             )
         )
-        return self.algorithm.all_reduce(parts, accumulate_dtype)
+        return self.algorithm.all_reduce(parts)
 
     def bucketed_sum(
         self,
@@ -97,7 +102,9 @@ class Communicator:
 
         Args:
             gradients: `gradients[k][i]` is replica i's part of gradient k.
-            wire_dtype: Dtype to send in (added up in the gradient's dtype).
+            wire_dtype: Dtype to send and add in, as NCCL and TensorFlow's
+                collectives add (so the sums are the same in one process and
+                across workers); the sum returns in the gradient's dtype.
                 float16 parts are scaled by a power of two so that neither a
                 part nor the sum overflows and small values keep their bits.
             label: Prefix of the transfers' labels.
@@ -140,10 +147,11 @@ class Communicator:
                         wire_dtype,
                     )
                 )
-        sums = self.sum(wire, label, tensors, accumulate_dtype=dtype)
+        sums = self.sum(wire, label, tensors)
         decoded = []
         for total, scale in zip(sums, scales, strict=True):
             with tf.device(total.device):
+                total = tf.cast(total, dtype)
                 decoded.append(
                     total if scale is None else total / tf.cast(scale, dtype)
                 )

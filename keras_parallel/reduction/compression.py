@@ -49,8 +49,8 @@ class NoCompression(Compression):
 
 
 class HalfPrecision(Compression):
-    """Gradients travel as float16 or bfloat16 and are added in their own
-    dtype (float32) where they arrive.
+    """Gradients travel and are added as float16 or bfloat16, as PyTorch's
+    `fp16_compress_hook` does with NCCL; the sums return in float32.
 
     float16 keeps 10 bits of mantissa but overflows past 65504, so each bucket
     is scaled by a power of two chosen from the replicas' largest magnitudes

@@ -171,8 +171,10 @@ class PowerSGD(Compression):
                     )
                     updates.append(state[k]["q"][i].assign(q_sums[k][i]))
                     if self.error_feedback:
-                        # Replica i's share of what the sum's approximation missed.
-                        residual = matrices[k][i] - approx / communicator.num_replicas
+                        # Replica i's share of what the sum's approximation
+                        # missed: the sum runs over every worker's replicas.
+                        share = approx / communicator.num_replicas_in_sync
+                        residual = matrices[k][i] - share
                         updates.append(state[k]["error"][i].assign(residual))
                     row.append(tf.reshape(approx, part.shape))
             results.append(row)

@@ -65,6 +65,17 @@ def build(steps_per_execution=1, optimizer_options=False):
     return model
 
 
+def compression(name: str | None):
+    """`DataParallel(compression=...)` for the `--compression` option:
+    `"powersgd"` is rank 1 after 2 uncompressed steps (the 8x16 kernel is
+    compressed, the rest is summed exactly)."""
+    if name == "powersgd":
+        import keras_parallel
+
+        return keras_parallel.PowerSGD(rank=1, warmup_steps=2)
+    return name
+
+
 class _Record(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -136,7 +147,7 @@ def main(argv: list[str]) -> int:
 
     import keras_parallel
 
-    strategy = keras_parallel.DataParallel(compression=args.compression)
+    strategy = keras_parallel.DataParallel(compression=compression(args.compression))
     print(f"{strategy!r}", flush=True)
     callbacks = []
     if args.backup:

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from multi_worker_task import data, train
+from multi_worker_task import compression, data, train
+from transparency import devices
 
 import keras_parallel
 from keras_parallel.launch import free_ports
@@ -95,6 +96,26 @@ def test_compression_across_workers(tmp_path, reference):
     assert int(first["bytes_per_step"]) == fp32 // 2  # bfloat16 on the wire
     # bfloat16 keeps 8 bits of mantissa: close to, not equal to, float32.
     assert 0 < _max_difference(_weights(first), reference[0]) < 0.05
+
+
+@pytest.mark.parametrize("name", ["powersgd", "fp16"])
+def test_compressed_across_workers_equals_one_process_with_as_many_replicas(
+    tmp_path, name
+):
+    done = _launch(tmp_path, "--compression", name)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    # One process, two replicas, the same global batch: PowerSGD's error
+    # memory must be each replica's share of what the sum over ALL workers'
+    # replicas missed, and fp16's scale must be agreed over all of them.
+    strategy = keras_parallel.DataParallel(devices(2), compression=compression(name))
+    model, history, _ = train(strategy)
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+    np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
+    assert (
+        int(first["bytes_per_step"]) == strategy.communication_stats()["bytes_per_step"]
+    )
 
 
 def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):

@@ -27,14 +27,17 @@ def test_in_process_sum_is_bit_identical_on_every_device():
         np.testing.assert_array_equal(total, sums[0])
 
 
-def test_in_process_accumulates_in_the_wider_dtype():
-    # 2048 + 1 + 1 + 1 is 2051 in float32; added in float16 (spacing 2 above
-    # 2048) every +1 rounds away and the sum stays 2048.
+def test_in_process_adds_in_the_parts_dtype_as_collectives_do():
+    # 2048 + 1 + 1 + 1 is 2051 in float32; in float16 (spacing 2 above 2048)
+    # every +1 rounds away. NCCL and TensorFlow's collectives add in the parts'
+    # dtype, so the in-process sum does too: one process and several workers
+    # with as many replicas give the same numbers.
     values = [np.full([3], v) for v in (2048.0, 1.0, 1.0, 1.0)]
     parts = parts_on(values, devices(4), tf.float16)
-    sums = InProcessAllReduce().all_reduce(parts, accumulate_dtype=tf.float32)
-    assert sums[0].dtype == tf.float32
-    np.testing.assert_array_equal(sums[0], np.full([3], 2051.0))
+    sums = InProcessAllReduce().all_reduce(parts)
+    assert sums[0].dtype == tf.float16
+    for total in sums:
+        np.testing.assert_array_equal(total, np.full([3], 2048.0))
 
 
 def test_auto_is_in_process_on_cpus():
