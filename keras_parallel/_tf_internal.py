@@ -19,6 +19,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 from keras.src.backend.common import masking
+from keras.src.saving.keras_saveable import KerasSaveable
 from tensorflow.python.distribute import (
     collective_all_reduce_strategy,
     cross_device_ops,
@@ -69,6 +70,31 @@ CompositeTensor = composite_tensor.CompositeTensor
 get_keras_mask = masking.get_keras_mask
 set_keras_mask = masking.set_keras_mask
 
+
+class SavedWithModel(KerasSaveable):
+    """Mixed into a strategy whose own state belongs in the checkpoints of the
+    models built in its scope (DataParallel's compression memory).
+
+    Keras saves a model by walking its attributes and calling
+    `save_own_variables(store)` on every `KerasSaveable` it meets; one of them
+    is `distribute_strategy`, the strategy the model was built under. So
+    `save_weights`, `ModelCheckpoint` and `BackupAndRestore` save the
+    strategy's state under `distribute_strategy/` and `load_weights` hands it
+    back to `load_own_variables(store)`; a model built without the strategy
+    skips those entries, and one built with it reading a file without them
+    gets an empty store.
+    """
+
+    def _obj_type(self):
+        # Keras picks the attributes it does not walk by this type: a Loss's
+        # list, which leaves ours (none of them saveable).
+        return "Loss"
+
+    def __reduce__(self):
+        # KerasSaveable pickles an object as a Keras model file.
+        raise TypeError(f"A {type(self).__name__} strategy cannot be pickled.")
+
+
 # Private methods overridden (by the subclass named) or called; the test checks
 # each on the installed versions.
 HOOKS = {
@@ -95,6 +121,7 @@ HOOKS = {
     keras.layers.MultiHeadAttention: ("_compute_attention_mask",),
     keras.optimizers.LossScaleOptimizer: ("_common_apply",),
     keras.Model: ("_flatten_layers",),
+    KerasSaveable: ("_obj_type",),
     tf.distribute.CrossDeviceOps: (
         "_gather_implementation",
         "_num_between_graph_workers",

@@ -147,7 +147,7 @@ def _start_worker(argv: list[str]) -> None:
     _call(libc.prctl, _PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != int(launcher):
         # The launcher died before the line above took effect.
-        os._exit(128 + signal.SIGKILL)
+        sys.exit(128 + signal.SIGKILL)
     if fds != "-":
         # The user namespace first: it grants the right to join the network.
         for fd in map(int, fds.split(",")):

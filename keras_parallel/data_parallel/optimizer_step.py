@@ -29,7 +29,7 @@ class ReplicaStepOptimizer:
     """Mixed in before an optimizer's class while DataParallel traces a step.
 
     The strategy's extended must provide `apply_reduced(apply, grads,
-    variables)` (cross-replica context) and `replica_loss_weight()`
+    variables, optimizer)` (cross-replica context) and `replica_loss_weight()`
     (replica context; a scalar or None).
     """
 
@@ -61,7 +61,7 @@ def _apply_reduced(strategy, optimizer, grads, variables):
         apply = functools.partial(_apply_loss_scale, optimizer)
     else:
         apply = super(ReplicaStepOptimizer, optimizer).apply
-    return strategy.extended.apply_reduced(apply, grads, variables)
+    return strategy.extended.apply_reduced(apply, grads, variables, optimizer)
 
 
 def _apply_loss_scale(optimizer, grads, variables):

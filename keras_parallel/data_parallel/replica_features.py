@@ -65,7 +65,7 @@ class ReplicaFeatures:
         # Keras' merge calls must call through.
         return not self._applying_once and super()._use_merge_call()
 
-    def apply_reduced(self, apply, grads, variables):
+    def apply_reduced(self, apply, grads, variables, optimizer=None):
         """Reduces all replicas' gradients in one batch and runs the
         optimizer's own `apply` once on them (cross-replica context).
 
@@ -77,10 +77,16 @@ class ReplicaFeatures:
             apply: Its original `apply`, bound.
             grads: One per-replica gradient (or None) per variable.
             variables: The variables, or None for the optimizer's own.
+            optimizer: The optimizer applying: the owner of the compression
+                state (PowerSGD's error memory) its gradients use.
 
         Returns:
             What `apply` returns.
         """
+        with self._gradient_reduction.states.owned_by(optimizer):
+            return self._apply_reduced(apply, grads, variables)
+
+    def _apply_reduced(self, apply, grads, variables):
         present = [i for i, g in enumerate(grads) if g is not None]
         accumulators = (
             None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
-from keras_parallel._tf_internal import MirroredExtended
+from keras_parallel._tf_internal import MirroredExtended, SavedWithModel
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
@@ -15,7 +16,7 @@ from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 
 
-class DataParallel(tf.distribute.Strategy):
+class DataParallel(tf.distribute.Strategy, SavedWithModel):
     """Splits each global batch across devices; one model copy per device.
 
     A drop-in replacement for `tf.distribute.MirroredStrategy` under Keras:
@@ -204,6 +205,35 @@ class DataParallel(tf.distribute.Strategy):
             ):
                 stats[key] /= steps
         return dict(stats, bytes_per_update=per_update, steps_per_update=steps)
+
+    def save_own_variables(self, store) -> None:
+        """Keras' saving hook: what the gradient compression keeps between
+        steps (PowerSGD's error memory, warm start and step count), one
+        entry per optimizer, goes into the checkpoint of every model built in
+        this scope (`save_weights`, `ModelCheckpoint`, `BackupAndRestore`).
+
+        Args:
+            store: Keras' weights store of this object (a dict of arrays).
+        """
+        states = self.extended._gradient_reduction.states
+        for index, arrays in enumerate(states.save()):
+            for name, array in arrays.items():
+                store[f"{index}:{name}"] = array
+
+    def load_own_variables(self, store) -> None:
+        """Keras' loading hook: restores what `save_own_variables` saved.
+
+        Args:
+            store: Keras' weights store of this object (empty for a file saved
+                without compression state).
+        """
+        saved: dict[int, dict[str, np.ndarray]] = {}
+        for key in store.keys():
+            index, name = key.split(":", 1)
+            saved.setdefault(int(index), {})[name] = np.asarray(store[key])
+        self.extended._gradient_reduction.states.restore(
+            [saved[index] for index in sorted(saved)]
+        )
 
     def __repr__(self) -> str:
         devices = ", ".join(short_device(d) for d in self.extended.worker_devices)

@@ -8,6 +8,7 @@ from keras_parallel.reduction.algorithms import (
 from keras_parallel.reduction.communicator import Communicator, Transfer
 from keras_parallel.reduction.compression import (
     Compression,
+    CompressionState,
     HalfPrecision,
     NoCompression,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "AllReduceAlgorithm",
     "Communicator",
     "Compression",
+    "CompressionState",
     "GradientReduction",
     "HalfPrecision",
     "InProcessAllReduce",

@@ -1,18 +1,38 @@
 """Gradient compressions: how gradients travel during the all-reduce.
 
 Like PyTorch DDP's communication hooks, a compression is an object that
-receives all gradients of a step and a `Communicator`, and returns their sums;
-it may keep state between steps (see `PowerSGD`).
+receives all gradients of a step and a `Communicator`, and returns their sums.
+What it keeps between steps (PowerSGD's error memory) is a separate
+`CompressionState`, one per strategy and optimizer, made by `new_state`: one
+compression object may serve several strategies and models.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from keras_parallel.reduction.communicator import Communicator
+
+
+class CompressionState(abc.ABC):
+    """What a compression keeps between the steps of one optimizer.
+
+    Checkpoints hold it as named arrays that do not depend on the number of
+    replicas, so that it can be restored on another device count.
+    """
+
+    @abc.abstractmethod
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The state as named arrays, to be saved."""
+
+    @abc.abstractmethod
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Takes the state from `arrays` (as returned by `arrays()`), now or,
+        when its variables do not exist yet, when they are made."""
 
 
 class Compression(abc.ABC):
@@ -20,15 +40,24 @@ class Compression(abc.ABC):
 
     name: str
 
+    def new_state(self) -> CompressionState | None:
+        """A fresh state for one optimizer of one strategy (None: stateless)."""
+        return None
+
     @abc.abstractmethod
     def reduce(
-        self, gradients: Sequence[Sequence[tf.Tensor]], communicator: Communicator
+        self,
+        gradients: Sequence[Sequence[tf.Tensor]],
+        communicator: Communicator,
+        state: CompressionState | None = None,
     ) -> list[list[tf.Tensor]]:
         """Sums gradients across replicas.
 
         Args:
             gradients: `gradients[k][i]` is replica i's part of gradient k.
             communicator: Moves tensors and accounts for the bytes.
+            state: What `new_state()` made for the optimizer these gradients
+                are for.
 
         Returns:
             `result[k][i]`: the (approximate) sum of gradient k on replica i's
@@ -44,7 +73,7 @@ class NoCompression(Compression):
 
     name = "none"
 
-    def reduce(self, gradients, communicator):
+    def reduce(self, gradients, communicator, state=None):
         return communicator.bucketed_sum(gradients)
 
 
@@ -64,7 +93,7 @@ class HalfPrecision(Compression):
         self.dtype = tf.as_dtype(dtype)
         self.name = {"float16": "fp16", "bfloat16": "bf16"}[self.dtype.name]
 
-    def reduce(self, gradients, communicator):
+    def reduce(self, gradients, communicator, state=None):
         return communicator.bucketed_sum(gradients, wire_dtype=self.dtype)
 
 

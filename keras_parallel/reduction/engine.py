@@ -24,6 +24,7 @@ from keras_parallel._tf_internal import (
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm, resolve_algorithm
 from keras_parallel.reduction.communicator import Communicator, Transfer
 from keras_parallel.reduction.compression import Compression, resolve_compression
+from keras_parallel.reduction.states import CompressionStates
 
 
 def validate_bucket_mb(bucket_mb) -> float | None:
@@ -90,6 +91,7 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             resolve_algorithm(reduction, [])  # validates the name
         self._bucket_mb = validate_bucket_mb(bucket_mb)
         self.compression = resolve_compression(compression)
+        self.states = CompressionStates(self.compression)
         self._last_step: list[Transfer] = []
         self._last_fp32_bytes = 0
 
@@ -160,7 +162,7 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         communicator = Communicator(
             self._algorithm, int(bucket_mb * 2**20), len(gradients[0])
         )
-        sums = self.compression.reduce(gradients, communicator)
+        sums = self.compression.reduce(gradients, communicator, self.states.current())
         self._last_step = communicator.transfers
         self._last_fp32_bytes = sum(
             4 * parts[0].shape.num_elements() for parts in gradients

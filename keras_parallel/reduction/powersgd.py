@@ -21,11 +21,14 @@ into buckets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import local_variable
 from keras_parallel._validation import check_int
-from keras_parallel.reduction.compression import Compression
+from keras_parallel.reduction.compression import Compression, CompressionState
 
 
 class PowerSGD(Compression):
@@ -78,8 +81,6 @@ class PowerSGD(Compression):
         )
         self.seed = seed
         self.name = f"PowerSGD(rank={rank})"
-        self._state: dict = {}
-        self._step = None
 
     def __repr__(self) -> str:
         return (
@@ -98,7 +99,15 @@ class PowerSGD(Compression):
             return None
         return n, m
 
-    def reduce(self, gradients, communicator):
+    def new_state(self) -> PowerSGDState:
+        return PowerSGDState(self)
+
+    def reduce(self, gradients, communicator, state=None):
+        if state is None:
+            raise ValueError(
+                "PowerSGD keeps state between steps: pass the state made by "
+                "`new_state()` (DataParallel keeps one per optimizer)."
+            )
         shapes = [self.matrix_shape(parts[0].shape) for parts in gradients]
         compressed = [k for k, s in enumerate(shapes) if s is not None]
         plain = [k for k, s in enumerate(shapes) if s is None]
@@ -110,8 +119,8 @@ class PowerSGD(Compression):
         if not compressed:
             return results
         chosen = [gradients[k] for k in compressed]
-        state = self._state_for(chosen, [shapes[k] for k in compressed])
-        step = self._step_counter()
+        step = state.step()
+        entries = state.matrices(chosen, [shapes[k] for k in compressed])
 
         def exact():
             with communicator.phase("warmup"):
@@ -119,7 +128,7 @@ class PowerSGD(Compression):
 
         def approximate():
             with communicator.phase("compressed"):
-                return self._power_step(chosen, state, communicator)
+                return self._power_step(chosen, entries, communicator)
 
         if self.warmup_steps:
             sums = tf.cond(step < self.warmup_steps, exact, approximate)
@@ -131,22 +140,22 @@ class PowerSGD(Compression):
             results[k] = parts
         return results
 
-    def _power_step(self, gradients, state, communicator):
+    def _power_step(self, gradients, entries, communicator):
         replicas = range(communicator.num_replicas)
         matrices = []  # matrices[k][i]: M of gradient k on replica i
         for k, parts in enumerate(gradients):
-            n, m = state[k]["shape"]
+            n, m = entries[k]["shape"]
             row = []
             for i, part in enumerate(parts):
                 with tf.device(part.device):
                     matrix = tf.reshape(part, [n, m])
                     if self.error_feedback:
-                        matrix = matrix + state[k]["error"][i]
+                        matrix = matrix + entries[k]["error"][i]
                     row.append(matrix)
             matrices.append(row)
 
         p_parts = self._products(
-            matrices, lambda k, i, M: tf.matmul(M, state[k]["q"][i]), replicas
+            matrices, lambda k, i, M: tf.matmul(M, entries[k]["q"][i]), replicas
         )
         p_sums = self._sum_all(p_parts, communicator, "powersgd P")
         orthonormal = [
@@ -169,13 +178,13 @@ class PowerSGD(Compression):
                     approx = tf.matmul(
                         orthonormal[k][i], q_sums[k][i], transpose_b=True
                     )
-                    updates.append(state[k]["q"][i].assign(q_sums[k][i]))
+                    updates.append(entries[k]["q"][i].assign(q_sums[k][i]))
                     if self.error_feedback:
                         # Replica i's share of what the sum's approximation
                         # missed: the sum runs over every worker's replicas.
                         share = approx / communicator.num_replicas_in_sync
                         residual = matrices[k][i] - share
-                        updates.append(state[k]["error"][i].assign(residual))
+                        updates.append(entries[k]["error"][i].assign(residual))
                     row.append(tf.reshape(approx, part.shape))
             results.append(row)
         with tf.control_dependencies(updates):
@@ -197,39 +206,118 @@ class PowerSGD(Compression):
             parts, wire_dtype=self.transfer_dtype, label=label
         )
 
-    def _state_for(self, gradients, shapes):
+
+
+class PowerSGDState(CompressionState):
+    """PowerSGD's memory for one optimizer of one strategy: per compressed
+    gradient the warm-start Q and each replica's error, and a step counter.
+
+    Made on the devices of the gradients it first sees (the strategy's). Saved
+    as `step`, `q_<g>_<k>` and `error_<g>_<k>`, where the error is the sum
+    over this process's replicas: only that sum enters the next steps (P,
+    Q and the approximation are linear in the replicas' summed matrices), so
+    restoring it split evenly over the replicas continues exactly, on any
+    number of devices.
+    """
+
+    def __init__(self, compression: PowerSGD):
+        self._compression = compression
+        self._step = None
+        # One group per set of compressed gradients, each a list of
+        # {"shape", "q": [per replica], "error": [per replica]}.
+        self._groups: dict = {}
+        self._pending: dict[str, np.ndarray] = {}
+
+    def step(self) -> tf.Variable:
+        """Steps reduced so far (warm-up included)."""
+        if self._step is None:
+            initial = self._pending.pop("step", np.int64(0))
+            with tf.init_scope():
+                self._step = local_variable(
+                    tf.constant(initial, tf.int64), "powersgd_step"
+                )
+        return self._step
+
+    def matrices(self, gradients, shapes) -> list[dict]:
+        """The Q and error variables of these gradients (made on first use)."""
         key = tuple((p[0].shape, p[0].dtype) for p in gradients)
-        if key not in self._state:
-            self._state[key] = [
-                self._new_state(parts, shape, k)
+        if key not in self._groups:
+            group = len(self._groups)
+            self._groups[key] = [
+                self._new_matrix(parts, shape, group, k)
                 for k, (parts, shape) in enumerate(zip(gradients, shapes, strict=True))
             ]
-        return self._state[key]
+        return self._groups[key]
 
-    def _new_state(self, parts, shape, index):
+    def _new_matrix(self, parts, shape, group, index):
         n, m = shape
-        rank = min(self.rank, n, m)
-        q, error = [], []
+        rank = min(self._compression.rank, n, m)
+        dtype = parts[0].dtype
+        q = self._pending.pop(f"q_{group}_{index}", None)
+        error = self._pending.pop(f"error_{group}_{index}", None)
         with tf.init_scope():
-            initial_q = tf.random.stateless_normal(
-                [m, rank], seed=[self.seed, index], dtype=parts[0].dtype
-            )
+            if q is None:
+                seed = [self._compression.seed, index]
+                q = tf.random.stateless_normal([m, rank], seed=seed, dtype=dtype)
+            else:
+                _check_shape(f"q_{group}_{index}", q, (m, rank))
+            if error is None:
+                error = tf.zeros([n, m], dtype)
+            else:
+                _check_shape(f"error_{group}_{index}", error, (n, m))
+                error = tf.constant(error / len(parts), dtype)
+            entry = {"shape": (n, m), "q": [], "error": []}
             for part in parts:
                 with tf.device(part.device):
-                    q.append(local_variable(initial_q, f"powersgd_q_{index}"))
-                    if self.error_feedback:
-                        error.append(
-                            local_variable(
-                                tf.zeros([n, m], part.dtype), f"powersgd_error_{index}"
-                            )
+                    entry["q"].append(local_variable(q, f"powersgd_q_{index}"))
+                    if self._compression.error_feedback:
+                        entry["error"].append(
+                            local_variable(error, f"powersgd_error_{index}")
                         )
-        return {"shape": (n, m), "q": q, "error": error}
+        return entry
 
-    def _step_counter(self):
-        if self._step is None:
-            with tf.init_scope():
-                self._step = local_variable(tf.constant(0, tf.int64), "powersgd_step")
-        return self._step
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = dict(self._pending)
+        if self._step is not None:
+            arrays["step"] = self._step.numpy()
+        for group, entries in enumerate(self._groups.values()):
+            for k, entry in enumerate(entries):
+                arrays[f"q_{group}_{k}"] = entry["q"][0].numpy()
+                if entry["error"]:
+                    arrays[f"error_{group}_{k}"] = sum(
+                        e.numpy() for e in entry["error"]
+                    )
+        return arrays
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        arrays = {name: np.asarray(value) for name, value in arrays.items()}
+        if self._step is not None and "step" in arrays:
+            self._step.assign(arrays.pop("step"))
+        for group, entries in enumerate(self._groups.values()):
+            for k, entry in enumerate(entries):
+                n, m = entry["shape"]
+                q = arrays.pop(f"q_{group}_{k}", None)
+                if q is not None:
+                    _check_shape(f"q_{group}_{k}", q, entry["q"][0].shape)
+                    for variable in entry["q"]:
+                        variable.assign(q)
+                error = arrays.pop(f"error_{group}_{k}", None)
+                if error is not None and entry["error"]:
+                    _check_shape(f"error_{group}_{k}", error, (n, m))
+                    for variable in entry["error"]:
+                        variable.assign(error / len(entry["error"]))
+        # The rest waits for the variables it belongs to.
+        self._pending = arrays
+
+
+def _check_shape(name, array, shape) -> None:
+    if tuple(np.shape(array)) != tuple(shape):
+        raise ValueError(
+            f"The PowerSGD state `{name}` being restored has shape "
+            f"{tuple(np.shape(array))}, but this model's gradient needs "
+            f"{tuple(shape)}: the checkpoint is of another model or another "
+            "PowerSGD rank. Restore it into the model it was saved from."
+        )
 
 
 def _on(tensor, fn):

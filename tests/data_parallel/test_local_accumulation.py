@@ -48,7 +48,7 @@ class CountingCompression(Compression):
     def __init__(self):
         self.runs = tf.Variable(0, trainable=False)
 
-    def reduce(self, gradients, communicator):
+    def reduce(self, gradients, communicator, state=None):
         with tf.control_dependencies([self.runs.assign_add(1)]):
             sums = NoCompression().reduce(gradients, communicator)
             return [[tf.identity(s) for s in parts] for parts in sums]

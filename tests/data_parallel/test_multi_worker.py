@@ -228,3 +228,22 @@ def test_strategy_created_again_in_the_same_workers(tmp_path):
     for worker in range(2):
         for run in range(2):
             assert f"[worker {worker}] run {run} {expected}" in done.stdout
+
+
+def test_powersgd_memory_survives_a_killed_worker(tmp_path):
+    backup = tmp_path / "backup"
+    args = ("--compression", "powersgd", "--backup", str(backup))
+    first_try = _launch(tmp_path / "1", *args, "--die-at", "1:2:1")
+    assert first_try.returncode == 137, first_try.stderr[-3000:]
+    second_try = _launch(tmp_path / "2", *args)
+    assert second_try.returncode == 0, second_try.stderr[-3000:]
+    first, second = _results(tmp_path / "2")
+    assert first["epochs"].tolist() == [2]
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    # Each worker restored its replica's error memory and the step count: the
+    # run ends as the uninterrupted one (= one process with 2 replicas).
+    strategy = keras_parallel.DataParallel(
+        devices(2), compression=compression("powersgd")
+    )
+    model, _, _ = train(strategy)
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5

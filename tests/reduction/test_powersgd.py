@@ -17,8 +17,9 @@ class Reducer:
     def __init__(self, compression, num_replicas=2):
         self.names = devices(num_replicas)
         self.communicator = Communicator(InProcessAllReduce(), 2**20, num_replicas)
+        state = compression.new_state()
         self._fn = tf.function(
-            lambda gradients: compression.reduce(gradients, self.communicator)
+            lambda gradients: compression.reduce(gradients, self.communicator, state)
         )
 
     def __call__(self, arrays_per_gradient):

@@ -1,0 +1,79 @@
+"""The compression states of one reduction engine: one per optimizer.
+
+A compression's memory (PowerSGD's error feedback) belongs to the gradients
+of one model's optimizer on one strategy's devices, never to the compression
+object, which a notebook may hand to several strategies and models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Mapping
+
+import numpy as np
+
+from keras_parallel.reduction.compression import Compression, CompressionState
+
+
+class CompressionStates:
+    """States of `compression`, one per owner (optimizer), in order of first use.
+
+    An owner that is garbage-collected takes its state with it. Saved states
+    restored before their owners have stepped wait for them, first saved to
+    first owner.
+
+    Args:
+        compression: The compression whose `new_state` makes each state.
+    """
+
+    def __init__(self, compression: Compression):
+        self._compression = compression
+        self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._unowned: CompressionState | None = None
+        self._owner = None
+        self._waiting: list[Mapping[str, np.ndarray]] = []
+
+    @contextlib.contextmanager
+    def owned_by(self, owner):
+        """Reductions inside the block use `owner`'s state."""
+        outer, self._owner = self._owner, owner
+        try:
+            yield
+        finally:
+            self._owner = outer
+
+    def current(self) -> CompressionState | None:
+        """The state of the current owner (made on first use)."""
+        if self._owner is None:
+            if self._unowned is None:
+                self._unowned = self._new()
+            return self._unowned
+        if self._owner not in self._owned:
+            self._owned[self._owner] = self._new()
+        return self._owned[self._owner]
+
+    def _new(self) -> CompressionState | None:
+        state = self._compression.new_state()
+        if state is not None and self._waiting:
+            state.restore(self._waiting.pop(0))
+        return state
+
+    def all(self) -> list[CompressionState]:
+        """The live states, in order of first use."""
+        states = [*self._owned.values(), self._unowned]
+        return [state for state in states if state is not None]
+
+    def save(self) -> list[dict[str, np.ndarray]]:
+        """Each live state's arrays, then those still waiting for an owner."""
+        return [state.arrays() for state in self.all()] + [
+            dict(arrays) for arrays in self._waiting
+        ]
+
+    def restore(self, saved: list[Mapping[str, np.ndarray]]) -> None:
+        """Gives the i-th saved state to the i-th live state; the rest wait
+        for the next owners."""
+        live = self.all()
+        for state, arrays in zip(live, saved, strict=False):
+            state.restore(arrays)
+        self._waiting = list(saved[len(live) :])
