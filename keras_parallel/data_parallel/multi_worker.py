@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras_parallel._tf_internal import (
     CollectiveAllReduceExtended,
     CollectiveAllReduceStrategy,
+    PerReplica,
     num_workers,
     wait_for_all_workers,
     worker_id,
@@ -80,15 +81,32 @@ class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
     def reduce(self, reduce_op, value, axis):
         # Keras 3 takes every step's scalar logs through `reduce(MEAN, v,
         # axis=0)` under a multi-worker strategy, which fails for scalars
-        # (keras-team/keras#20585). Those logs are metric results, already
-        # summed over all workers, so the mean of the local copies is exact,
-        # as Keras computes it under every other strategy.
+        # (keras-team/keras#20585). They are each replica's metric results
+        # (read locally inside the step): averaged over the replicas of ALL
+        # workers, as Keras averages them under every other strategy, every
+        # worker logs the same numbers, and a NaN on one replica reaches every
+        # worker's callbacks (TerminateOnNaN) in the same step.
         if axis is not None and _all_scalars(value):
-            return tf.nest.map_structure(
-                lambda v: tf.reduce_mean(self.experimental_local_results(v), axis=0),
-                value,
-            )
+            return self._mean_over_all_replicas(value)
         return super().reduce(reduce_op, value, axis)
+
+    def _mean_over_all_replicas(self, value):
+        """All scalar logs in one collective: stacked per replica, averaged."""
+        leaves = tf.nest.flatten(value)
+        parts = [self.experimental_local_results(leaf) for leaf in leaves]
+        replicas = max(len(p) for p in parts)
+        stacked = []
+        for replica in range(replicas):
+            # A leaf that is not per-replica is the same on every replica.
+            row = [p[replica] if len(p) > 1 else p[0] for p in parts]
+            with tf.device(row[0].device):
+                stacked.append(tf.stack([tf.cast(x, tf.float32) for x in row]))
+        means = super().reduce(
+            tf.distribute.ReduceOp.MEAN, PerReplica(stacked), axis=None
+        )
+        return tf.nest.pack_sequence_as(
+            value, [tf.cast(means[i], p[0].dtype) for i, p in enumerate(parts)]
+        )
 
     def _make_extended(self, devices, **options):
         return MultiWorkerExtended(self, self._cluster, devices, **options)

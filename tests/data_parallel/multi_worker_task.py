@@ -32,7 +32,7 @@ def data(samples=SAMPLES):
     return x, y
 
 
-def build(steps_per_execution=1, optimizer_options=False):
+def build(steps_per_execution=1, optimizer_options=False, loss_scale=False):
     keras.utils.set_random_seed(1)
     # Clipping, moving averages and accumulation: they must see the gradient
     # of the whole global batch.
@@ -57,8 +57,11 @@ def build(steps_per_execution=1, optimizer_options=False):
             keras.layers.Dense(1),
         ]
     )
+    optimizer = keras.optimizers.Adam(0.01, **options)
+    if loss_scale:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(0.01, **options),
+        optimizer=optimizer,
         loss="mse",
         steps_per_execution=steps_per_execution,
     )
@@ -81,8 +84,13 @@ class _Record(keras.callbacks.Callback):
         super().__init__()
         self.epochs: list[int] = []
 
+        self.batch_losses: list[float] = []
+
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_losses.append(float(logs["loss"]))
 
 
 class _Die(keras.callbacks.Callback):
@@ -110,12 +118,20 @@ def train(
     samples=SAMPLES,
     batch_size=GLOBAL_BATCH,
     optimizer_options=False,
+    nan_sample=None,
+    loss_scale=False,
 ):
-    """Trains the model; returns (model, history, epochs run)."""
+    """Trains; returns (model, history, epochs run, the loss logged per batch).
+
+    `nan_sample`: index of a sample whose target is NaN (its loss and every
+    gradient of its batch are NaN).
+    """
     x, y = data(samples)
+    if nan_sample is not None:
+        y[nan_sample] = np.nan
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
     with scope:
-        model = build(steps_per_execution, optimizer_options)
+        model = build(steps_per_execution, optimizer_options, loss_scale)
     record = _Record()
     printer = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: print(f"epoch {epoch} done", flush=True)
@@ -129,7 +145,7 @@ def train(
         verbose=0,
         callbacks=[*callbacks, record, *([printer] if print_epochs else [])],
     )
-    return model, history, record.epochs
+    return model, history, record.epochs, record.batch_losses
 
 
 def main(argv: list[str]) -> int:
@@ -143,6 +159,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
     parser.add_argument("--optimizer-options", action="store_true")
+    parser.add_argument("--nan-sample", type=int, default=None)
+    parser.add_argument("--loss-scale", action="store_true")
+    parser.add_argument("--terminate-on-nan", action="store_true")
     args = parser.parse_args(argv)
 
     import keras_parallel
@@ -157,11 +176,13 @@ def main(argv: list[str]) -> int:
                 f"{args.backup}/worker_{strategy.worker_index}"
             )
         )
+    if args.terminate_on_nan:
+        callbacks.append(keras.callbacks.TerminateOnNaN())
     if args.die_at:
         worker, epoch, batch = map(int, args.die_at.split(":"))
         if worker == strategy.worker_index:
             callbacks.append(_Die(epoch, batch))
-    model, history, epochs = train(
+    model, history, epochs, batch_losses = train(
         strategy,
         args.epochs,
         callbacks,
@@ -170,6 +191,8 @@ def main(argv: list[str]) -> int:
         args.samples,
         args.batch_size,
         args.optimizer_options,
+        args.nan_sample,
+        args.loss_scale,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +202,7 @@ def main(argv: list[str]) -> int:
         predictions=model.predict(data()[0][:100], batch_size=GLOBAL_BATCH, verbose=0),
         loss=np.array(history.history["loss"]),
         epochs=np.array(epochs),
+        batch_losses=np.array(batch_losses),
         bytes_per_step=strategy.communication_stats()["bytes_per_step"],
         num_workers=strategy.num_workers,
     )

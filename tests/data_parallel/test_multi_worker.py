@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 from multi_worker_task import compression, data, train
@@ -54,9 +55,9 @@ def _max_difference(a, b):
 @pytest.fixture(scope="module")
 def reference():
     """Single-process training with the same global batch."""
-    model, history, _ = train(epochs=3)
+    model, history, _, batch_losses = train(epochs=3)
     predictions = model.predict(data()[0][:100], batch_size=32, verbose=0)
-    return model.get_weights(), history.history["loss"], predictions
+    return model.get_weights(), history.history["loss"], predictions, batch_losses
 
 
 def test_two_workers_equal_single_process(tmp_path, reference):
@@ -70,6 +71,9 @@ def test_two_workers_equal_single_process(tmp_path, reference):
     assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
     np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
+    # Every step logs the whole batch's metrics, the same on every worker.
+    np.testing.assert_array_equal(first["batch_losses"], second["batch_losses"])
+    np.testing.assert_allclose(first["batch_losses"], reference[3], rtol=1e-5)
     # Each worker predicted its share of every batch; Keras gathers them all.
     for result in (first, second):
         assert result["predictions"].shape == (100, 1)
@@ -83,7 +87,7 @@ def test_optimizer_options_across_workers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     first, second = _results(tmp_path)
     assert _max_difference(_weights(first), _weights(second)) == 0.0
-    model, _, _ = train(optimizer_options=True)
+    model, _, *_ = train(optimizer_options=True)
     assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
 
 
@@ -110,7 +114,7 @@ def test_compressed_across_workers_equals_one_process_with_as_many_replicas(
     # memory must be each replica's share of what the sum over ALL workers'
     # replicas missed, and fp16's scale must be agreed over all of them.
     strategy = keras_parallel.DataParallel(devices(2), compression=compression(name))
-    model, history, _ = train(strategy)
+    model, history, *_ = train(strategy)
     assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
     np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
     assert (
@@ -180,7 +184,7 @@ def test_uneven_last_batch(tmp_path):
     # 250 samples in batches of 32 end with a batch of 26, 13 per worker.
     done = _launch(tmp_path, "--samples", "250")
     assert done.returncode == 0, done.stderr[-3000:]
-    model, history, _ = train(epochs=3, samples=250)
+    model, history, *_ = train(epochs=3, samples=250)
     first, second = _results(tmp_path)
     assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
@@ -212,7 +216,7 @@ def test_strategy_created_again_in_the_same_workers(tmp_path):
         "from multi_worker_task import train\n"
         "for run in range(2):\n"
         "    strategy = keras_parallel.DataParallel()\n"
-        "    _, history, _ = train(strategy, epochs=1)\n"
+        "    _, history, *_ = train(strategy, epochs=1)\n"
         "    print(f'run {run} loss {history.history[\"loss\"][0]:.6f}', flush=True)\n"
     )
     done = subprocess.run(
@@ -223,7 +227,7 @@ def test_strategy_created_again_in_the_same_workers(tmp_path):
         env=_env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    _, history, _ = train(epochs=1)
+    _, history, *_ = train(epochs=1)
     expected = f"loss {history.history['loss'][0]:.6f}"
     for worker in range(2):
         for run in range(2):
@@ -245,5 +249,42 @@ def test_powersgd_memory_survives_a_killed_worker(tmp_path):
     strategy = keras_parallel.DataParallel(
         devices(2), compression=compression("powersgd")
     )
-    model, _, _ = train(strategy)
+    model, _, *_ = train(strategy)
     assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+
+
+# Sample 40 is in the second batch (32 per batch), in worker 0's half of it.
+NAN_SAMPLE = 40
+
+
+def test_a_nan_on_one_worker_stops_every_worker_at_the_same_batch(tmp_path):
+    done = _launch(tmp_path, "--nan-sample", str(NAN_SAMPLE), "--terminate-on-nan")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    # The loss is the global batch's: NaN on both workers at batch 1, where
+    # TerminateOnNaN stops each of them, as on one device.
+    _, _, _, batch_losses = train(
+        nan_sample=NAN_SAMPLE, callbacks=[keras.callbacks.TerminateOnNaN()]
+    )
+    assert len(batch_losses) == 2 and np.isnan(batch_losses[1])
+    for result in (first, second):
+        assert len(result["batch_losses"]) == 2
+        assert np.isnan(result["batch_losses"][1])
+
+
+def test_a_nan_on_one_worker_makes_the_loss_scale_skip_the_step_everywhere(tmp_path):
+    done = _launch(tmp_path, "--nan-sample", str(NAN_SAMPLE), "--loss-scale")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    assert all(np.isfinite(w).all() for w in _weights(first))
+    # The same skipped steps as one process with 2 replicas.
+    model, *_ = train(
+        keras_parallel.DataParallel(devices(2)),
+        nan_sample=NAN_SAMPLE,
+        loss_scale=True,
+    )
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+    # Each epoch's NaN batch halved the scale: 3 skipped steps.
+    scale = next(v for v in model.optimizer.variables if "dynamic_scale" in v.path)
+    assert float(scale.numpy()) == 2.0**15 / 2**3
