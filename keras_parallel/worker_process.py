@@ -150,9 +150,16 @@ def _start_worker(argv: list[str]) -> None:
         sys.exit(128 + signal.SIGKILL)
     if fds != "-":
         # The user namespace first: it grants the right to join the network.
-        for fd in map(int, fds.split(",")):
-            _call(libc.setns, fd, 0)
-            os.close(fd)
+        try:
+            for fd in map(int, fds.split(",")):
+                _call(libc.setns, fd, 0)
+                os.close(fd)
+        except OSError as error:
+            sys.exit(
+                "keras-parallel launch: a worker could not join the workers' "
+                f"private network ({error.strerror}). Run with --network host "
+                "(see README, 'Security', for what that exposes)."
+            )
     os.execv(sys.executable, [sys.executable, script, *args])
 
 

@@ -494,3 +494,24 @@ def test_unknown_network_is_refused(tmp_path, capsys):
         ValueError, match="network must be one of 'private', 'host', got 'lan'"
     ):
         launch.launch(script, network="lan")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux namespaces")
+def test_a_worker_that_cannot_join_the_private_network_says_so(tmp_path):
+    # A descriptor that is no namespace: setns refuses it as a sandbox would.
+    script = write_script(tmp_path, "raise SystemExit('must not run')\n")
+    with open(script) as not_a_namespace:
+        result = subprocess.run(
+            [sys.executable, "-m", "keras_parallel.worker_process"]
+            + [str(os.getpid()), str(not_a_namespace.fileno()), script],
+            pass_fds=[not_a_namespace.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "keras-parallel launch: a worker could not join the workers' private "
+        "network (Invalid argument). Run with --network host (see README, "
+        "'Security', for what that exposes)."
+    )
