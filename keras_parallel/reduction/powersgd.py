@@ -34,6 +34,11 @@ from keras_parallel.reduction.compression import Compression, CompressionState
 class PowerSGD(Compression):
     """Rank-`rank` PowerSGD with error feedback and warm start.
 
+    The object holds settings only: what PowerSGD remembers between steps is
+    a `PowerSGDState` per strategy and optimizer (`new_state`), saved with the
+    model by `save_weights`, `model.save`, `ModelCheckpoint` and
+    `BackupAndRestore`. One object can serve several strategies and models.
+
     Args:
         rank: Rank of the approximation, at least 1.
         warmup_steps: Steps reduced uncompressed before compression starts
