@@ -4,6 +4,7 @@ hold it: a resumed run continues exactly, on any number of devices."""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from transparency import devices, max_weight_diff
 
 import keras_parallel
@@ -157,3 +158,23 @@ def test_a_restored_state_of_another_model_is_refused(tmp_path):
     other.load_weights(tmp_path / "w.weights.h5")
     with pytest.raises(ValueError, match=r"`q_0_0` being restored has shape \(24, 1\)"):
         fit(other, epochs=1)
+
+
+def test_the_state_lives_on_the_devices_of_the_strategy_using_it():
+    shared = powersgd()
+    placements = []
+    for names in (["CPU:0", "CPU:1"], ["CPU:2", "CPU:3"]):
+        parallel = keras_parallel.DataParallel(names, compression=shared)
+        with parallel.scope():
+            model = build()
+        fit(model, epochs=1)
+        (state,) = parallel.extended._gradient_reduction.states.all()
+        (group,) = state._groups.values()
+        placements.append(
+            {
+                tf.DeviceSpec.from_string(variable.device).device_index
+                for entry in group
+                for variable in entry["q"] + entry["error"]
+            }
+        )
+    assert placements == [{0, 1}, {2, 3}]
