@@ -1,6 +1,6 @@
 """Bytes per step, accuracy and step time of each gradient compression.
 
-Runs the two tasks the tests assert on (`tests/compression_tasks.py`): the
+Runs the two tasks the tests assert on (`tests/reduction/compression_tasks.py`): the
 demo convnet (Adam, 3 epochs) and a 40x64 Dense MLP (SGD with momentum,
 8 epochs), on 2 logical CPU devices, for every setting. Bytes are what each
 replica sends per step (`DataParallel.communication_stats()`); step time is
@@ -54,7 +54,8 @@ def main() -> None:
     import keras_parallel
 
     keras_parallel.virtual_devices(2)
-    sys.path.insert(0, os.path.join(HERE, os.pardir, "tests"))
+    tests = os.path.join(HERE, os.pardir, "tests")
+    sys.path[:0] = [tests, os.path.join(tests, "reduction")]
     import compression_tasks
 
     from keras_parallel.demo import samples_per_second
