@@ -22,6 +22,14 @@ from typing import IO
 from keras_parallel.worker_process import PrivateNetwork, worker_command
 
 NETWORKS = ("private", "host")
+# What a worker prints when it tries to reach the internet from the private
+# network (name lookups fail first; a literal address is unreachable).
+_OFFLINE_ERRORS = (
+    "temporary failure in name resolution",
+    "name or service not known",
+    "no address associated with hostname",
+    "network is unreachable",
+)
 HOST = "127.0.0.1"
 GRACE_PERIOD = 10.0
 _POLL_INTERVAL = 0.1
@@ -131,6 +139,7 @@ def launch(
         for signum in (signal.SIGINT, signal.SIGTERM)
     }
     lock = threading.Lock()
+    offline = threading.Event() if private else None
     workers: list[subprocess.Popen] = []
     readers: list[threading.Thread] = []
     try:
@@ -155,7 +164,9 @@ def launch(
             prefix = f"[worker {index}] "
             for pipe, out in ((worker.stdout, sys.stdout), (worker.stderr, sys.stderr)):
                 reader = threading.Thread(
-                    target=_echo, args=(pipe, out, prefix, lock), daemon=True
+                    target=_echo,
+                    args=(pipe, out, prefix, lock, offline),
+                    daemon=True,
                 )
                 reader.start()
                 readers.append(reader)
@@ -173,6 +184,15 @@ def launch(
     # A grandchild that inherited a pipe may keep it open: don't wait forever.
     for reader in readers:
         reader.join(_READER_JOIN_TIMEOUT)
+    if code and offline is not None and offline.is_set():
+        print(
+            "keras-parallel launch: a worker could not reach the network. The "
+            "workers share a private network with loopback only (README, "
+            "'Security'): download what the script needs before launching, or "
+            "run with --network host.",
+            file=sys.stderr,
+            flush=True,
+        )
     return code
 
 
@@ -271,10 +291,20 @@ def _describe(code: int) -> str:
     return f"was killed by {name}"
 
 
-def _echo(pipe: IO[bytes], out: IO[str], prefix: str, lock: threading.Lock) -> None:
+def _echo(
+    pipe: IO[bytes],
+    out: IO[str],
+    prefix: str,
+    lock: threading.Lock,
+    offline: threading.Event | None,
+) -> None:
     with pipe:
         for line in iter(pipe.readline, b""):
             text = line.decode(errors="replace")
+            if offline is not None and any(
+                error in text.lower() for error in _OFFLINE_ERRORS
+            ):
+                offline.set()
             with lock:
                 try:
                     out.write(prefix + text + ("" if text.endswith("\n") else "\n"))

@@ -515,3 +515,27 @@ def test_a_worker_that_cannot_join_the_private_network_says_so(tmp_path):
         "network (Invalid argument). Run with --network host (see README, "
         "'Security', for what that exposes)."
     )
+
+
+def test_a_worker_that_needs_the_internet_is_told_why_it_failed(tmp_path):
+    if reason := private_network_unavailable():
+        pytest.skip(f"no private network here: {reason}")
+    # What `keras.datasets` does first: look up the download host's name.
+    script = write_script(
+        tmp_path,
+        """
+        import socket
+        socket.getaddrinfo("storage.googleapis.com", 443)
+        """,
+    )
+    result = run_launcher("-n", "2", script)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith(
+        "keras-parallel launch: a worker could not reach the network. The workers "
+        "share a private network with loopback only (README, 'Security'): "
+        "download what the script needs before launching, or run with "
+        "--network host."
+    ), result.stderr
+    # A script failing for another reason gets no such hint.
+    other = write_script(tmp_path, "raise SystemExit('plain failure')\n")
+    assert "could not reach the network" not in run_launcher(other).stderr
