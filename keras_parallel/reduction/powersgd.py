@@ -212,7 +212,6 @@ class PowerSGD(Compression):
         )
 
 
-
 class PowerSGDState(CompressionState):
     """PowerSGD's memory for one optimizer of one strategy: per compressed
     gradient the warm-start Q and each replica's error, and a step counter.
@@ -236,48 +235,39 @@ class PowerSGDState(CompressionState):
     def step(self) -> tf.Variable:
         """Steps reduced so far (warm-up included)."""
         if self._step is None:
-            initial = self._pending.pop("step", np.int64(0))
             with tf.init_scope():
-                self._step = local_variable(
-                    tf.constant(initial, tf.int64), "powersgd_step"
-                )
+                self._step = local_variable(tf.constant(0, tf.int64), "powersgd_step")
+                self._take_pending()
         return self._step
 
     def matrices(self, gradients, shapes) -> list[dict]:
         """The Q and error variables of these gradients (made on first use)."""
         key = tuple((p[0].shape, p[0].dtype) for p in gradients)
         if key not in self._groups:
-            group = len(self._groups)
             self._groups[key] = [
-                self._new_matrix(parts, shape, group, k)
+                self._new_matrix(parts, shape, k)
                 for k, (parts, shape) in enumerate(zip(gradients, shapes, strict=True))
             ]
+            with tf.init_scope():
+                self._take_pending()
         return self._groups[key]
 
-    def _new_matrix(self, parts, shape, group, index):
+    def _new_matrix(self, parts, shape, index):
         n, m = shape
         rank = min(self._compression.rank, n, m)
         dtype = parts[0].dtype
-        q = self._pending.pop(f"q_{group}_{index}", None)
-        error = self._pending.pop(f"error_{group}_{index}", None)
         with tf.init_scope():
-            if q is None:
-                seed = [self._compression.seed, index]
-                q = tf.random.stateless_normal([m, rank], seed=seed, dtype=dtype)
-            else:
-                _check_shape(f"q_{group}_{index}", q, (m, rank))
-            if error is None:
-                error = tf.zeros([n, m], dtype)
-            else:
-                _check_shape(f"error_{group}_{index}", error, (n, m))
-                error = tf.constant(error / len(parts), dtype)
+            seed = [self._compression.seed, index]
+            q = tf.random.stateless_normal([m, rank], seed=seed, dtype=dtype)
             entry = {"shape": (n, m), "q": [], "error": []}
             for part in parts:
                 with tf.device(part.device):
                     entry["q"].append(local_variable(q, f"powersgd_q_{index}"))
                     if self._compression.error_feedback:
                         entry["error"].append(
-                            local_variable(error, f"powersgd_error_{index}")
+                            local_variable(
+                                tf.zeros([n, m], dtype), f"powersgd_error_{index}"
+                            )
                         )
         return entry
 
@@ -295,24 +285,27 @@ class PowerSGDState(CompressionState):
         return arrays
 
     def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
-        arrays = {name: np.asarray(value) for name, value in arrays.items()}
-        if self._step is not None and "step" in arrays:
-            self._step.assign(arrays.pop("step"))
+        self._pending = {name: np.asarray(value) for name, value in arrays.items()}
+        self._take_pending()
+
+    def _take_pending(self) -> None:
+        """Assigns the restored arrays whose variables exist; the rest waits
+        for the variables it belongs to."""
+        if self._step is not None and "step" in self._pending:
+            self._step.assign(self._pending.pop("step"))
         for group, entries in enumerate(self._groups.values()):
             for k, entry in enumerate(entries):
                 n, m = entry["shape"]
-                q = arrays.pop(f"q_{group}_{k}", None)
+                q = self._pending.pop(f"q_{group}_{k}", None)
                 if q is not None:
                     _check_shape(f"q_{group}_{k}", q, entry["q"][0].shape)
                     for variable in entry["q"]:
                         variable.assign(q)
-                error = arrays.pop(f"error_{group}_{k}", None)
+                error = self._pending.pop(f"error_{group}_{k}", None)
                 if error is not None and entry["error"]:
                     _check_shape(f"error_{group}_{k}", error, (n, m))
                     for variable in entry["error"]:
                         variable.assign(error / len(entry["error"]))
-        # The rest waits for the variables it belongs to.
-        self._pending = arrays
 
 
 def _check_shape(name, array, shape) -> None:

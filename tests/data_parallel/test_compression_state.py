@@ -51,6 +51,14 @@ def fit(model, epochs=EPOCHS, callbacks=()):
     return model.fit(x, y, epochs=epochs, callbacks=list(callbacks), **FIT)
 
 
+def trained(epochs):
+    """A model trained for `epochs` under a new strategy."""
+    with strategy().scope():
+        model = build()
+    fit(model, epochs=epochs)
+    return model
+
+
 class StopAtEpoch(keras.callbacks.Callback):
     """Interrupts training when epoch `epoch` (0-based) begins."""
 
@@ -98,9 +106,7 @@ def test_backup_and_restore_resumes_powersgd_exactly(
 
 
 def test_a_saved_model_resumes_powersgd_exactly(tmp_path, uninterrupted):
-    with strategy().scope():
-        model = build()
-    fit(model, epochs=2)
+    model = trained(epochs=2)
     model.save(tmp_path / "model.keras")
     with strategy().scope():
         loaded = keras.models.load_model(tmp_path / "model.keras")
@@ -114,9 +120,7 @@ def test_a_saved_model_resumes_powersgd_exactly(tmp_path, uninterrupted):
 def test_without_the_saved_memory_the_resumed_run_differs(tmp_path, uninterrupted):
     # What the two tests above guard against: the same resumption with the
     # compression state left out of the checkpoint.
-    with strategy().scope():
-        model = build()
-    fit(model, epochs=2)
+    model = trained(epochs=2)
     model.save_weights(tmp_path / "w.weights.h5")
     with strategy().scope():
         resumed = build()
@@ -148,9 +152,7 @@ def test_one_powersgd_object_keeps_separate_state_per_strategy_and_model(
 
 
 def test_a_restored_state_of_another_model_is_refused(tmp_path):
-    with strategy().scope():
-        model = build()
-    fit(model, epochs=1)
+    model = trained(epochs=1)
     model.save_weights(tmp_path / "w.weights.h5")
     with strategy(compression=keras_parallel.PowerSGD(rank=2)).scope():
         other = build()
