@@ -347,6 +347,9 @@ def test_a_busy_port_of_this_host_does_not_matter_in_the_private_network(tmp_pat
     assert sorted(result.stdout.splitlines()) == ["[worker 0] ran", "[worker 1] ran"]
 
 
+SIOCGIFADDR = 0x8915
+
+
 def this_hosts_other_address() -> str | None:
     """An IPv4 address of this machine that is not loopback, or None."""
     for _, name in socket.if_nameindex():
@@ -361,8 +364,6 @@ def this_hosts_other_address() -> str | None:
             return address
     return None
 
-
-SIOCGIFADDR = 0x8915
 
 # A worker whose TensorFlow gRPC server listens (on every interface, whatever
 # TF_CONFIG names) until the test creates the file named by argv[1].
