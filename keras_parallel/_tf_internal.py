@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import masking
+from keras.src.backend.common import global_state, masking
 from keras.src.saving.keras_saveable import KerasSaveable
 from tensorflow.python.distribute import (
     collective_all_reduce_strategy,
@@ -56,6 +56,8 @@ select_replica = distribute_utils.select_replica
 regroup = distribute_utils.regroup
 update_regroup = distribute_utils.update_regroup
 UpdateContext = distribute_lib.UpdateContext
+get_update_replica_id = distribute_lib.get_update_replica_id
+enter_or_assert_strategy = distribute_lib.enter_or_assert_strategy
 get_devices_from = cross_device_ops.get_devices_from
 check_destinations = cross_device_ops.check_destinations
 divide_by_n = cross_device_utils.divide_by_n_tensors_or_indexed_slices
@@ -100,6 +102,7 @@ class SavedWithModel(KerasSaveable):
 HOOKS = {
     MirroredExtended: (
         "_call_for_each_replica",
+        "_container_strategy",
         "_create_variable",
         "_experimental_distribute_dataset",
         "_get_cross_device_ops",
@@ -116,6 +119,7 @@ HOOKS = {
         "_experimental_distribute_dataset",
         "_update",
     ),
+    MirroredVariable: ("_get_cross_replica",),
     keras.layers.BatchNormalization: ("_moments",),
     # Keras' own attention-mask logic, reused by ParallelMultiHeadAttention.
     keras.layers.MultiHeadAttention: ("_compute_attention_mask",),
@@ -236,3 +240,58 @@ def replace_storage(variable: keras.Variable, storage: tf.Variable) -> None:
     """Makes the Keras variable read and write `storage`; layers, optimizers
     and checkpoints keep referring to the same Keras variable."""
     variable._value = storage
+
+
+def create_mirrored_variable(strategy, make_components, classes, kwargs):
+    """A distributed variable of class `classes[synchronization]` over the
+    variables `make_components(**kwargs)` returns, made as MirroredStrategy
+    makes its own (tape, collections and aggregation checks included)."""
+    return distribute_utils.create_mirrored_variable(
+        strategy,
+        make_components,
+        classes,
+        distribute_utils.VARIABLE_POLICY_MAPPING,
+        **kwargs,
+    )
+
+
+def keras_scope() -> tuple[str, object]:
+    """The Keras name-scope path being built and the object (a layer or an
+    optimizer) that opened the innermost scope, or ("", None).
+
+    A variable made now gets the path `"{path}/{name}"`; a strategy's variable
+    creator sees only the name."""
+    stack = global_state.get_global_attribute("name_scope_stack") or []
+    parts: list[str] = []
+    for entry in stack:
+        if entry.override_parent is not None:
+            parts = [p for p in entry.override_parent.split("/") if p]
+        parts.append(entry.name)
+    return "/".join(parts), (stack[-1].caller if stack else None)
+
+
+def distribution_layout_map(distribution) -> keras.distribution.LayoutMap:
+    """The LayoutMap a `keras.distribution.ModelParallel` was made with."""
+    return distribution._layout_map
+
+
+def consumers(layer) -> tuple[int, list]:
+    """How many times `layer` was called symbolically (in Functional and
+    Sequential models) and the layers that take its outputs."""
+    return len(layer._inbound_nodes), [
+        node.operation for node in layer._outbound_nodes
+    ]
+
+
+def attention_parts(layer: keras.layers.MultiHeadAttention) -> tuple[list, object]:
+    """A built MultiHeadAttention's input projections (query, key, value, and
+    the gate if it has one) and its output projection."""
+    parts = [layer._query_dense, layer._key_dense, layer._value_dense]
+    if getattr(layer, "_gate_dense", None) is not None:
+        parts.append(layer._gate_dense)
+    return parts, layer._output_dense
+
+
+def own_weights(layer: keras.layers.Layer) -> list:
+    """The weights a layer made itself, without those of its sublayers."""
+    return list(layer._trainable_variables) + list(layer._non_trainable_variables)

@@ -74,9 +74,11 @@ def split_batch(
     devices: tuple[str, ...],
     first_replica: int = 0,
     num_replicas: int | None = None,
+    replicas_per_piece: int = 1,
 ):
-    """Splits every tensor of `batch` along axis 0, one piece per replica,
-    and keeps the pieces of this process's replicas.
+    """Splits every tensor of `batch` along axis 0, one piece per replica
+    (or per `replicas_per_piece` consecutive replicas), and keeps the pieces
+    of this process's replicas.
 
     Args:
         batch: A nest of tensors sharing their first dimension.
@@ -85,12 +87,15 @@ def split_batch(
         first_replica: Index of `devices[0]` among all replicas (across
             workers, every worker reads the whole global batch).
         num_replicas: All replicas; None means `len(devices)`.
+        replicas_per_piece: Replicas that take the same piece (the model
+            group of a device mesh).
 
     Returns:
         The nest of `batch`, with each tensor replaced by a `PerReplica`
-        whose i-th value is piece `first_replica + i`, on `devices[i]`.
+        whose i-th value is piece `(first_replica + i) // replicas_per_piece`,
+        on `devices[i]`.
     """
-    total = num_replicas or len(devices)
+    total = (num_replicas or len(devices)) // replicas_per_piece
     leaves = tf.nest.flatten(batch)
     for leaf in leaves:
         if not isinstance(leaf, tf.Tensor):
@@ -106,7 +111,8 @@ def split_batch(
     for i, device in enumerate(devices):
         with tf.device(device):
             local = [
-                tf.identity(leaf_pieces[first_replica + i]) for leaf_pieces in pieces
+                tf.identity(leaf_pieces[(first_replica + i) // replicas_per_piece])
+                for leaf_pieces in pieces
             ]
         per_replica.append(tf.nest.pack_sequence_as(batch, local))
     return regroup(tuple(per_replica), always_wrap=True)
@@ -166,6 +172,7 @@ class SplitBatchDataset(DistributedDataset):
         devices: This process's replica devices.
         first_replica: Index of `devices[0]` among all replicas.
         num_replicas: All replicas, across workers; None: `len(devices)`.
+        replicas_per_piece: Replicas that take the same piece of a batch.
     """
 
     def __init__(
@@ -175,11 +182,16 @@ class SplitBatchDataset(DistributedDataset):
         devices,
         first_replica: int = 0,
         num_replicas: int | None = None,
+        replicas_per_piece: int = 1,
     ):
         self._dataset = dataset
         self._host = host
         self._devices = tuple(devices)
-        self._share = (first_replica, num_replicas or len(self._devices))
+        self._share = (
+            first_replica,
+            num_replicas or len(self._devices),
+            replicas_per_piece,
+        )
 
     def __iter__(self) -> SplitBatchIterator:
         with tf.device(self._host):
@@ -242,7 +254,8 @@ class SplitBatchIteratorSpec(tf.TypeSpec):
 class SplitBatchIterator(tf.distribute.DistributedIterator, CompositeTensor):
     """Iterator yielding each global batch as per-replica pieces.
 
-    `share` is (index of this process's first replica, number of replicas).
+    `share` is (index of this process's first replica, number of replicas,
+    replicas per piece).
     """
 
     def __init__(self, iterator, host: str, devices: tuple[str, ...], share: tuple):
@@ -284,7 +297,7 @@ class SplitBatchIterator(tf.distribute.DistributedIterator, CompositeTensor):
             return
         self._first_batch_checked = True
         size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
-        replicas = self._share[1]
+        replicas = self._share[1] // self._share[2]
         if size < replicas:
             raise ValueError(
                 f"The global batch has {size} sample(s), fewer than the "

@@ -45,6 +45,7 @@ class ReplicaFeatures:
         self._tracing_step = False
         self._warned_unreduced_update = False
         self._loss_weights = None
+        self._replicas_per_piece = 1
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
@@ -168,6 +169,7 @@ class ReplicaFeatures:
             self._devices,
             first_replica=self._get_replica_id_in_sync_group(0),
             num_replicas=self._num_replicas_in_sync,
+            replicas_per_piece=self._replicas_per_piece,
         )
 
     def _reduce_to(self, reduce_op, value, destinations, options):
@@ -198,11 +200,17 @@ class ReplicaFeatures:
             with (
                 specialized(layers, batchnorm.GlobalStatistics),
                 specialized(optimizers, ReplicaStepOptimizer),
+                self._step_layers(models),
             ):
                 return super()._call_for_each_replica(fn, args, kwargs)
         finally:
             self._loss_weights = None
             self._tracing_step = False
+
+    def _step_layers(self, models):
+        """What else the traced step's layers do differently (a context)."""
+        del models
+        return contextlib.nullcontext()
 
     def _warn_unreduced_update(self, var) -> None:
         if self._warned_unreduced_update:

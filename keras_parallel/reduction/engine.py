@@ -59,6 +59,10 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         fallback: Reduces what the engine does not take (sparse or integer
             values, results wanted on other devices). None: each destination
             copies and adds the parts itself, which suits one machine.
+        groups: Replica indices that sum among themselves, one list per
+            group (each replica in one); None: all replicas together. A
+            device mesh sums each weight shard's gradient over its batch
+            group only.
 
     Example:
 
@@ -78,9 +82,11 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         compression: str | Compression | None = None,
         devices: Sequence[str] | None = None,
         fallback: tf.distribute.CrossDeviceOps | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
     ):
         super().__init__()
         self._fallback = fallback
+        self._groups = None if groups is None else [list(g) for g in groups]
         self._reduction = reduction
         self._algorithm = (
             resolve_algorithm(reduction, devices)
@@ -133,18 +139,41 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         elif other:
             for index in other:
                 value, destinations = value_destination_pairs[index]
-                results[index] = self._regroup(
-                    reduce_op,
-                    _copy_and_sum(list(value.values), _devices(destinations, value)),
-                    len(value.values),
-                )
+                parts = list(value.values)
+                devices = _devices(destinations, value)
+                if self._groups is None or devices != [p.device for p in parts]:
+                    sums = _copy_and_sum(parts, devices)
+                else:
+                    sums = self._in_groups(
+                        [parts],
+                        lambda group: [
+                            _copy_and_sum(group[0], [p.device for p in group[0]])
+                        ],
+                    )[0]
+                results[index] = self._regroup(reduce_op, sums, self._group_size(parts))
         if dense:
             sums = self._reduce_dense(
                 [value_destination_pairs[i][0].values for i in dense]
             )
-            replicas = len(sums[0]) * self._algorithm.num_workers
+            replicas = self._group_size(sums[0]) * self._algorithm.num_workers
             for index, parts in zip(dense, sums, strict=True):
                 results[index] = self._regroup(reduce_op, parts, replicas)
+        return results
+
+    def _group_size(self, parts) -> int:
+        return len(parts) if self._groups is None else len(self._groups[0])
+
+    def _in_groups(self, values, reduce_group):
+        """`reduce_group` applied to each group's parts of `values`
+        (`values[k][replica]`), put back in replica order."""
+        if self._groups is None:
+            return reduce_group(values)
+        results = [[None] * len(parts) for parts in values]
+        for group in self._groups:
+            sums = reduce_group([[parts[r] for r in group] for parts in values])
+            for k, summed in enumerate(sums):
+                for r, part in zip(group, summed, strict=True):
+                    results[k][r] = part
         return results
 
     @staticmethod
@@ -159,11 +188,19 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
                 self._reduction, [p.device for p in gradients[0]]
             )
         bucket_mb = self._bucket_mb or self._algorithm.default_bucket_mb
-        communicator = Communicator(
-            self._algorithm, int(bucket_mb * 2**20), len(gradients[0])
-        )
-        sums = self.compression.reduce(gradients, communicator, self.states.current())
-        self._last_step = communicator.transfers
+        transfers = []
+
+        def reduce_group(group):
+            communicator = Communicator(
+                self._algorithm, int(bucket_mb * 2**20), len(group[0])
+            )
+            sums = self.compression.reduce(group, communicator, self.states.current())
+            # Every group sends the same; the account is per replica.
+            transfers[:] = communicator.transfers
+            return sums
+
+        sums = self._in_groups([list(parts) for parts in gradients], reduce_group)
+        self._last_step = transfers
         self._last_fp32_bytes = sum(
             4 * parts[0].shape.num_elements() for parts in gradients
         )

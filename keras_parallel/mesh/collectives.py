@@ -1,0 +1,171 @@
+"""Exchanges inside a model group, as differentiable ops for replica context.
+
+Megatron-LM (Shoeybi et al., 2019) writes tensor parallelism with two
+conjugate operators: `f` is the identity forward and an all-reduce of the
+input's gradient backward (before a layer whose weight is split on its output
+axis), `g` an all-reduce forward and the identity backward (after a layer
+split on its input axis). A column-parallel layer followed by a row-parallel
+one thus costs one all-reduce forward and one backward. `gather_shards` and
+`split_shards` join and cut a tensor split along an axis, for layers whose
+neighbours need the whole tensor.
+
+Each op exchanges only among the replicas of one model group (one batch
+index); its ops are named `mesh_<kind>_<model axis>_<batch index>` so the
+traced graph shows which group ran them. `MeshExchanges` records each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from keras_parallel._tf_internal import regroup
+from keras_parallel.mesh.layout import Mesh
+from keras_parallel.reduction.algorithms import AllReduceAlgorithm
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """One exchange of a traced step, as one replica sees it.
+
+    Attributes:
+        kind: `"all_reduce"` or `"all_gather"`.
+        axis: The mesh axis it runs along (the model axis).
+        pass_: `"forward"` or `"backward"`.
+        elements: Elements one replica sends.
+        bytes: Bytes one replica sends.
+    """
+
+    kind: str
+    axis: str
+    pass_: str
+    elements: int
+    bytes: int
+
+
+class MeshExchanges:
+    """Sums and gathers among the replicas of each model group.
+
+    Args:
+        mesh: The mesh.
+        algorithm: Returns the all-reduce algorithm (resolved lazily by the
+            reduction engine).
+    """
+
+    def __init__(self, mesh: Mesh, algorithm):
+        self.mesh = mesh
+        self._algorithm = algorithm
+        self.log: list[Exchange] = []
+
+    def _record(self, kind, pass_, part):
+        elements = part.shape.num_elements() or 0
+        self.log.append(
+            Exchange(
+                kind, self.mesh.model_axis, pass_, elements, elements * part.dtype.size
+            )
+        )
+
+    def all_reduce(self, value, pass_: str):
+        """Cross-replica: sums `value` (per replica) within each model group."""
+        algorithm: AllReduceAlgorithm = self._algorithm()
+        parts = list(value.values)
+        out = [None] * len(parts)
+        self._record("all_reduce", pass_, parts[0])
+        for b, group in enumerate(self.mesh.model_groups()):
+            with tf.name_scope(f"mesh_all_reduce_{self.mesh.model_axis}_{b}"):
+                sums = algorithm.all_reduce([parts[r] for r in group])
+            for r, total in zip(group, sums, strict=True):
+                out[r] = total
+        return regroup(out)
+
+    def all_gather(self, value, axis: int, pass_: str):
+        """Cross-replica: joins the parts of each model group along `axis`."""
+        parts = list(value.values)
+        out = [None] * len(parts)
+        self._record("all_gather", pass_, parts[0])
+        for b, group in enumerate(self.mesh.model_groups()):
+            with tf.name_scope(f"mesh_all_gather_{self.mesh.model_axis}_{b}"):
+                for r in group:
+                    with tf.device(parts[r].device):
+                        out[r] = tf.concat([parts[q] for q in group], axis=axis)
+        return regroup(out)
+
+
+def _exchanges() -> MeshExchanges:
+    return tf.distribute.get_strategy().extended.mesh_exchanges
+
+
+def _merge(method, value, *args):
+    # Only the tensor crosses the merge call; the other arguments are the
+    # same in every replica.
+    return tf.distribute.get_replica_context().merge_call(
+        lambda strategy, value: method(strategy.extended.mesh_exchanges, value, *args),
+        args=(value,),
+    )
+
+
+def model_index() -> int:
+    """This replica's index along the model axis (replica context)."""
+    context = tf.distribute.get_replica_context()
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    return _exchanges().mesh.model_index(int(replica))
+
+
+def _own_slice(x, axis: int):
+    pieces = _exchanges().mesh.model_size
+    return tf.split(x, pieces, axis=axis)[model_index()]
+
+
+def enter_model_parallel(x):
+    """Megatron's `f`: identity forward, all-reduce of the gradient backward."""
+
+    @tf.custom_gradient
+    def f(x):
+        def grad(dy):
+            return _merge(MeshExchanges.all_reduce, dy, "backward")
+
+        return tf.identity(x), grad
+
+    return f(x)
+
+
+def sum_partials(x):
+    """Megatron's `g`: all-reduce forward, identity backward."""
+
+    @tf.custom_gradient
+    def g(x):
+        def grad(dy):
+            return tf.identity(dy)
+
+        return _merge(MeshExchanges.all_reduce, x, "forward"), grad
+
+    return g(x)
+
+
+def gather_shards(x, axis: int):
+    """Joins a tensor split over the model group along `axis`; backward, each
+    replica keeps its slice of the (replicated) gradient."""
+
+    @tf.custom_gradient
+    def gather(x):
+        def grad(dy):
+            return _own_slice(dy, axis)
+
+        return _merge(MeshExchanges.all_gather, x, axis, "forward"), grad
+
+    return gather(x)
+
+
+def split_shards(x, axis: int):
+    """Each replica keeps its slice of a replicated tensor along `axis`;
+    backward, the slices' gradients are joined again."""
+
+    @tf.custom_gradient
+    def split(x):
+        def grad(dy):
+            return _merge(MeshExchanges.all_gather, dy, axis, "backward")
+
+        return _own_slice(x, axis), grad
+
+    return split(x)
