@@ -119,7 +119,11 @@ HOOKS = {
         "_experimental_distribute_dataset",
         "_update",
     ),
-    MirroredVariable: ("_get_cross_replica",),
+    MirroredVariable: (
+        "_dense_var_to_tensor",
+        "_get_as_operand",
+        "_get_cross_replica",
+    ),
     keras.layers.BatchNormalization: ("_moments",),
     # Keras' own attention-mask logic, reused by ParallelMultiHeadAttention.
     keras.layers.MultiHeadAttention: ("_compute_attention_mask",),

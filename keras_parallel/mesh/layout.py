@@ -105,6 +105,7 @@ class MeshLayout:
         if model_axis is not None:
             order.append(axis_names.index(model_axis))
         devices = np.transpose(devices, order)
+        self.shape = tuple(np.asarray(mesh.devices).shape)
         shape = devices.shape
         self.mesh = Mesh(
             devices=tuple(str(d) for d in devices.reshape(-1)),
@@ -117,24 +118,16 @@ class MeshLayout:
         self._matched: set[str] = set()
 
     def _check_layout_axes(self) -> None:
+        # Keras' LayoutMap already refuses axis names its mesh does not have.
         mesh = self.mesh
         for key in self._keys():
             axes = tuple(self._layout_map[key].axes)
-            for axis in axes:
-                if axis is None or axis == mesh.model_axis:
-                    continue
-                if axis == mesh.batch_axis:
-                    raise ValueError(
-                        f"layout_map[{key!r}] = {axes} shards a weight over the "
-                        f"batch axis {axis!r}. MeshParallel splits weights over "
-                        f"the model axis only (the batch axis copies them). Use "
-                        f"None or {mesh.model_axis!r} in its place."
-                    )
+            if mesh.batch_axis in axes:
                 raise ValueError(
-                    f"layout_map[{key!r}] = {axes} names the axis {axis!r}, "
-                    f"which is not in the mesh (axes {self._axis_names()}). Use "
-                    "None (not split) or the model axis "
-                    f"{mesh.model_axis!r}."
+                    f"layout_map[{key!r}] = {axes} splits a weight over the "
+                    f"batch axis {mesh.batch_axis!r}. MeshParallel splits "
+                    "weights over the model axis only (the batch axis copies "
+                    f"them). Use None or {mesh.model_axis!r} in its place."
                 )
             if axes.count(mesh.model_axis) > 1:
                 raise ValueError(
@@ -142,10 +135,6 @@ class MeshLayout:
                     f"the model axis {mesh.model_axis!r}; a weight can be split "
                     "along one dimension only."
                 )
-
-    def _axis_names(self) -> tuple[str, ...]:
-        mesh = self.mesh
-        return (mesh.batch_axis,) + ((mesh.model_axis,) if mesh.model_axis else ())
 
     def _keys(self) -> list[str]:
         return list(self._layout_map) if self._layout_map is not None else []

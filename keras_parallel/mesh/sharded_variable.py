@@ -10,6 +10,7 @@ assignments of a whole weight give each copy its shard, so `get_weights`,
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
@@ -49,19 +50,40 @@ class ShardedVariable(MirroredVariable):
         pieces = self.sharding.num_shards
         return tf.split(value, pieces, axis=self.sharding.axis)[replica % pieces]
 
+    def __array__(self, dtype=None, copy=None):
+        # NumPy (and Keras' saving) would otherwise read the first copy.
+        return np.asarray(self.numpy(), dtype=dtype)
+
     def _get_cross_replica(self):
         # The shards of the first model group, joined.
         shards = [v.read_value() for v in self.values[: self.sharding.num_shards]]
         return tf.concat(shards, axis=self.sharding.axis)
 
-    def value(self):
+    def _whole_here(self) -> bool:
+        # Outside replicas and outside one copy's update: the whole weight.
         with enter_or_assert_strategy(self.distribute_strategy):
-            if (
+            return (
                 tf.distribute.in_cross_replica_context()
                 and get_update_replica_id() is None
-            ):
-                return self._get_cross_replica()
+            )
+
+    def value(self):
+        if self._whole_here():
+            return self._get_cross_replica()
         return super().value()
+
+    def _dense_var_to_tensor(self, dtype=None, name=None, as_ref=False):
+        # What ops taking the variable read (MirroredVariable's own reads the
+        # first copy outside the strategy's scope).
+        if self._whole_here():
+            return tf.convert_to_tensor(self._get_cross_replica(), dtype=dtype)
+        return super()._dense_var_to_tensor(dtype=dtype, name=name, as_ref=as_ref)
+
+    def _get_as_operand(self):
+        # Arithmetic on the variable (`v + 1`) reads it as `value()` does.
+        if self._whole_here():
+            return self._get_cross_replica()
+        return super()._get_as_operand()
 
 
 def create_sharded(

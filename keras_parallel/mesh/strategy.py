@@ -138,7 +138,15 @@ class MeshParallel(DataParallel):
         )
 
     def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
-        devices = resolve_devices(devices)
+        try:
+            devices = resolve_devices(devices)
+        except ValueError as error:
+            raise ValueError(
+                f"The device mesh of shape {self._layout.shape} names the devices "
+                f"{list(devices)}. {error} Or make a mesh of the devices there "
+                f"are; a mesh of {len(devices)} logical CPUs needs "
+                f"keras_parallel.virtual_devices({len(devices)}) first."
+            ) from None
         groups = self._layout.mesh.batch_groups()
         return MeshParallelExtended(
             self,
@@ -218,9 +226,16 @@ class MeshParallelExtended(DataParallelExtended):
     def _create_variable(self, next_creator, **kwargs):
         mesh = self._layout.mesh
         colocate_with = kwargs.get("colocate_with")
-        if isinstance(colocate_with, ShardedVariable) and not is_accumulator(kwargs):
+        if isinstance(colocate_with, ShardedVariable):
+            if is_accumulator(kwargs):
+                raise ValueError(
+                    "MeshParallel does not accumulate gradients of split "
+                    f"weights ({colocate_with.name!r}): the optimizer's "
+                    "`gradient_accumulation_steps` needs replicated weights. "
+                    "Use a larger batch, or drop the weight's layout_map key."
+                )
             return self._create_slot(next_creator, colocate_with, kwargs)
-        if mesh.model_size == 1 or colocate_with is not None:
+        if colocate_with is not None:
             return super()._create_variable(next_creator, **kwargs)
         path, owner = keras_scope()
         name = str(kwargs.get("name") or "")
@@ -238,9 +253,9 @@ class MeshParallelExtended(DataParallelExtended):
             sharding = self._layout.sharding(full_path, whole.shape)
         else:
             sharding = self._layout.check_divisible(full_path, whole.shape, axis)
-        if sharding is None:
-            return super()._create_variable(next_creator, **kwargs)
         kwargs["initial_value"] = whole
+        if sharding is None:  # replicated, or a mesh without a model axis
+            return super()._create_variable(next_creator, **kwargs)
         if name == "kernel" and owner is not None:
             self._kernel_axes[owner] = sharding.axis
         return create_sharded(

@@ -169,8 +169,9 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         if self._groups is None:
             return reduce_group(values)
         results = [[None] * len(parts) for parts in values]
-        for group in self._groups:
-            sums = reduce_group([[parts[r] for r in group] for parts in values])
+        for index, group in enumerate(self._groups):
+            with tf.name_scope(f"reduction_group_{index}"):
+                sums = reduce_group([[parts[r] for r in group] for parts in values])
             for k, summed in enumerate(sums):
                 for r, part in zip(group, summed, strict=True):
                     results[k][r] = part
