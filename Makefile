@@ -10,7 +10,7 @@ OLDEST_VENV := .venv-oldest
 OLDEST := tensorflow-cpu==2.16.1 keras==3.14.0
 CORE_TESTS := tests/test_tf_internal.py tests/test_requirements.py \
 	tests/test_optimizer_options.py tests/data_parallel/test_data_parallel.py \
-	tests/pipeline/test_pipeline_parallel.py tests/layers
+	tests/pipeline/test_pipeline_parallel.py tests/layers tests/mesh
 
 .PHONY: demo test test-oldest bench lint clean
 

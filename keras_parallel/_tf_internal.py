@@ -119,6 +119,7 @@ HOOKS = {
         "_experimental_distribute_dataset",
         "_update",
     ),
+    Mirrored: ("_get_cross_replica",),
     MirroredVariable: (
         "_dense_var_to_tensor",
         "_get_as_operand",

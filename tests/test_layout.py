@@ -8,6 +8,8 @@ import keras_parallel
 
 ROOT = pathlib.Path(keras_parallel.__file__).parent
 STRATEGIES = ("keras_parallel.data_parallel", "keras_parallel.pipeline")
+# MeshParallel extends DataParallel (the same replicas, with split weights).
+EXTENSIONS = {"keras_parallel.mesh": "keras_parallel.data_parallel"}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -58,11 +60,13 @@ def test_building_blocks_do_not_import_strategies():
         name
         for name in GRAPH
         if name != "keras_parallel"
-        and not name.startswith(STRATEGIES)
+        and not name.startswith(STRATEGIES + tuple(EXTENSIONS))
         and name not in ("keras_parallel.cli", "keras_parallel.demo")
     ]
     offenders = {
-        name: sorted(t for t in GRAPH[name] if t.startswith(STRATEGIES))
+        name: sorted(
+            t for t in GRAPH[name] if t.startswith(STRATEGIES + tuple(EXTENSIONS))
+        )
         for name in blocks
     }
     assert not {k: v for k, v in offenders.items() if v}
@@ -74,3 +78,13 @@ def test_strategies_do_not_import_each_other():
         for name in GRAPH:
             if name.startswith(own):
                 assert not [t for t in GRAPH[name] if t.startswith(other)], name
+
+
+def test_extensions_import_only_the_strategy_they_extend():
+    for extension, base in EXTENSIONS.items():
+        for name in GRAPH:
+            strategies = [t for t in GRAPH[name] if t.startswith(STRATEGIES)]
+            if name.startswith(extension):
+                assert all(t.startswith(base) for t in strategies), name
+            elif name.startswith(STRATEGIES):
+                assert not [t for t in GRAPH[name] if t.startswith(extension)], name

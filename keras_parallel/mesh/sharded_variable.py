@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
+    Mirrored,
     MirroredVariable,
     create_mirrored_variable,
     enter_or_assert_strategy,
@@ -84,6 +85,23 @@ class ShardedVariable(MirroredVariable):
         if self._whole_here():
             return self._get_cross_replica()
         return super()._get_as_operand()
+
+
+class ShardedValue(Mirrored):
+    """A split weight's gradient, summed: copy r is shard r % M of it.
+
+    The optimizer's update takes each copy to its shard; clipping and other
+    arithmetic in cross-replica context (`clipnorm`, `global_clipnorm`) read
+    the whole gradient, as on one device.
+    """
+
+    def __init__(self, values, sharding: Sharding):
+        super().__init__(tuple(values))
+        self.sharding = sharding
+
+    def _get_cross_replica(self):
+        shards = self.values[: self.sharding.num_shards]
+        return tf.concat(shards, axis=self.sharding.axis)
 
 
 def create_sharded(

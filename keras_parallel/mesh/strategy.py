@@ -25,7 +25,11 @@ from keras_parallel.mesh import layer_calls
 from keras_parallel.mesh.collectives import MeshExchanges
 from keras_parallel.mesh.layout import MeshLayout
 from keras_parallel.mesh.plan import inferred_bias_axis, plan_layers
-from keras_parallel.mesh.sharded_variable import ShardedVariable, create_sharded
+from keras_parallel.mesh.sharded_variable import (
+    ShardedValue,
+    ShardedVariable,
+    create_sharded,
+)
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.specialize import specialized
@@ -298,8 +302,10 @@ class MeshParallelExtended(DataParallelExtended):
 
     def _gradient_for_update(self, value, variables, index):
         variable = None if variables is None else variables[index]
-        if isinstance(getattr(variable, "value", variable), ShardedVariable):
-            return value  # each shard takes its own replica's sum
+        variable = getattr(variable, "value", variable)
+        if isinstance(variable, ShardedVariable):
+            # Each copy takes its own replica's sum; read whole elsewhere.
+            return ShardedValue(value.values, variable.sharding)
         return super()._gradient_for_update(value, variables, index)
 
     def _replica_loss_weights(self, args):
