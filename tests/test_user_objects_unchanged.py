@@ -1,5 +1,5 @@
-"""DataParallel and PipelineParallel leave the user's model, optimizer and
-layers as they found them.
+"""DataParallel, PipelineParallel and MeshParallel leave the user's model,
+optimizer and layers as they found them.
 
 Reference: the same model trained on one device. After `fit`, `evaluate` and
 `predict` (and after a step that fails while it is traced) every object has
@@ -51,7 +51,19 @@ def exercise(model):
     model.predict(x, batch_size=32, verbose=0)
 
 
+def mesh_parallel():
+    """A 2x2 mesh with the Dense kernels split row-wise: their calls change
+    while a step is traced."""
+    device_mesh = keras.distribution.DeviceMesh(
+        (2, 2), ("batch", "model"), [f"cpu:{i}" for i in range(4)]
+    )
+    layout_map = keras.distribution.LayoutMap(device_mesh)
+    layout_map[".*dense.*/kernel"] = ("model", None)
+    return keras_parallel.MeshParallel(layout_map)
+
+
 STRATEGIES = {
+    "MeshParallel": mesh_parallel,
     "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
     "PipelineParallel": lambda: keras_parallel.PipelineParallel(
         devices(2), num_microbatches=2

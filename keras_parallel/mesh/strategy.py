@@ -126,12 +126,6 @@ class MeshParallel(DataParallel):
         sync_batch_norm: bool = True,
     ):
         self._layout = MeshLayout(layout, batch_dim_name)
-        if isinstance(compression, Compression) and self._layout.mesh.model_size > 1:
-            raise ValueError(
-                f"compression={compression!r} keeps state per replica group, "
-                "which MeshParallel does not support with a model axis yet. "
-                "Use compression=None, 'fp16' or 'bf16'."
-            )
         super().__init__(
             list(self._layout.mesh.devices),
             reduction=reduction,

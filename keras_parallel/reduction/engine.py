@@ -141,15 +141,10 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
                 value, destinations = value_destination_pairs[index]
                 parts = list(value.values)
                 devices = _devices(destinations, value)
-                if self._groups is None or devices != [p.device for p in parts]:
-                    sums = _copy_and_sum(parts, devices)
+                if devices == [p.device for p in parts]:
+                    sums = self._in_groups([parts], _sum_where_they_are)[0]
                 else:
-                    sums = self._in_groups(
-                        [parts],
-                        lambda group: [
-                            _copy_and_sum(group[0], [p.device for p in group[0]])
-                        ],
-                    )[0]
+                    sums = _copy_and_sum(parts, devices)
                 results[index] = self._regroup(reduce_op, sums, self._group_size(parts))
         if dense:
             sums = self._reduce_dense(
@@ -164,14 +159,16 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         return len(parts) if self._groups is None else len(self._groups[0])
 
     def _in_groups(self, values, reduce_group):
-        """`reduce_group` applied to each group's parts of `values`
-        (`values[k][replica]`), put back in replica order."""
+        """`reduce_group(parts, group_index)` applied to each group's parts
+        of `values` (`values[k][replica]`), put back in replica order."""
         if self._groups is None:
-            return reduce_group(values)
+            return reduce_group(values, 0)
         results = [[None] * len(parts) for parts in values]
         for index, group in enumerate(self._groups):
             with tf.name_scope(f"reduction_group_{index}"):
-                sums = reduce_group([[parts[r] for r in group] for parts in values])
+                sums = reduce_group(
+                    [[parts[r] for r in group] for parts in values], index
+                )
             for k, summed in enumerate(sums):
                 for r, part in zip(group, summed, strict=True):
                     results[k][r] = part
@@ -191,11 +188,14 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         bucket_mb = self._bucket_mb or self._algorithm.default_bucket_mb
         transfers = []
 
-        def reduce_group(group):
+        def reduce_group(group, index):
+            if len(group[0]) * self._algorithm.num_workers == 1:
+                return group  # a group of one device: nothing to send
             communicator = Communicator(
                 self._algorithm, int(bucket_mb * 2**20), len(group[0])
             )
-            sums = self.compression.reduce(group, communicator, self.states.current())
+            state = self.states.current(index)
+            sums = self.compression.reduce(group, communicator, state)
             # Every group sends the same; the account is per replica.
             transfers[:] = communicator.transfers
             return sums
@@ -248,6 +248,10 @@ def _devices(destinations, value) -> list[str]:
     if check_destinations(destinations):
         return list(get_devices_from(destinations))
     return list(get_devices_from(value))
+
+
+def _sum_where_they_are(values, _) -> list:
+    return [_copy_and_sum(parts, [p.device for p in parts]) for parts in values]
 
 
 def _copy_and_sum(parts, devices) -> list:

@@ -17,7 +17,9 @@ from keras_parallel.reduction.compression import Compression, CompressionState
 
 
 class CompressionStates:
-    """States of `compression`, one per owner (optimizer), in order of first use.
+    """States of `compression`, one per owner (optimizer) and replica group
+    (a device mesh reduces each weight shard's gradients in its own group),
+    in order of first use.
 
     An owner that is garbage-collected takes its state with it. Saved states
     restored before their owners have stepped wait for them, first saved to
@@ -29,8 +31,9 @@ class CompressionStates:
 
     def __init__(self, compression: Compression):
         self._compression = compression
+        # owner -> {group: state}
         self._owned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._unowned: CompressionState | None = None
+        self._unowned: dict[int, CompressionState | None] = {}
         self._owner = None
         self._waiting: list[Mapping[str, np.ndarray]] = []
 
@@ -43,15 +46,16 @@ class CompressionStates:
         finally:
             self._owner = outer
 
-    def current(self) -> CompressionState | None:
-        """The state of the current owner (made on first use)."""
+    def current(self, group: int = 0) -> CompressionState | None:
+        """The state of the current owner for replica group `group` (made on
+        first use)."""
         if self._owner is None:
-            if self._unowned is None:
-                self._unowned = self._new()
-            return self._unowned
-        if self._owner not in self._owned:
-            self._owned[self._owner] = self._new()
-        return self._owned[self._owner]
+            states = self._unowned
+        else:
+            states = self._owned.setdefault(self._owner, {})
+        if group not in states:
+            states[group] = self._new()
+        return states[group]
 
     def _new(self) -> CompressionState | None:
         state = self._compression.new_state()
@@ -60,8 +64,12 @@ class CompressionStates:
         return state
 
     def all(self) -> list[CompressionState]:
-        """The live states, in order of first use."""
-        states = [*self._owned.values(), self._unowned]
+        """The live states, in order of first use (groups in order)."""
+        states = [
+            state
+            for by_group in [*self._owned.values(), self._unowned]
+            for _, state in sorted(by_group.items())
+        ]
         return [state for state in states if state is not None]
 
     def save(self) -> list[dict[str, np.ndarray]]:

@@ -213,3 +213,38 @@ def test_gradients_reduce_over_the_batch_axis_only():
     up, down = (12 * 32 + 32) // 2, (32 * 16) // 2
     replicated = (8 * 12 + 12) + 16 + (16 * 3 + 3)
     assert stats["bytes_per_step"] == 4 * (up + down + replicated)
+
+
+def test_batch_axis_of_one_sends_no_gradients():
+    strategy, _, _ = on_mesh("mlp", (1, 4))
+    stats = strategy.communication_stats()
+    assert stats["bytes_per_step"] == 0 and stats["reductions"] == 0
+
+
+@pytest.mark.parametrize("compression", ["bf16", "powersgd"])
+def test_compression_applies_along_the_batch_axis(compression):
+    """bf16 halves the gradient bytes; PowerSGD keeps one state per batch
+    group (each shard's error memory and Q on its own devices): at full rank
+    it reconstructs every gradient, so training equals one device."""
+    if compression == "powersgd":
+        compression = keras_parallel.PowerSGD(rank=32, min_compression_rate=0)
+    strategy = keras_parallel.MeshParallel(
+        mlp_layouts(mesh((2, 2))), compression=compression
+    )
+    model, _ = train(mlp, fit_kwargs("mlp"), strategy)
+    reference, _ = single_device("mlp")
+    stats = strategy.communication_stats()
+    if compression == "bf16":
+        assert stats["bytes_per_step"] * 2 == stats["fp32_bytes_per_step"]
+        assert max_weight_diff(model, reference) < 2e-2
+        return
+    assert max_weight_diff(model, reference) <= TOLERANCE
+    states = strategy.extended._gradient_reduction.states.all()
+    assert len(states) == 2  # one per batch group
+    for group, state in enumerate(states):
+        devices = {
+            short(v.device)
+            for entry in next(iter(state._groups.values()))
+            for v in entry["q"] + entry["error"]
+        }
+        assert devices == {f"CPU:{group}", f"CPU:{group + 2}"}
