@@ -32,14 +32,14 @@ class Exchange:
     Attributes:
         kind: `"all_reduce"` or `"all_gather"`.
         axis: The mesh axis it runs along (the model axis).
-        pass_: `"forward"` or `"backward"`.
+        phase: `"forward"` or `"backward"`.
         elements: Elements one replica sends.
         bytes: Bytes one replica sends.
     """
 
     kind: str
     axis: str
-    pass_: str
+    phase: str
     elements: int
     bytes: int
 
@@ -58,20 +58,20 @@ class MeshExchanges:
         self._algorithm = algorithm
         self.log: list[Exchange] = []
 
-    def _record(self, kind, pass_, part):
+    def _record(self, kind, phase, part):
         elements = part.shape.num_elements() or 0
         self.log.append(
             Exchange(
-                kind, self.mesh.model_axis, pass_, elements, elements * part.dtype.size
+                kind, self.mesh.model_axis, phase, elements, elements * part.dtype.size
             )
         )
 
-    def all_reduce(self, value, pass_: str):
+    def all_reduce(self, value, phase: str):
         """Cross-replica: sums `value` (per replica) within each model group."""
         algorithm: AllReduceAlgorithm = self._algorithm()
         parts = list(value.values)
         out = [None] * len(parts)
-        self._record("all_reduce", pass_, parts[0])
+        self._record("all_reduce", phase, parts[0])
         for b, group in enumerate(self.mesh.model_groups()):
             with tf.name_scope(f"mesh_all_reduce_{self.mesh.model_axis}_{b}"):
                 sums = algorithm.all_reduce([parts[r] for r in group])
@@ -79,11 +79,11 @@ class MeshExchanges:
                 out[r] = total
         return regroup(out)
 
-    def all_gather(self, value, axis: int, pass_: str):
+    def all_gather(self, value, axis: int, phase: str):
         """Cross-replica: joins the parts of each model group along `axis`."""
         parts = list(value.values)
         out = [None] * len(parts)
-        self._record("all_gather", pass_, parts[0])
+        self._record("all_gather", phase, parts[0])
         for b, group in enumerate(self.mesh.model_groups()):
             with tf.name_scope(f"mesh_all_gather_{self.mesh.model_axis}_{b}"):
                 for r in group:

@@ -174,7 +174,7 @@ class MeshParallel(DataParallel):
 
     def exchanges(self) -> list[dict]:
         """The model-axis exchanges of the step traced last, in order: one
-        dict per exchange (kind, axis, pass, elements, bytes per replica)."""
+        dict per exchange (kind, axis, phase, elements, bytes per replica)."""
         return [vars(e) for e in self.extended.mesh_exchanges.log]
 
     def __repr__(self) -> str:
@@ -214,6 +214,7 @@ class MeshParallelExtended(DataParallelExtended):
         self._layout.warn_unmatched()
         self.mesh_exchanges.log = []
         stack = contextlib.ExitStack()
+        stack.callback(self._roles.clear)  # no hold on the layers after the trace
         for cls, mixin in _SPLIT_CALLS.items():
             layers = [layer for layer, _ in self._roles.values() if type(layer) is cls]
             stack.enter_context(specialized(layers, mixin))

@@ -119,12 +119,6 @@ def test_bias_layout_contradicting_its_kernel():
             ),
             r"one or two axes.*\('batch', 'a', 'b'\)",
         ),
-        (
-            lambda: keras_parallel.MeshParallel(
-                mlp_layouts(mesh((2, 2))), compression=keras_parallel.PowerSGD(1)
-            ),
-            r"compression=PowerSGD.*None, 'fp16' or 'bf16'",
-        ),
     ],
 )
 def test_arguments_refused_at_construction(make, expected):

@@ -26,6 +26,7 @@ from mesh_models import (
 from transparency import devices, max_history_diff, max_weight_diff, train
 
 import keras_parallel
+from keras_parallel.mesh.plan import plan_layers
 
 TOLERANCE = 1e-5
 MESHES = [(2, 2), (1, 4), (4, 1)]
@@ -33,6 +34,8 @@ CASES = {
     "mlp": (mlp, mlp_data, mlp_layouts),
     "transformer": (transformer_block, transformer_data, transformer_layouts),
 }
+# The embedding split by width instead of vocabulary (on the 2x2 mesh only).
+WIDTH_LAYOUTS = functools.partial(transformer_layouts, embedding=(None, "model"))
 
 
 def fit_kwargs(case: str) -> dict:
@@ -51,6 +54,16 @@ def on_mesh(case: str, shape: tuple[int, int]):
     strategy = keras_parallel.MeshParallel(layouts(mesh(shape)), batch_dim_name="batch")
     model, history = train(build, fit_kwargs(case), strategy)
     return strategy, model, history
+
+
+def test_embedding_split_by_width_matches_single_device():
+    reference, reference_history = single_device("transformer")
+    strategy = keras_parallel.MeshParallel(WIDTH_LAYOUTS(mesh((2, 2))))
+    model, history = train(transformer_block, fit_kwargs("transformer"), strategy)
+    roles = {layer.name: role for layer, role in plan_layers([model]).values()}
+    assert (roles["embed"].kind, roles["embed"].axis) == ("width", -1)
+    assert max_weight_diff(model, reference) <= TOLERANCE
+    assert max_history_diff(history, reference_history) <= TOLERANCE
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -184,7 +197,7 @@ def test_traced_step_exchanges_in_the_right_groups():
     nodes, _ = traced_train_step(model, strategy, x, y)
     # stem (replicated) -> up (column) -> down (row) -> head: one all-reduce
     # forward after the row layer, one backward before the column layer.
-    passes = [(e["kind"], e["pass_"]) for e in strategy.exchanges()]
+    passes = [(e["kind"], e["phase"]) for e in strategy.exchanges()]
     assert passes == [("all_reduce", "forward"), ("all_reduce", "backward")]
     model_groups = {0: {"CPU:0", "CPU:1"}, 1: {"CPU:2", "CPU:3"}}
     batch_groups = {0: {"CPU:0", "CPU:2"}, 1: {"CPU:1", "CPU:3"}}

@@ -95,7 +95,7 @@ def test_unpaired_layers_give_whole_tensors_to_their_neighbours(
     # Column layers join their outputs forward and sum their inputs'
     # gradients backward; row layers sum their partials forward and join
     # their inputs' gradients backward.
-    exchanges = {(e["kind"], e["pass_"]) for e in strategy.exchanges()}
+    exchanges = {(e["kind"], e["phase"]) for e in strategy.exchanges()}
     if expected_kind == "column":
         assert exchanges == {("all_gather", "forward"), ("all_reduce", "backward")}
     else:

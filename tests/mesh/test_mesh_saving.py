@@ -3,6 +3,8 @@ another mesh and continue as single-device training does."""
 
 from __future__ import annotations
 
+import json
+
 import keras
 import numpy as np
 from mesh_models import mesh, transformer_block, transformer_data, transformer_layouts
@@ -33,6 +35,9 @@ def test_saved_model_loads_anywhere_and_trains_on_as_one_device(tmp_path):
     model.save(path)
 
     plain = keras.models.load_model(path)
+    # Plain Keras layers with the user's config, nothing of ours.
+    assert "keras_parallel" not in json.dumps(plain.get_config())
+    assert all(type(layer).__module__.startswith("keras.") for layer in plain.layers)
     assert max_weight_diff(plain, reference) <= TOLERANCE
     for saved, expected in zip(plain.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(saved, expected)  # whole, not a shard
