@@ -72,8 +72,10 @@ class MeshParallel(DataParallel):
             the Keras distribution object, else the mesh's first axis.
         reduction: As in `DataParallel`.
         bucket_mb: As in `DataParallel`.
-        compression: None, `"fp16"` or `"bf16"`: how gradients travel along
-            the batch axis.
+        compression: How gradients travel along the batch axis, as in
+            `DataParallel`: None, `"fp16"`, `"bf16"` or
+            `keras_parallel.PowerSGD(...)` (one error memory per batch
+            group, each on its group's devices).
         shard_optimizer: As in `DataParallel`, for replicated weights (split
             weights keep their optimizer state with their shard).
         sync_batch_norm: As in `DataParallel`.
