@@ -66,6 +66,10 @@ class PlacementReport:
 def placement_report(model: keras.Model) -> PlacementReport:
     """Where each layer's weights and each device's optimizer state live.
 
+    A variable a strategy keeps on several devices counts on each of them
+    with the bytes of its copy there (whole for a mirrored weight, the shard
+    for a weight split by MeshParallel).
+
     A model built in a `PipelineParallel` scope is placed first if it was not
     yet (placement otherwise happens before its first step).
 
@@ -87,10 +91,12 @@ def placement_report(model: keras.Model) -> PlacementReport:
     weights: dict[str, int] = {}
     rows = []
     for layer in stage_layers(model):
-        devices = {short_device(v.value.device) for v in layer.variables}
+        devices = set()
         for v in layer.variables:
-            device = short_device(v.value.device)
-            weights[device] = weights.get(device, 0) + variable_bytes(v.value)
+            for copy in _copies(v):
+                device = short_device(copy.device)
+                devices.add(device)
+                weights[device] = weights.get(device, 0) + variable_bytes(copy)
         rows.append(
             LayerPlacement(
                 layer=layer.name,
@@ -103,11 +109,19 @@ def placement_report(model: keras.Model) -> PlacementReport:
     optimizer = getattr(model, "optimizer", None)  # None before compile
     if optimizer is not None:
         for v in optimizer.variables:
-            device = short_device(v.value.device)
-            state[device] = state.get(device, 0) + variable_bytes(v.value)
+            for copy in _copies(v):
+                device = short_device(copy.device)
+                state[device] = state.get(device, 0) + variable_bytes(copy)
     names = sorted(set(weights) | set(state), key=_device_order)
     totals = {d: DeviceTotals(weights.get(d, 0), state.get(d, 0)) for d in names}
     return PlacementReport(rows, totals)
+
+
+def _copies(variable) -> list:
+    """The TensorFlow variables holding a Keras variable: one per device for
+    a strategy's mirrored or split variable (each copy counts where it is)."""
+    value = variable.value
+    return list(getattr(value, "values", None) or [value])
 
 
 def _device_order(name: str):

@@ -191,6 +191,8 @@ def test_each_device_holds_its_share_of_split_weights_and_slots(shape):
     for held in per_device:
         assert held >= replicated + 3 * split_bytes // parts
         assert held < replicated * 3 + 3 * split_bytes // parts + 64
+    report = keras_parallel.placement_report(model)
+    assert [report.devices[f"CPU:{i}"].total_bytes for i in range(4)] == per_device
 
 
 def test_traced_step_exchanges_in_the_right_groups():
