@@ -16,6 +16,8 @@ call; the test checks that each still exists with the arguments we pass.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import tensorflow as tf
 from keras.src.backend.common import global_state, masking
@@ -300,3 +302,9 @@ def attention_parts(layer: keras.layers.MultiHeadAttention) -> tuple[list, objec
 def own_weights(layer: keras.layers.Layer) -> list:
     """The weights a layer made itself, without those of its sublayers."""
     return list(layer._trainable_variables) + list(layer._non_trainable_variables)
+
+
+def update_as(part: tf.Variable, weight) -> None:
+    """Makes Keras optimizers take `part` for `weight` when they update it:
+    they key a variable's state by its distributed container."""
+    part._distributed_container = weakref.ref(weight)

@@ -4,8 +4,10 @@
 (reduction, sharded updates, the traced step) and `multi_worker.py` the same
 on TensorFlow's collective engine; `batch_split.py` the input,
 `optimizer_step.py`, `local_accumulation.py` and `batchnorm.py` what the
-traced step puts in place of Keras' per-replica arithmetic, `ownership.py`
-the owner device of each variable, and `cluster.py` the `TF_CONFIG` checks.
+traced step puts in place of Keras' per-replica arithmetic,
+`element_shards.py` the optimizer state split by rows over the devices,
+`ownership.py` the owner device of each variable (for optimizers whose state
+cannot be split so), and `cluster.py` the `TF_CONFIG` checks.
 """
 
 from keras_parallel.data_parallel.multi_worker import WorkerFailedError

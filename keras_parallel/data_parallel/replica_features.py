@@ -13,10 +13,17 @@ from keras_parallel._tf_internal import (
     SyncOnReadVariable,
     UpdateContext,
     in_xla_context,
+    keras_scope,
     select_replica,
     update_regroup,
 )
 from keras_parallel.data_parallel import batch_split, batchnorm
+from keras_parallel.data_parallel.element_shards import (
+    WeightParts,
+    create_row_shards,
+    is_whole,
+    splits_by_elements,
+)
 from keras_parallel.data_parallel.local_accumulation import (
     LocalAccumulators,
     is_accumulator,
@@ -24,6 +31,7 @@ from keras_parallel.data_parallel.local_accumulation import (
 from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.data_parallel.ownership import OwnerTable
 from keras_parallel.specialize import reachable, specialized
+from keras_parallel.split_variable import SplitVariable
 
 
 class ReplicaFeatures:
@@ -49,6 +57,7 @@ class ReplicaFeatures:
         self._shard_optimizer = shard_optimizer
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
+        self._weight_parts = WeightParts()
         self._local_accumulators = LocalAccumulators(
             self._reduce_gradients, self._local_results
         )
@@ -128,10 +137,13 @@ class ReplicaFeatures:
             self._reducing_gradients = False
 
     def _gradient_for_update(self, value, variables, index):
-        # With sharded updates only the owner's copy of a sum is read.
+        # With sharded updates only the owner's copy of a sum is read; a
+        # weight updated in parts reads each replica's own.
         if not self._shard_optimizer or variables is None:
             return value
         variable = getattr(variables[index], "value", variables[index])
+        if self._weight_parts.of(variable) is not None:
+            return value
         if not (
             isinstance(variable, MirroredVariable)
             and isinstance(value, tf.distribute.DistributedValues)
@@ -239,8 +251,18 @@ class ReplicaFeatures:
                 kwargs,
             )
         colocate_with = kwargs.get("colocate_with")
-        if self._shard_optimizer and isinstance(colocate_with, MirroredVariable):
-            # An optimizer slot: one copy, on the owner of its variable.
+        if (
+            self._shard_optimizer
+            and isinstance(colocate_with, MirroredVariable)
+            and not isinstance(colocate_with, SplitVariable)
+        ):
+            if splits_by_elements(keras_scope()[1]):
+                # A slot of an elementwise optimizer: split evenly by elements.
+                self._weight_parts.add(colocate_with)
+                return create_row_shards(
+                    self._container_strategy(), next_creator, self._devices, kwargs
+                )
+            # Another optimizer's slot: one copy, on the owner of its variable.
             kwargs.pop("colocate_with")
             device = colocate_with.values[self._owners.owner(colocate_with)].device
             with tf.device(device):
@@ -272,6 +294,15 @@ class ReplicaFeatures:
             copy = var.values[0]
             with tf.device(copy.device), UpdateContext(0):
                 return fn(copy, *args, **kwargs)
+        if isinstance(var, SplitVariable):
+            return update_regroup(
+                self, self._update_parts(var, fn, args, kwargs), group
+            )
+        if self._weight_parts.of(var) is not None:
+            results = self._weight_parts.update(
+                var, fn, args, kwargs, select_replica, UpdateContext
+            )
+            return update_regroup(self, results, group)
         if not (self._shard_optimizer and isinstance(var, MirroredVariable)):
             return super()._update(var, fn, args, kwargs, group)
         owner = self._owners.owner(var)
@@ -299,6 +330,27 @@ class ReplicaFeatures:
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
         return update_regroup(self, updates, group)
+
+    def _update_parts(self, var, fn, args, kwargs) -> list:
+        """`fn` on each copy of a split variable, with whole values among its
+        arguments (an assigned weight, a clipped gradient) cut to the copy's
+        part and the parts of split values (state, gradients) as they are."""
+        shape = var.full_shape
+        results = []
+        for i, copy in enumerate(var.values):
+
+            def cut(value, i=i):
+                return var.part_of(value, i) if is_whole(value, shape) else value
+
+            with tf.device(copy.device), UpdateContext(i), tf.name_scope(f"update_{i}"):
+                results.append(
+                    fn(
+                        copy,
+                        *tf.nest.map_structure(cut, select_replica(i, args)),
+                        **tf.nest.map_structure(cut, select_replica(i, kwargs)),
+                    )
+                )
+        return results
 
 
 def has_integers(value) -> bool:

@@ -32,8 +32,8 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
     Compared with MirroredStrategy it feeds replicas without rebuilding a
     multi-device iterator each epoch, supports `steps_per_execution > 1`,
     never uses collective ops (so strategies for differently shaped models
-    can be created one after another in a process), and by default applies
-    each variable's optimizer update on one device only.
+    can be created one after another in a process), and by default splits
+    the optimizer state evenly over the devices.
 
     Args:
         devices: A device name or list of names (`"GPU:0"`,
@@ -59,13 +59,15 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
             `keras_parallel.PowerSGD(rank=...)` (low-rank, with error
             feedback). Only the optimizer's gradient all-reduce is
             compressed; BatchNormalization statistics stay exact.
-        shard_optimizer: If True (default), every variable has one owner
-            device, chosen to balance bytes across devices: its optimizer
-            slots live there, its update runs there once, and the new value
-            is copied to the other devices (optimizer-state sharding as in
-            ZeRO stage 1, Rajbhandari et al., 2020). If False, every device
-            keeps full optimizer state and updates its own copy, as
-            MirroredStrategy does.
+        shard_optimizer: If True (default), the optimizer state is split
+            evenly over the devices (ZeRO stage 1, Rajbhandari et al., 2020):
+            every slot is cut by rows into one equal part per device, each
+            device updates its part of every weight, and the parts are
+            joined into every copy. Optimizers whose update is not
+            elementwise (LAMB, Adafactor, Muon, subclasses) keep each
+            variable's state whole on one owner device, chosen to balance
+            bytes. If False, every device keeps full optimizer state and
+            updates its own copy, as MirroredStrategy does.
         sync_batch_norm: If True (default), `BatchNormalization` layers of a
             model trained with this strategy compute mean and variance over
             the global batch, as on one device (masked inputs included), with

@@ -11,10 +11,7 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import (
     PerReplica,
-    UpdateContext,
     keras_scope,
-    select_replica,
-    update_regroup,
 )
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
@@ -282,21 +279,6 @@ class MeshParallelExtended(DataParallelExtended):
             kwargs,
         )
 
-    def _update(self, var, fn, args, kwargs, group):
-        if not isinstance(var, ShardedVariable):
-            return super()._update(var, fn, args, kwargs, group)
-        updates = []
-        for i, component in enumerate(var.values):
-            with (
-                tf.device(component.device),
-                UpdateContext(i),
-                tf.name_scope(f"update_{i}"),
-            ):
-                shard_args = _shards(var, i, select_replica(i, args))
-                shard_kwargs = _shards(var, i, select_replica(i, kwargs))
-                updates.append(fn(component, *shard_args, **shard_kwargs))
-        return update_regroup(self, updates, group)
-
     def _gradient_for_update(self, value, variables, index):
         variable = None if variables is None else variables[index]
         variable = getattr(variable, "value", variable)
@@ -320,16 +302,3 @@ def _initial_value(kwargs) -> tf.Tensor:
         return tf.convert_to_tensor(
             initial() if callable(initial) else initial, dtype=kwargs.get("dtype")
         )
-
-
-def _shards(var: ShardedVariable, replica: int, values):
-    """Whole-weight tensors among `values` replaced by replica's shard (a
-    clipped gradient, an assigned value); shards pass through."""
-
-    def cut(value):
-        whole = isinstance(value, (tf.Tensor, tf.Variable))
-        if whole and value.shape == var.full_shape:
-            return var.shard_of(value, replica)
-        return value
-
-    return tf.nest.map_structure(cut, values)

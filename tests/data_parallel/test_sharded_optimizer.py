@@ -9,14 +9,18 @@ import keras_parallel
 from keras_parallel.data_parallel.ownership import OwnerTable
 
 
-def four_equal_layers():
+def four_equal_layers_with(optimizer):
     model = keras.Sequential(
         [keras.Input((64,))]
         + [keras.layers.Dense(64, use_bias=False) for _ in range(4)]
     )
-    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    model.compile(optimizer, "mse")
     model.optimizer.build(model.trainable_variables)
     return model
+
+
+def four_equal_layers():
+    return four_equal_layers_with(keras.optimizers.Adam(1e-3))
 
 
 def owner_device(strategy, variable):
@@ -32,29 +36,68 @@ def test_owner_table_balances_bytes_greedily():
     assert table.owned_bytes == [4 * 105, 4 * 100]
 
 
+def slot_of(model, variable, slot):
+    (found,) = [
+        s
+        for s in model.optimizer.variables
+        if s.path.endswith(variable.path.replace("/", "_") + "_" + slot)
+    ]
+    return found
+
+
 @pytest.mark.parametrize("num_devices", [2, 4])
-def test_slots_live_once_on_the_owner_and_split_evenly(num_devices):
+def test_slots_are_split_evenly_by_rows_over_the_devices(num_devices):
     strategy = keras_parallel.DataParallel(devices(num_devices))
     with strategy.scope():
         model = four_equal_layers()
-    slot_bytes = {}
     for variable in model.trainable_variables:
         for slot in ("momentum", "velocity"):
-            found = [
-                s
-                for s in model.optimizer.variables
-                if s.path.endswith(variable.path.replace("/", "_") + "_" + slot)
+            copies = slot_of(model, variable, slot).value.values
+            assert [c.device.split(":")[-1] for c in copies] == [
+                str(i) for i in range(num_devices)
             ]
-            assert len(found) == 1
-            tf_slot = found[0].value
-            assert isinstance(tf_slot, tf.Variable) and not hasattr(tf_slot, "values")
-            assert tf_slot.device == owner_device(strategy, variable)
-            slot_bytes[tf_slot.device] = slot_bytes.get(tf_slot.device, 0) + 64 * 64 * 4
-    # Four equal weights: each device holds exactly 4/num_devices of the slots.
-    assert (
-        sorted(slot_bytes.values())
-        == [4 * 2 * 64 * 64 * 4 // num_devices] * num_devices
-    )
+            assert all(c.shape == (64 // num_devices, 64) for c in copies)
+
+
+def optimizer_bytes_per_device(model) -> dict[str, int]:
+    held: dict[str, int] = {}
+    for variable in model.optimizer.variables:
+        value = variable.value
+        for copy in getattr(value, "values", [value]):
+            held[copy.device] = held.get(copy.device, 0) + copy.numpy().nbytes
+    return held
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_one_large_embedding_spreads_its_state_over_every_device(num_devices):
+    # 4 M elements in one table, as a model whose bytes sit in one Embedding.
+    strategy = keras_parallel.DataParallel(devices(num_devices))
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((4,), dtype="int32"),
+                keras.layers.Embedding(100_000, 40),
+                keras.layers.Flatten(),
+                keras.layers.Dense(8),
+            ]
+        )
+        model.compile(keras.optimizers.Adam(), "mse")
+        model.optimizer.build(model.trainable_variables)
+    held = optimizer_bytes_per_device(model)
+    share = sum(held.values()) / num_devices
+    assert len(held) == num_devices
+    assert max(held.values()) <= 1.001 * share
+
+
+def test_other_optimizers_keep_each_state_whole_on_one_owner():
+    # LAMB scales each variable's step by its norm: not splittable by rows.
+    strategy = keras_parallel.DataParallel(devices(2))
+    with strategy.scope():
+        model = four_equal_layers_with(keras.optimizers.Lamb(1e-3))
+    for variable in model.trainable_variables:
+        tf_slot = slot_of(model, variable, "momentum").value
+        assert isinstance(tf_slot, tf.Variable) and not hasattr(tf_slot, "values")
+        assert tf_slot.device == owner_device(strategy, variable)
 
 
 def traced_train_step(strategy, model):
@@ -76,20 +119,22 @@ def traced_train_step(strategy, model):
 
 
 @pytest.mark.parametrize("shard_optimizer", [True, False])
-def test_each_update_runs_once_on_its_owner(shard_optimizer):
+def test_each_device_updates_its_part(shard_optimizer):
     strategy = keras_parallel.DataParallel(devices(2), shard_optimizer=shard_optimizer)
     with strategy.scope():
         model = four_equal_layers()
     graph = traced_train_step(strategy, model)
-    # Keras' Adam takes two square roots per variable update (bias
-    # correction and the denominator).
-    sqrt_devices = sorted(
-        op.device for op in graph.get_operations() if op.type == "Sqrt"
+    # Keras' Adam takes the square root of each variable's velocity: on each
+    # device, of its half of the rows when the state is split.
+    sqrt = sorted(
+        (op.device, tuple(op.outputs[0].shape))
+        for op in graph.get_operations()
+        if op.type == "Sqrt" and op.outputs[0].shape.rank
     )
-    if shard_optimizer:
-        expected = sorted(owner_device(strategy, v) for v in model.trainable_variables)
-    else:
-        expected = sorted(
-            c.device for v in model.trainable_variables for c in v.value.values
-        )
-    assert sqrt_devices == sorted(expected * 2)
+    rows = 32 if shard_optimizer else 64
+    expected = sorted(
+        (c.device, (rows, 64))
+        for v in model.trainable_variables
+        for c in v.value.values
+    )
+    assert sqrt == expected

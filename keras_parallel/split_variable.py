@@ -1,0 +1,144 @@
+"""`SplitVariable`: one value held in parts, a part per replica's copy.
+
+A mirrored variable whose copies hold different parts of one whole. Inside
+`strategy.run` (and inside one copy's update) a replica sees its part; outside,
+reads give the whole (the parts joined) and a whole value assigned gives each
+copy its part, so `get_weights`, `set_weights`, saving and loading see what
+one device would. MeshParallel splits weights along an axis over its model
+axis; DataParallel splits optimizer state evenly by elements over its
+replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from keras_parallel._tf_internal import (
+    MirroredVariable,
+    create_mirrored_variable,
+    enter_or_assert_strategy,
+    get_update_replica_id,
+)
+
+
+class SplitVariable(MirroredVariable):
+    """Copies holding parts of a whole of shape `full_shape`.
+
+    Subclasses say how parts join (`join`) and which part of a whole a copy
+    holds (`part_of`); `make_split_variable` sets `full_shape`.
+    """
+
+    full_shape: tf.TensorShape
+
+    def join(self, parts: Sequence[tf.Tensor]) -> tf.Tensor:
+        """The whole value from the copies' parts, in replica order."""
+        raise NotImplementedError
+
+    def part_of(self, value: tf.Tensor, replica: int) -> tf.Tensor:
+        """Replica `replica`'s part of a whole value."""
+        raise NotImplementedError
+
+    def _in_part(self) -> bool:
+        # Inside a replica (or one copy's update) the variable is its part.
+        replica = tf.distribute.get_replica_context()
+        if replica is not None and replica.strategy is self.distribute_strategy:
+            return True
+        return get_update_replica_id() is not None
+
+    @property
+    def shape(self) -> tf.TensorShape:
+        return super().shape if self._in_part() else self.full_shape
+
+    def get_shape(self) -> tf.TensorShape:
+        return self.shape
+
+    def __array__(self, dtype=None, copy=None):
+        # NumPy (and Keras' saving) would otherwise read the first copy.
+        return np.asarray(self.numpy(), dtype=dtype)
+
+    def _get_cross_replica(self):
+        return self.join([v.read_value() for v in self.values])
+
+    def _whole_here(self) -> bool:
+        # Outside replicas and outside one copy's update: the whole value.
+        with enter_or_assert_strategy(self.distribute_strategy):
+            return (
+                tf.distribute.in_cross_replica_context()
+                and get_update_replica_id() is None
+            )
+
+    def value(self):
+        if self._whole_here():
+            return self._get_cross_replica()
+        return super().value()
+
+    def _dense_var_to_tensor(self, dtype=None, name=None, as_ref=False):
+        # What ops taking the variable read (MirroredVariable's own reads the
+        # first copy outside the strategy's scope).
+        if self._whole_here():
+            return tf.convert_to_tensor(self._get_cross_replica(), dtype=dtype)
+        return super()._dense_var_to_tensor(dtype=dtype, name=name, as_ref=as_ref)
+
+    def _get_as_operand(self):
+        # Arithmetic on the variable (`v + 1`) reads it as `value()` does.
+        if self._whole_here():
+            return self._get_cross_replica()
+        return super()._get_as_operand()
+
+
+def make_split_variable(
+    cls: type[SplitVariable],
+    strategy: tf.distribute.Strategy,
+    next_creator,
+    devices: Sequence[str],
+    parts: Callable[[tf.Tensor], list[tf.Tensor]],
+    kwargs: dict,
+) -> SplitVariable:
+    """A `cls` made from a variable creator's arguments: the initial value is
+    computed once, whole, and `parts(whole)[r]` goes to the copy on
+    `devices[r]`.
+
+    Args:
+        cls: The SplitVariable subclass.
+        strategy: The strategy whose scope creates it.
+        next_creator: The next variable creator.
+        devices: One device per replica.
+        parts: Cuts the whole initial value into one part per replica.
+        kwargs: The creator's arguments (`initial_value`, `name`, ...).
+    """
+    made = {}
+
+    def make_parts(**kwargs):
+        initial = kwargs.pop("initial_value")
+        with tf.init_scope(), tf.device(devices[0]):
+            whole = tf.convert_to_tensor(
+                initial() if callable(initial) else initial, dtype=kwargs.get("dtype")
+            )
+            pieces = parts(whole)
+        copies = []
+        for replica, device in enumerate(devices):
+            with tf.device(device):
+                named = dict(kwargs)
+                if replica:
+                    first = copies[0].name.split(":")[0]
+                    named["name"] = f"{first}/replica_{replica}/"
+                copies.append(
+                    next_creator(initial_value=tf.identity(pieces[replica]), **named)
+                )
+        made["shape"] = whole.shape
+        return copies
+
+    kwargs = dict(kwargs)
+    kwargs.pop("colocate_with", None)
+    kwargs.pop("shape", None)  # each copy takes its part's shape
+    variable = create_mirrored_variable(
+        strategy,
+        make_parts,
+        {tf.VariableSynchronization.ON_WRITE: cls, "VariableClass": cls},
+        kwargs,
+    )
+    variable.full_shape = made["shape"]
+    return variable
