@@ -18,6 +18,8 @@ user's own) keep each variable's state whole on one owner device.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import tensorflow as tf
 
@@ -104,7 +106,7 @@ def create_row_shards(strategy, next_creator, devices, kwargs) -> RowShards:
 
 def is_whole(value, shape: tf.TensorShape) -> bool:
     """Whether `value` is a whole value of a variable of `shape` (a tensor,
-    a variable, or a sparse gradient, which is then made dense)."""
+    a variable, or a sparse gradient)."""
     if isinstance(value, tf.IndexedSlices):
         return tf.TensorShape(tf.get_static_value(value.dense_shape)) == shape
     return isinstance(value, (tf.Tensor, tf.Variable)) and value.shape == shape
@@ -115,11 +117,13 @@ class WeightParts:
     replica device holding that replica's part of the weight."""
 
     def __init__(self):
-        self._parts: dict[int, list[tf.Variable]] = {}
+        # id -> (the weight, weakly; its parts): an id a collected weight
+        # leaves behind may come back for another (a notebook's new model).
+        self._parts: dict[int, tuple[weakref.ref, list[tf.Variable]]] = {}
 
     def add(self, weight) -> None:
         """Makes `weight`'s parts (once)."""
-        if id(weight) in self._parts:
+        if self.of(weight) is not None:
             return
         parts = []
         with tf.init_scope():
@@ -130,11 +134,12 @@ class WeightParts:
                 # The optimizer finds the weight's state when it updates it.
                 update_as(part, weight)
                 parts.append(part)
-        self._parts[id(weight)] = parts
+        self._parts[id(weight)] = (weakref.ref(weight), parts)
 
     def of(self, weight) -> list[tf.Variable] | None:
         """`weight`'s parts, or None when its state is not split."""
-        return self._parts.get(id(weight))
+        known, parts = self._parts.get(id(weight), (None, None))
+        return parts if known is not None and known() is weight else None
 
     def update(self, weight, fn, args, kwargs, select, context):
         """Runs `fn` (an update of `weight`) on each replica's part, then
@@ -147,7 +152,7 @@ class WeightParts:
         Returns:
             One result per copy (the copies' assignments).
         """
-        parts = self._parts[id(weight)]
+        parts = self.of(weight)
         shape = weight.values[0].shape
         rows = _rows(shape)
         new = []
