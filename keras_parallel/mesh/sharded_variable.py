@@ -24,8 +24,7 @@ class ShardedVariable(SplitVariable):
     sharding: Sharding
 
     def join(self, parts):
-        # The shards of the first model group.
-        return tf.concat(parts[: self.sharding.num_shards], axis=self.sharding.axis)
+        return join_shards(parts, self.sharding)
 
     def part_of(self, value, replica: int):
         pieces = self.sharding.num_shards
@@ -45,8 +44,13 @@ class ShardedValue(Mirrored):
         self.sharding = sharding
 
     def _get_cross_replica(self):
-        shards = self.values[: self.sharding.num_shards]
-        return tf.concat(shards, axis=self.sharding.axis)
+        return join_shards(self.values, self.sharding)
+
+
+def join_shards(parts, sharding: Sharding) -> tf.Tensor:
+    """The whole value from per-replica shards: those of the first model
+    group, joined along the split axis."""
+    return tf.concat(list(parts[: sharding.num_shards]), axis=sharding.axis)
 
 
 def create_sharded(
