@@ -35,6 +35,8 @@ import os
 import statistics
 import time
 
+from rounds import epoch_times
+
 SAMPLES, FEATURES, CLASSES = 4096, 256, 10
 BATCH, BLOCKS, HIDDEN = 256, 2, 2048
 MESHES = ((1, 4), (2, 2), (4, 1))
@@ -138,14 +140,8 @@ def main() -> None:
         traffic[name] = communication(strategy)
         models[name] = model
 
-    keys = list(models)
-    times = {key: [] for key in keys}
     start_all = time.perf_counter()
-    for r in range(args.repeats):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            start = time.perf_counter()
-            models[key].fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-            times[key].append(time.perf_counter() - start)
+    times = epoch_times(models, x, y, BATCH, args.repeats)
     timed_s = time.perf_counter() - start_all
 
     steps = SAMPLES // BATCH

@@ -22,9 +22,9 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 from mlp import SAMPLES, build_mlp, make_data
+from rounds import epoch_times
 
 BATCH, DEPTH, WIDTH = 256, 8, 1024
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -54,13 +54,7 @@ def main() -> None:
                 devices[:stages], num_microbatches=microbatches
             )
     models = {key: build(strategy) for key, strategy in setups.items()}
-    keys = list(models)
-    times = {key: [] for key in keys}
-    for r in range(args.repeats):
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-            start = time.perf_counter()
-            models[key].fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
-            times[key].append(time.perf_counter() - start)
+    times = epoch_times(models, x, y, BATCH, args.repeats)
     steps = SAMPLES // BATCH
     rows = []
     for (stages, microbatches), model in models.items():

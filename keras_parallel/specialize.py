@@ -21,6 +21,8 @@ import keras
 _SUBCLASSES: weakref.WeakKeyDictionary[type, dict[type, type]] = (
     weakref.WeakKeyDictionary()
 )
+# Each made subclass -> the class it was made from.
+_MADE_FROM: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 
 def subclass(cls: type, mixin: type) -> type:
@@ -33,7 +35,17 @@ def subclass(cls: type, mixin: type) -> type:
             (mixin, cls),
             {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
         )
+        _MADE_FROM[made[mixin]] = cls
     return made[mixin]
+
+
+def own_class(obj) -> type:
+    """The class of `obj` as its user made it, also while it is
+    `specialized`."""
+    cls = type(obj)
+    while cls in _MADE_FROM:
+        cls = _MADE_FROM[cls]
+    return cls
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
+    Mirrored,
     MirroredVariable,
     create_mirrored_variable,
     enter_or_assert_strategy,
@@ -89,6 +90,27 @@ class SplitVariable(MirroredVariable):
         return super()._get_as_operand()
 
 
+class SplitValue(Mirrored):
+    """A summed gradient held in parts, one per replica (a split weight's, or
+    a reduce-scattered one).
+
+    The optimizer's update takes each copy's part as it is; clipping and other
+    arithmetic in cross-replica context (`clipnorm`, `global_clipnorm`, loss
+    scaling) read the whole, as on one device.
+
+    Args:
+        values: One part per replica.
+        join: The whole from the parts.
+    """
+
+    def __init__(self, values, join: Callable[[Sequence[tf.Tensor]], tf.Tensor]):
+        super().__init__(tuple(values))
+        self._join = join
+
+    def _get_cross_replica(self):
+        return self._join(self.values)
+
+
 def make_split_variable(
     cls: type[SplitVariable],
     strategy: tf.distribute.Strategy,
@@ -113,7 +135,10 @@ def make_split_variable(
 
     def make_parts(**kwargs):
         initial = kwargs.pop("initial_value")
-        with tf.init_scope(), tf.device(devices[0]):
+        # In the function being traced when the variable is made there (a
+        # slot created in the first step): its initializer must be ops that
+        # tf.function can lift out, not a captured eager tensor.
+        with tf.device(devices[0]):
             whole = tf.convert_to_tensor(
                 initial() if callable(initial) else initial, dtype=kwargs.get("dtype")
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 
@@ -37,3 +39,26 @@ def train(build, fit_kwargs: dict, strategy=None):
             model = build()
     history = model.fit(verbose=0, shuffle=False, **fit_kwargs)
     return model, history.history
+
+
+@functools.cache
+def one_device(case: str):
+    """`train` of a transparency case of `models.CASES` on one device, once
+    per process: (model, history dict)."""
+    from models import CASES
+
+    build, data, _ = CASES[case]
+    return train(build, data)
+
+
+class StopAtEpoch(keras.callbacks.Callback):
+    """Interrupts training when epoch `epoch` (0-based) begins, as a killed
+    run would: `fit` raises RuntimeError("interrupted")."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted")

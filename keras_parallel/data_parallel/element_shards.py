@@ -24,6 +24,8 @@ import keras
 import tensorflow as tf
 
 from keras_parallel._tf_internal import local_variable, update_as
+from keras_parallel.reduction.rows import join_rows, row_parts
+from keras_parallel.specialize import own_class
 from keras_parallel.split_variable import SplitVariable, make_split_variable
 
 ELEMENTWISE = (
@@ -43,7 +45,7 @@ ELEMENTWISE = (
 def splits_by_elements(optimizer) -> bool:
     """Whether `optimizer`'s state can be split by elements (its class is
     one of Keras' elementwise optimizers, not a subclass)."""
-    return type(optimizer) in ELEMENTWISE
+    return own_class(optimizer) in ELEMENTWISE
 
 
 class RowShards(SplitVariable):
@@ -51,51 +53,18 @@ class RowShards(SplitVariable):
     a scalar is one row), the last ones zero-padded to N * k rows."""
 
     def join(self, parts):
-        rows = _rows(self.full_shape)
-        return tf.reshape(tf.concat(parts, axis=0)[:rows], self.full_shape)
+        return join_rows(parts, self.full_shape)
 
     def part_of(self, value, replica: int):
         return row_parts(value, len(self.values))[replica]
 
 
-def _rows(shape: tf.TensorShape) -> int:
-    return shape[0] if shape.rank else 1
-
-
-def row_parts(value, num_parts: int) -> list:
-    """`value` (a tensor, or a sparse gradient) cut along its first axis into
-    `num_parts` parts of equal row counts; a sparse gradient stays sparse,
-    its rows re-indexed within each part (so an optimizer's sparse update
-    adds repeated rows as on one device)."""
-    if isinstance(value, tf.IndexedSlices):
-        shape = tf.TensorShape(tf.get_static_value(value.dense_shape))
-        size = -(-shape[0] // num_parts)
-        parts = []
-        for r in range(num_parts):
-            local = value.indices - r * size
-            held = tf.logical_and(local >= 0, local < size)
-            parts.append(
-                tf.IndexedSlices(
-                    tf.boolean_mask(value.values, held),
-                    tf.boolean_mask(local, held),
-                    tf.constant([size, *shape[1:]], value.dense_shape.dtype),
-                )
-            )
-        return parts
-    value = tf.convert_to_tensor(value)
-    if not value.shape.rank:
-        value = tf.reshape(value, [1])
-    rows = value.shape[0]
-    size = -(-rows // num_parts)
-    padding = [[0, size * num_parts - rows]] + [[0, 0]] * (value.shape.rank - 1)
-    padded = tf.pad(value, padding)
-    return [padded[r * size : (r + 1) * size] for r in range(num_parts)]
-
-
-def create_row_shards(strategy, next_creator, devices, kwargs) -> RowShards:
-    """A `RowShards` made from a variable creator's arguments."""
+def create_row_shards(
+    strategy, next_creator, devices, kwargs, cls: type[RowShards] = RowShards
+) -> RowShards:
+    """A `cls` (a `RowShards`) made from a variable creator's arguments."""
     return make_split_variable(
-        RowShards,
+        cls,
         strategy,
         next_creator,
         devices,
@@ -141,20 +110,21 @@ class WeightParts:
         known, parts = self._parts.get(id(weight), (None, None))
         return parts if known is not None and known() is weight else None
 
-    def update(self, weight, fn, args, kwargs, select, context):
+    def update(self, weight, fn, args, kwargs, select, context, gather):
         """Runs `fn` (an update of `weight`) on each replica's part, then
-        joins the parts into every copy of the weight.
+        gathers the parts into every copy of the weight.
 
         Args:
             select: `select(replica, structure)`, a replica's values.
             context: `context(replica)`, the update context of a replica.
+            gather: `gather(parts, shape, label)`, the whole on each part's
+                device (the reduction engine's all-gather).
 
         Returns:
             One result per copy (the copies' assignments).
         """
         parts = self.of(weight)
         shape = weight.values[0].shape
-        rows = _rows(shape)
         new = []
         for replica, (copy, part) in enumerate(zip(weight.values, parts, strict=True)):
             with tf.device(copy.device), context(replica):
@@ -171,9 +141,9 @@ class WeightParts:
                     **tf.nest.map_structure(cut, select(replica, kwargs)),
                 )
                 new.append(part.read_value())
+        wholes = gather(new, shape, weight.name.split(":")[0])
         results = []
-        for copy in weight.values:
+        for copy, whole in zip(weight.values, wholes, strict=True):
             with tf.device(copy.device):
-                joined = tf.concat(new, axis=0)[:rows]
-                results.append(copy.assign(tf.reshape(joined, shape)))
+                results.append(copy.assign(whole))
         return results

@@ -134,7 +134,7 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         reduction,
         bucket_mb,
         compression,
-        shard_optimizer,
+        sharding,
         sync_batch_norm,
     ):
         if devices is not None:
@@ -170,7 +170,7 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops
         )
-        self._init_features(gradients, shard_optimizer, sync_batch_norm)
+        self._init_features(gradients, sharding, sync_batch_norm)
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn)

@@ -8,43 +8,47 @@ import contextlib
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
-    DistributedVariable,
     MirroredVariable,
-    SyncOnReadVariable,
-    UpdateContext,
     in_xla_context,
-    keras_scope,
-    select_replica,
-    update_regroup,
 )
 from keras_parallel.data_parallel import batch_split, batchnorm
 from keras_parallel.data_parallel.element_shards import (
     WeightParts,
-    create_row_shards,
-    is_whole,
     splits_by_elements,
 )
 from keras_parallel.data_parallel.local_accumulation import (
     LocalAccumulators,
-    is_accumulator,
 )
 from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.data_parallel.ownership import OwnerTable
+from keras_parallel.data_parallel.parameter_shards import (
+    GatheredRows,
+    GathersWeights,
+    gathering_layers,
+    require_elementwise,
+)
+from keras_parallel.data_parallel.state_placement import (
+    StatePlacement,
+    require_distributed,
+)
+from keras_parallel.reduction.engine import is_dense
+from keras_parallel.reduction.rows import join_rows
 from keras_parallel.specialize import reachable, specialized
-from keras_parallel.split_variable import SplitVariable
+from keras_parallel.split_variable import SplitValue, SplitVariable
 
 
-class ReplicaFeatures:
+class ReplicaFeatures(StatePlacement):
     """What DataParallel adds to tf.distribute's replica machinery, on one
     machine (`DataParallelExtended`) and across workers (`multi_worker`):
     gradients through our reduction engine, synchronized BatchNormalization,
-    and optimizer updates on one owner device per variable.
+    the optimizer applied once on the reduced gradients, and training state
+    split over the devices by `sharding` (`StatePlacement`).
 
     Mixed into a `MirroredExtended` subclass; `_init_features` must run in
     its constructor.
     """
 
-    def _init_features(self, gradients, shard_optimizer, sync_batch_norm):
+    def _init_features(self, gradients, sharding, sync_batch_norm):
         self._gradient_reduction = gradients
         # True while the gradients of a step are reduced (so they take the
         # compressed path) and while the optimizer is applied once on them.
@@ -54,7 +58,8 @@ class ReplicaFeatures:
         self._warned_unreduced_update = False
         self._loss_weights = None
         self._replicas_per_piece = 1
-        self._shard_optimizer = shard_optimizer
+        # `DataParallel(sharding=...)`: "optimizer", "gradients" or None.
+        self._sharding = sharding
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
         self._weight_parts = WeightParts()
@@ -94,9 +99,9 @@ class ReplicaFeatures:
             What `apply` returns.
         """
         with self._gradient_reduction.states.owned_by(optimizer):
-            return self._apply_reduced(apply, grads, variables)
+            return self._apply_reduced(apply, grads, variables, optimizer)
 
-    def _apply_reduced(self, apply, grads, variables):
+    def _apply_reduced(self, apply, grads, variables, optimizer):
         present = [i for i, g in enumerate(grads) if g is not None]
         accumulators = (
             None
@@ -115,10 +120,29 @@ class ReplicaFeatures:
             self.steps_per_update = apply.__self__.gradient_accumulation_steps
             reading = self._local_accumulators.reading(accumulators)
         else:
-            sums = self._reduce_gradients([(grads[i], grads[i]) for i in present])
+            scattered = self._scattered(grads, variables, present, optimizer)
+            gathered = self._reduced_in_backward(variables, present, optimizer)
+            summed = [i for i in present if i not in scattered + gathered]
+            sums = (
+                self._reduce_gradients([(grads[i], grads[i]) for i in summed])
+                if summed
+                else []
+            )
             handed = list(grads)
-            for i, value in zip(present, sums, strict=True):
+            for i, value in zip(summed, sums, strict=True):
                 handed[i] = self._gradient_for_update(value, variables, i)
+            if scattered:
+                rows = self._gradient_reduction.reduce_scatter(
+                    [grads[i] for i in scattered]
+                )
+                for i, parts in zip(scattered, rows, strict=True):
+                    shape = grads[i].values[0].shape
+                    handed[i] = SplitValue(
+                        parts, lambda parts, shape=shape: join_rows(parts, shape)
+                    )
+            for i in gathered:
+                weight = variables[i].value
+                handed[i] = SplitValue(_local_values(grads[i]), weight.join)
             self.steps_per_update = 1
             reading = contextlib.nullcontext()
         self._applying_once = True
@@ -127,6 +151,63 @@ class ReplicaFeatures:
                 return apply(handed, variables)
         finally:
             self._applying_once = False
+
+    def _scattered(self, grads, variables, present, optimizer) -> list[int]:
+        """Indices of the gradients to reduce-scatter (`sharding="gradients"`):
+        dense ones of weights an elementwise optimizer updates in parts (made
+        now when the optimizer has no state to split, as plain SGD)."""
+        if self._sharding != "gradients" or variables is None:
+            return []
+        # A LossScaleOptimizer's update is its inner optimizer's.
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        if not splits_by_elements(optimizer):
+            return []
+        scattered = []
+        for i in present:
+            variable = getattr(variables[i], "value", variables[i])
+            if (
+                isinstance(grads[i], tf.distribute.DistributedValues)
+                and isinstance(variable, MirroredVariable)
+                and not isinstance(variable, SplitVariable)
+                and is_dense(grads[i].values)
+            ):
+                self._weight_parts.add(variable)
+                scattered.append(i)
+        return scattered
+
+    def _reduced_in_backward(self, variables, present, optimizer) -> list[int]:
+        """Indices of the gradients of split weights (`sharding="parameters"`):
+        each replica's is already the sum of its rows over all replicas."""
+        if self._sharding != "parameters" or variables is None:
+            return []
+        found = [
+            i
+            for i in present
+            if isinstance(getattr(variables[i], "value", None), GatheredRows)
+        ]
+        if found:
+            require_elementwise(getattr(optimizer, "inner_optimizer", optimizer))
+        return found
+
+    @property
+    def first_local_replica(self) -> int:
+        """The replica index of this process's first device."""
+        return self._get_replica_id_in_sync_group(0)
+
+    def count_gather(self, weight) -> None:
+        """Counts one all-gather of a split weight's parts in the step being
+        traced (`parameter_shards`)."""
+        part = weight.values[0]
+        self._gradient_reduction.count_all_gather(
+            part.shape.num_elements() * len(weight.values),
+            part.dtype,
+            weight.name.split(":")[0],
+        )
+
+    def scatter_rows(self, gradients, shape) -> list:
+        """Cross-replica: each replica's rows of the sum of a split weight's
+        per-replica gradients (dense, or sparse: kept sparse)."""
+        return self._gradient_reduction.reduce_scatter_one(gradients, shape)
 
     def _reduce_gradients(self, pairs):
         """SUM of `(value, destinations)` pairs through the gradient engine."""
@@ -139,7 +220,7 @@ class ReplicaFeatures:
     def _gradient_for_update(self, value, variables, index):
         # With sharded updates only the owner's copy of a sum is read; a
         # weight updated in parts reads each replica's own.
-        if not self._shard_optimizer or variables is None:
+        if self._sharding is None or variables is None:
             return value
         variable = getattr(variables[index], "value", variables[index])
         if self._weight_parts.of(variable) is not None:
@@ -204,12 +285,13 @@ class ReplicaFeatures:
         models, optimizers = reachable(fn, (args, kwargs))
         for model in models:
             for variable in model.variables:
-                _require_distributed(variable.value)
+                require_distributed(variable.value)
         layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
         self._loss_weights = self._replica_loss_weights(args)
         self._tracing_step = True
         try:
             with (
+                self._gradient_reduction.recording_step(),
                 specialized(layers, batchnorm.GlobalStatistics),
                 specialized(optimizers, ReplicaStepOptimizer),
                 self._step_layers(models),
@@ -220,137 +302,17 @@ class ReplicaFeatures:
             self._tracing_step = False
 
     def _step_layers(self, models):
-        """What else the traced step's layers do differently (a context)."""
-        del models
-        return contextlib.nullcontext()
+        """What else the traced step's layers do differently (a context):
+        under `sharding="parameters"`, gather their weights when called."""
+        if self._sharding != "parameters":
+            return contextlib.nullcontext()
+        return specialized(gathering_layers(models), GathersWeights)
 
-    def _warn_unreduced_update(self, var) -> None:
-        if self._warned_unreduced_update:
-            return
-        self._warned_unreduced_update = True
-        tf.get_logger().warning(
-            "DataParallel: the trainable variable %r is updated from inside "
-            "`strategy.run` by code DataParallel did not find in the step "
-            "function (an optimizer reached only through another object's "
-            "attribute, or a manual assign). An optimizer found there would "
-            "clip, accumulate and average the whole batch's gradient, as on "
-            "one device; this one works on each replica's part, as under "
-            "MirroredStrategy. Keep the optimizer in the step function's "
-            "closure or globals, or pass it in `strategy.run(..., args=...)`.",
-            var.name,
-        )
 
-    # Variables.
-
-    def _create_variable(self, next_creator, **kwargs):
-        if is_accumulator(kwargs):
-            return self._local_accumulators.create(
-                lambda **kw: super(ReplicaFeatures, self)._create_variable(
-                    next_creator, **kw
-                ),
-                kwargs,
-            )
-        colocate_with = kwargs.get("colocate_with")
-        if (
-            self._shard_optimizer
-            and isinstance(colocate_with, MirroredVariable)
-            and not isinstance(colocate_with, SplitVariable)
-        ):
-            if splits_by_elements(keras_scope()[1]):
-                # A slot of an elementwise optimizer: split evenly by elements.
-                self._weight_parts.add(colocate_with)
-                return create_row_shards(
-                    self._container_strategy(), next_creator, self._devices, kwargs
-                )
-            # Another optimizer's slot: one copy, on the owner of its variable.
-            kwargs.pop("colocate_with")
-            device = colocate_with.values[self._owners.owner(colocate_with)].device
-            with tf.device(device):
-                return next_creator(**kwargs)
-        variable = super()._create_variable(next_creator, **kwargs)
-        if isinstance(variable, MirroredVariable):
-            self._owners.assign(variable)
-        return variable
-
-    def _update(self, var, fn, args, kwargs, group):
-        if (
-            self._tracing_step
-            and not self._applying_once
-            and getattr(var, "trainable", False)
-        ):
-            self._warn_unreduced_update(var)
-        if self._applying_once and not isinstance(var, DistributedVariable):
-            # Optimizer state on its variable's owner (accumulators, moving
-            # averages): updated where it lives, once.
-            with tf.device(var.device), UpdateContext(var.device):
-                return fn(var, *args, **kwargs)
-        _require_distributed(var)
-        if self._applying_once and isinstance(var, SyncOnReadVariable):
-            # A local gradient accumulator: its value is the sum of its copies
-            # (on all workers) and this update's value is the whole batch's,
-            # so one copy takes it: the first replica's.
-            if self._get_replica_id_in_sync_group(0) != 0:
-                return tf.no_op()
-            copy = var.values[0]
-            with tf.device(copy.device), UpdateContext(0):
-                return fn(copy, *args, **kwargs)
-        if isinstance(var, SplitVariable):
-            return update_regroup(
-                self, self._update_parts(var, fn, args, kwargs), group
-            )
-        if self._weight_parts.of(var) is not None:
-            results = self._weight_parts.update(
-                var, fn, args, kwargs, select_replica, UpdateContext
-            )
-            return update_regroup(self, results, group)
-        if not (self._shard_optimizer and isinstance(var, MirroredVariable)):
-            return super()._update(var, fn, args, kwargs, group)
-        owner = self._owners.owner(var)
-        components = var.values
-        with (
-            tf.device(components[owner].device),
-            UpdateContext(owner),
-            tf.name_scope(f"update_{owner}"),
-        ):
-            result = fn(
-                components[owner],
-                *select_replica(owner, args),
-                **select_replica(owner, kwargs),
-            )
-            new_value = components[owner].read_value()
-        # Non-owners return what the owner's update returned (nothing, an op,
-        # or the variable), so that callers see MirroredStrategy's result.
-        wants_value = result is not None and not isinstance(result, tf.Operation)
-        updates = []
-        for i, component in enumerate(components):
-            if i == owner:
-                updates.append(result)
-                continue
-            with tf.device(component.device), tf.name_scope(f"update_{i}"):
-                assign = component.assign(new_value, read_value=wants_value)
-            updates.append(None if result is None else assign)
-        return update_regroup(self, updates, group)
-
-    def _update_parts(self, var, fn, args, kwargs) -> list:
-        """`fn` on each copy of a split variable, with whole values among its
-        arguments (an assigned weight, a clipped gradient) cut to the copy's
-        part and the parts of split values (state, gradients) as they are."""
-        shape = var.full_shape
-        results = []
-        for i, copy in enumerate(var.values):
-
-            def cut(value, i=i):
-                return var.part_of(value, i) if is_whole(value, shape) else value
-
-            with tf.device(copy.device), UpdateContext(i), tf.name_scope(f"update_{i}"):
-                results.append(
-                    fn(
-                        copy,
-                        *tf.nest.map_structure(cut, select_replica(i, args)),
-                        **tf.nest.map_structure(cut, select_replica(i, kwargs)),
-                    )
-                )
-        return results
+def _local_values(value) -> tuple:
+    if isinstance(value, tf.distribute.DistributedValues):
+        return tuple(value.values)
+    return (value,)
 
 
 def has_integers(value) -> bool:
@@ -358,18 +320,3 @@ def has_integers(value) -> bool:
         value.values if isinstance(value, tf.distribute.DistributedValues) else [value]
     )
     return any(not tf.as_dtype(p.dtype).is_floating for p in parts)
-
-
-def _require_distributed(variable) -> None:
-    if not isinstance(variable, DistributedVariable):
-        raise ValueError(
-            f"Variable {variable.name!r} was created outside "
-            "`DataParallel.scope()`, so it lives on one device only. Build and "
-            "compile the model inside the scope:\n"
-            "    with strategy.scope():\n"
-            "        model = ...\n"
-            "        model.compile(...)\n"
-            "To move an existing model, rebuild it in the scope and copy its "
-            "weights: `new = keras.models.clone_model(model)` and "
-            "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
-        )

@@ -11,8 +11,9 @@ from keras_parallel._tf_internal import MirroredExtended, SavedWithModel
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
+from keras_parallel.data_parallel.sharding import resolve_sharding
 from keras_parallel.devices import resolve_devices, short_device
-from keras_parallel.reduction.compression import Compression
+from keras_parallel.reduction.compression import Compression, resolve_compression
 from keras_parallel.reduction.engine import GradientReduction
 
 
@@ -59,15 +60,31 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
             `keras_parallel.PowerSGD(rank=...)` (low-rank, with error
             feedback). Only the optimizer's gradient all-reduce is
             compressed; BatchNormalization statistics stay exact.
-        shard_optimizer: If True (default), the optimizer state is split
-            evenly over the devices (ZeRO stage 1, Rajbhandari et al., 2020):
-            every slot is cut by rows into one equal part per device, each
-            device updates its part of every weight, and the parts are
-            joined into every copy. Optimizers whose update is not
-            elementwise (LAMB, Adafactor, Muon, subclasses) keep each
-            variable's state whole on one owner device, chosen to balance
-            bytes. If False, every device keeps full optimizer state and
+        sharding: What is split over the devices (the stages of ZeRO,
+            Rajbhandari et al., 2020):
+            `"optimizer"` (default): the optimizer state. Every slot is cut
+            by rows into one equal part per device, each device updates its
+            part of every weight, and the parts are gathered into every
+            copy. Gradients are all-reduced, so every compression applies.
+            `"gradients"`: also the summed gradients. They are
+            reduce-scattered, so each device receives only the rows it
+            updates (half the traffic of an all-reduce); compression None,
+            `"fp16"` or `"bf16"`.
+            `"parameters"`: also the weights. Every trainable weight is cut
+            by rows into one part per device; a layer gathers its weights
+            from all devices when its call begins, their gradients are
+            reduce-scattered in the backward pass, and each device updates
+            only its part, so each holds 1/N of the weights and optimizer
+            state. Needs an elementwise Keras optimizer (SGD, Adam, AdamW,
+            ...) without `gradient_accumulation_steps`.
+            None: nothing; every device keeps full optimizer state and
             updates its own copy, as MirroredStrategy does.
+            Optimizers whose update is not elementwise (LAMB, Adafactor,
+            Muon, subclasses) keep each variable's state whole on one owner
+            device, chosen to balance bytes, under `"optimizer"` and
+            `"gradients"`; sparse (embedding) gradients are all-reduced.
+        shard_optimizer: Deprecated: True is `sharding="optimizer"`, False
+            is `sharding=None`.
         sync_batch_norm: If True (default), `BatchNormalization` layers of a
             model trained with this strategy compute mean and variance over
             the global batch, as on one device (masked inputs included), with
@@ -108,24 +125,25 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         reduction: str = "auto",
         bucket_mb: float | None = None,
         compression: str | Compression | None = None,
-        shard_optimizer: bool = True,
+        sharding: str | None = "optimizer",
+        shard_optimizer: bool | None = None,
         sync_batch_norm: bool = True,
     ):
-        for name, value in (
-            ("shard_optimizer", shard_optimizer),
-            ("sync_batch_norm", sync_batch_norm),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(
-                    f"`{name}` must be True or False. Received: {name}={value!r}"
-                )
+        if not isinstance(sync_batch_norm, bool):
+            raise TypeError(
+                "`sync_batch_norm` must be True or False. Received: "
+                f"sync_batch_norm={sync_batch_norm!r}"
+            )
         del cluster_resolver  # __new__ resolved it into self._cluster
+        sharding = resolve_sharding(
+            sharding, shard_optimizer, resolve_compression(compression)
+        )
         extended = self._make_extended(
             devices,
             reduction=reduction,
             bucket_mb=bucket_mb,
             compression=compression,
-            shard_optimizer=shard_optimizer,
+            sharding=sharding,
             sync_batch_norm=sync_batch_norm,
         )
         # Not super(): a multi-worker DataParallel also derives from
@@ -134,7 +152,7 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
 
     def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
         """The extended for this machine's devices; the arguments are
-        `__init__`'s (`updates`: shard_optimizer, sync_batch_norm)."""
+        `__init__`'s (`updates`: sharding, sync_batch_norm)."""
         devices = resolve_devices(devices)
         return DataParallelExtended(
             self,
@@ -170,8 +188,8 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         return True
 
     def communication_stats(self) -> dict:
-        """Bytes the gradient all-reduce sends per replica, per training step
-        and per optimizer update.
+        """Bytes the gradient reduction and the weight gathers move per
+        replica, per training step and per optimizer update.
 
         Read after `fit` has run (or traced) a step; before, the counts are 0.
         With `gradient_accumulation_steps=k` in the optimizer, replicas
@@ -179,12 +197,19 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         an update's bytes.
 
         Returns:
-            A dict with `bytes_per_step` (averaged over the steps of an
-            update), `bytes_per_update`, `steps_per_update`,
+            A dict with `bytes_per_step` (gradient bytes each replica puts
+            into all-reduces and reduce-scatters, averaged over the steps of
+            an update), `bytes_per_update`, `steps_per_update`,
+            `all_reduce_bytes_per_step`, `reduce_scatter_bytes_per_step` and
+            `all_gather_bytes_per_step` (the buffers of each kind of
+            collective; the sharding modes gather weights),
+            `ring_bytes_per_step` (what a replica sends when each collective
+            runs as a ring: the traffic to compare between modes),
             `fp32_bytes_per_step` (what plain float32 gradients would send),
-            `warmup_bytes_per_step`, `reductions` (all-reduces per update),
-            `reduction`, `compression` and `buckets` (one dict per all-reduce:
-            label, tensors, elements, dtype, bytes, phase).
+            `warmup_bytes_per_step`, `reductions` (all-reduces and
+            reduce-scatters per update), `reduction`, `compression` and
+            `buckets` (one dict per collective: label, tensors, elements,
+            dtype, bytes, phase, kind).
 
         Example:
 
@@ -204,6 +229,10 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
                 "bytes_per_step",
                 "fp32_bytes_per_step",
                 "warmup_bytes_per_step",
+                "all_reduce_bytes_per_step",
+                "reduce_scatter_bytes_per_step",
+                "all_gather_bytes_per_step",
+                "ring_bytes_per_step",
             ):
                 stats[key] /= steps
         return dict(stats, bytes_per_update=per_update, steps_per_update=steps)
@@ -252,11 +281,11 @@ class DataParallelExtended(ReplicaFeatures, MirroredExtended):
         devices,
         exact,
         gradients,
-        shard_optimizer,
+        sharding,
         sync_batch_norm,
     ):
         super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
-        self._init_features(gradients, shard_optimizer, sync_batch_norm)
+        self._init_features(gradients, sharding, sync_batch_norm)
 
     def _use_merge_call(self):
         # Every cross-replica exchange goes through our reduction engine;

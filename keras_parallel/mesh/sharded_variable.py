@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_parallel._tf_internal import Mirrored
 from keras_parallel.mesh.layout import Mesh, Sharding
 from keras_parallel.split_variable import SplitVariable, make_split_variable
 
@@ -29,22 +28,6 @@ class ShardedVariable(SplitVariable):
     def part_of(self, value, replica: int):
         pieces = self.sharding.num_shards
         return tf.split(value, pieces, axis=self.sharding.axis)[replica % pieces]
-
-
-class ShardedValue(Mirrored):
-    """A split weight's gradient, summed: copy r is shard r % M of it.
-
-    The optimizer's update takes each copy to its shard; clipping and other
-    arithmetic in cross-replica context (`clipnorm`, `global_clipnorm`) read
-    the whole gradient, as on one device.
-    """
-
-    def __init__(self, values, sharding: Sharding):
-        super().__init__(tuple(values))
-        self.sharding = sharding
-
-    def _get_cross_replica(self):
-        return join_shards(self.values, self.sharding)
 
 
 def join_shards(parts, sharding: Sharding) -> tf.Tensor:

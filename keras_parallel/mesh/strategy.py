@@ -23,13 +23,13 @@ from keras_parallel.mesh.collectives import MeshExchanges
 from keras_parallel.mesh.layout import MeshLayout
 from keras_parallel.mesh.plan import inferred_bias_axis, plan_layers
 from keras_parallel.mesh.sharded_variable import (
-    ShardedValue,
     ShardedVariable,
     create_sharded,
 )
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.specialize import specialized
+from keras_parallel.split_variable import SplitValue
 
 # Keras class -> the mixin computing its call on shards.
 _SPLIT_CALLS = {
@@ -73,8 +73,11 @@ class MeshParallel(DataParallel):
             `DataParallel`: None, `"fp16"`, `"bf16"` or
             `keras_parallel.PowerSGD(...)` (one error memory per batch
             group, each on its group's devices).
-        shard_optimizer: As in `DataParallel`, for replicated weights (split
-            weights keep their optimizer state with their shard).
+        sharding: `"optimizer"` (default) or None, as in `DataParallel`, for
+            replicated weights (split weights keep their optimizer state with
+            their shard). `"gradients"` is not available on a mesh: its
+            gradients are summed per batch group.
+        shard_optimizer: Deprecated, as in `DataParallel`.
         sync_batch_norm: As in `DataParallel`.
 
     Raises:
@@ -121,15 +124,23 @@ class MeshParallel(DataParallel):
         reduction: str = "auto",
         bucket_mb: float | None = None,
         compression: str | Compression | None = None,
-        shard_optimizer: bool = True,
+        sharding: str | None = "optimizer",
+        shard_optimizer: bool | None = None,
         sync_batch_norm: bool = True,
     ):
+        if sharding not in ("optimizer", None):
+            raise ValueError(
+                f"MeshParallel takes sharding='optimizer' or None. Received: "
+                f"sharding={sharding!r}. Reduce-scattered gradients "
+                "('gradients') are DataParallel's."
+            )
         self._layout = MeshLayout(layout, batch_dim_name)
         super().__init__(
             list(self._layout.mesh.devices),
             reduction=reduction,
             bucket_mb=bucket_mb,
             compression=compression,
+            sharding=sharding,
             shard_optimizer=shard_optimizer,
             sync_batch_norm=sync_batch_norm,
         )
@@ -284,7 +295,7 @@ class MeshParallelExtended(DataParallelExtended):
         variable = getattr(variable, "value", variable)
         if isinstance(variable, ShardedVariable):
             # Each copy takes its own replica's sum; read whole elsewhere.
-            return ShardedValue(value.values, variable.sharding)
+            return SplitValue(value.values, variable.join)
         return super()._gradient_for_update(value, variables, index)
 
     def _replica_loss_weights(self, args):

@@ -23,6 +23,9 @@ class AllReduceAlgorithm(abc.ABC):
     # Processes whose parts each sum adds up: the parts passed in are this
     # process's share.
     num_workers: int = 1
+    # Whether `reduce_scatter` sends only each destination's chunk; if not, it
+    # is an all-reduce whose result each device slices (and costs as much).
+    scatters_natively: bool = False
 
     @abc.abstractmethod
     def all_reduce(self, parts: Sequence[tf.Tensor]) -> list[tf.Tensor]:
@@ -34,6 +37,24 @@ class AllReduceAlgorithm(abc.ABC):
         Returns:
             One sum per part, on that part's device.
         """
+
+    def reduce_scatter(self, flats: Sequence[tf.Tensor]) -> list[tf.Tensor]:
+        """Sums `flats` (one flat tensor per device, in replica order, of N
+        equal chunks for N devices) and leaves device r with chunk r of the sum.
+
+        Args:
+            flats: 1-D tensors of one length, divisible by their number.
+
+        Returns:
+            One chunk of the sum per device, on that device.
+        """
+        chunk = flats[0].shape[0] // len(flats)
+        sums = self.all_reduce(flats)
+        chunks = []
+        for r, total in enumerate(sums):
+            with tf.device(total.device):
+                chunks.append(total[r * chunk : (r + 1) * chunk])
+        return chunks
 
 
 class InProcessAllReduce(AllReduceAlgorithm):
@@ -51,11 +72,26 @@ class InProcessAllReduce(AllReduceAlgorithm):
     # since one device's add then waits for the whole model's gradients.
     default_bucket_mb = 0.25
 
+    scatters_natively = True
+
     def all_reduce(self, parts):
         sums = []
         for destination in parts:
             with tf.device(destination.device):
                 sums.append(tf.add_n(list(parts)))
+        return sums
+
+    def reduce_scatter(self, flats):
+        chunk = flats[0].shape[0] // len(flats)
+        sums = []
+        for r, destination in enumerate(flats):
+            pieces = []
+            for flat in flats:
+                # Cut where the flat lives, so that only the chunk travels.
+                with tf.device(flat.device):
+                    pieces.append(flat[r * chunk : (r + 1) * chunk])
+            with tf.device(destination.device):
+                sums.append(tf.add_n(pieces))
         return sums
 
 

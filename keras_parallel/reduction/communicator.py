@@ -1,5 +1,6 @@
 """What a compression uses to move tensors: sums through an all-reduce
-algorithm, bucketing, and an account of the bytes each replica sends."""
+algorithm (whole, or reduce-scattered by rows), bucketing, and an account of
+the bytes each replica sends."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from keras_parallel.reduction import buckets
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm
+from keras_parallel.reduction.rows import row_parts
 
 # Largest magnitude a float16 part may reach before the sum: 2**15 leaves
 # headroom below float16's maximum, 65504.
@@ -19,16 +21,18 @@ FLOAT16_SAFE_MAX = 2.0**15
 
 @dataclasses.dataclass(frozen=True)
 class Transfer:
-    """One all-reduce of one step, as one replica sees it.
+    """One collective of one step, as one replica sees it.
 
     Attributes:
         label: What was reduced (`"bucket 0"`, `"powersgd P"`, ...).
         tensors: How many gradients it carries.
-        elements: Elements each replica contributes.
+        elements: Elements of its buffer on each replica (the input of an
+            all-reduce or reduce-scatter, the output of an all-gather).
         dtype: Dtype on the wire.
-        bytes: Bytes each replica contributes.
+        bytes: Bytes of that buffer.
         phase: When it is sent: `"every step"`, or only `"warmup"` steps
             (before compression starts) or only `"compressed"` steps.
+        kind: `"all_reduce"`, `"reduce_scatter"` or `"all_gather"`.
     """
 
     label: str
@@ -37,6 +41,14 @@ class Transfer:
     dtype: str
     bytes: int
     phase: str = "every step"
+    kind: str = "all_reduce"
+
+    def ring_bytes(self, num_replicas: int) -> float:
+        """Bytes one of `num_replicas` replicas sends when the collective runs
+        as a ring: 2(n-1)/n of the buffer for an all-reduce, (n-1)/n for a
+        reduce-scatter or an all-gather."""
+        share = (num_replicas - 1) / num_replicas
+        return (2 if self.kind == "all_reduce" else 1) * share * self.bytes
 
 
 class Communicator:
@@ -79,18 +91,31 @@ class Communicator:
         tensors: int = 1,
     ) -> list[tf.Tensor]:
         """All-reduces one tensor per device and records the transfer."""
-        elements = parts[0].shape.num_elements()
+        self._record(parts[0], label, tensors, "all_reduce")
+        return self.algorithm.all_reduce(parts)
+
+    def scatter_sum(
+        self, flats: Sequence[tf.Tensor], label: str, tensors: int = 1
+    ) -> list[tf.Tensor]:
+        """Reduce-scatters one flat tensor per device (chunk r of the sum to
+        device r) and records the transfer."""
+        kind = "reduce_scatter" if self.algorithm.scatters_natively else "all_reduce"
+        self._record(flats[0], label, tensors, kind)
+        return self.algorithm.reduce_scatter(flats)
+
+    def _record(self, buffer, label, tensors, kind):
+        elements = buffer.shape.num_elements()
         self.transfers.append(
             Transfer(
                 label,
                 tensors,
                 elements,
-                parts[0].dtype.name,
-                elements * parts[0].dtype.size,
+                buffer.dtype.name,
+                elements * buffer.dtype.size,
                 self._phase,
+                kind,
             )
         )
-        return self.algorithm.all_reduce(parts)
 
     def bucketed_sum(
         self,
@@ -132,9 +157,58 @@ class Communicator:
                     results[k].append(piece)
         return results
 
-    def _sum_flat(self, flats, label, tensors, dtype, wire_dtype):
+    def bucketed_reduce_scatter(
+        self,
+        gradients: Sequence[Sequence[tf.Tensor]],
+        wire_dtype: tf.DType | None = None,
+        label: str = "bucket",
+    ) -> list[list[tf.Tensor]]:
+        """Sums gradients in buckets and leaves each replica with its rows of
+        each sum (`rows.row_parts`): per bucket, every replica packs the rows
+        of each destination after one another and one reduce-scatter sends
+        each destination its chunk.
+
+        Args:
+            gradients: `gradients[k][i]` is replica i's part of gradient k.
+            wire_dtype: As in `bucketed_sum`.
+            label: Prefix of the transfers' labels.
+
+        Returns:
+            `result[k][r]`: replica r's rows of the sum of gradient k, on its
+            device.
+        """
+        n = self.num_replicas
+        results: list[list[tf.Tensor] | None] = [None] * len(gradients)
+        first_replica = [parts[0] for parts in gradients]
+        for b, members in enumerate(buckets.plan(first_replica, self.bucket_bytes)):
+            dtype = first_replica[members[0]].dtype
+            flats, like = [], None
+            for i in range(n):
+                with tf.device(gradients[members[0]][i].device):
+                    cut = [row_parts(gradients[k][i], n) for k in members]
+                    like = [rows[0] for rows in cut]
+                    flats.append(
+                        tf.concat(
+                            [buckets.pack([rows[r] for rows in cut]) for r in range(n)],
+                            axis=0,
+                        )
+                    )
+            chunks = self._sum_flat(
+                flats, f"{label} {b}", len(members), dtype, wire_dtype, self.scatter_sum
+            )
+            for chunk in chunks:
+                with tf.device(chunk.device):
+                    pieces = buckets.unpack(chunk, like)
+                for k, piece in zip(members, pieces, strict=True):
+                    if results[k] is None:
+                        results[k] = []
+                    results[k].append(piece)
+        return results
+
+    def _sum_flat(self, flats, label, tensors, dtype, wire_dtype, collective=None):
+        collective = collective or self.sum
         if wire_dtype is None or wire_dtype == dtype:
-            return self.sum(flats, label, tensors)
+            return collective(flats, label, tensors)
         scales = [None] * len(flats)
         if wire_dtype == tf.float16:
             scales = self._float16_scales(flats, label)
@@ -147,7 +221,7 @@ class Communicator:
                         wire_dtype,
                     )
                 )
-        sums = self.sum(wire, label, tensors)
+        sums = collective(wire, label, tensors)
         decoded = []
         for total, scale in zip(sums, scales, strict=True):
             with tf.device(total.device):

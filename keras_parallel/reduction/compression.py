@@ -64,6 +64,33 @@ class Compression(abc.ABC):
             device.
         """
 
+    def reduce_scatter(
+        self,
+        gradients: Sequence[Sequence[tf.Tensor]],
+        communicator: Communicator,
+        state: CompressionState | None = None,
+    ) -> list[list[tf.Tensor]]:
+        """Sums gradients across replicas, leaving each replica only its rows
+        of each sum (`rows.row_parts`). Only compressions whose `scatters` is
+        True implement it.
+
+        Args:
+            gradients: `gradients[k][i]` is replica i's part of gradient k.
+            communicator: Moves tensors and accounts for the bytes.
+            state: As in `reduce`.
+
+        Returns:
+            `result[k][r]`: replica r's rows of the sum of gradient k, on its
+            device.
+        """
+        raise NotImplementedError(
+            f"The {self.name!r} compression cannot reduce-scatter: it needs "
+            "whole gradients."
+        )
+
+    # Whether `reduce_scatter` is implemented.
+    scatters: bool = False
+
     def __repr__(self) -> str:
         return self.name
 
@@ -73,8 +100,13 @@ class NoCompression(Compression):
 
     name = "none"
 
+    scatters = True
+
     def reduce(self, gradients, communicator, state=None):
         return communicator.bucketed_sum(gradients)
+
+    def reduce_scatter(self, gradients, communicator, state=None):
+        return communicator.bucketed_reduce_scatter(gradients)
 
 
 class HalfPrecision(Compression):
@@ -93,8 +125,13 @@ class HalfPrecision(Compression):
         self.dtype = tf.as_dtype(dtype)
         self.name = {"float16": "fp16", "bfloat16": "bf16"}[self.dtype.name]
 
+    scatters = True
+
     def reduce(self, gradients, communicator, state=None):
         return communicator.bucketed_sum(gradients, wire_dtype=self.dtype)
+
+    def reduce_scatter(self, gradients, communicator, state=None):
+        return communicator.bucketed_reduce_scatter(gradients, wire_dtype=self.dtype)
 
 
 NAMES = {"fp16": "float16", "bf16": "bfloat16"}

@@ -8,6 +8,7 @@ Being a CrossDeviceOps, it also plugs into `tf.distribute.MirroredStrategy`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -24,6 +25,7 @@ from keras_parallel._tf_internal import (
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm, resolve_algorithm
 from keras_parallel.reduction.communicator import Communicator, Transfer
 from keras_parallel.reduction.compression import Compression, resolve_compression
+from keras_parallel.reduction.rows import join_rows, row_parts
 from keras_parallel.reduction.states import CompressionStates
 
 
@@ -99,7 +101,11 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         self.compression = resolve_compression(compression)
         self.states = CompressionStates(self.compression)
         self._last_step: list[Transfer] = []
+        self._last_replicas = 1
         self._last_fp32_bytes = 0
+        self._in_step = False
+        self._pending: list[Transfer] = []
+        self._pending_fp32_bytes = 0
 
     @property
     def _num_between_graph_workers(self) -> int:
@@ -124,7 +130,7 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         dense, other = [], []
         for index, (value, destinations) in enumerate(value_destination_pairs):
             parts = list(value.values)
-            if _is_dense(parts) and _devices(destinations, value) == [
+            if is_dense(parts) and _devices(destinations, value) == [
                 p.device for p in parts
             ]:
                 dense.append(index)
@@ -180,7 +186,77 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             parts = [divide_by_n(p, num_replicas) for p in parts]
         return regroup(parts, wrap_class=Mirrored)
 
-    def _reduce_dense(self, gradients):
+    def reduce_scatter(self, values) -> list[list[tf.Tensor]]:
+        """Sums dense per-replica values and leaves each replica with its rows
+        of each sum (`rows.row_parts`), through the compression's
+        reduce-scatter: a replica receives 1/N of what an all-reduce gives it.
+
+        Args:
+            values: Per-replica values (float, static shapes, one part per
+                replica on its device).
+
+        Returns:
+            `result[k][r]`: replica r's rows of the sum of `values[k]`, on its
+            device.
+        """
+        return self._reduce_dense([_local_parts(v) for v in values], scatter=True)
+
+    def reduce_scatter_one(self, value, shape: tf.TensorShape) -> list:
+        """`reduce_scatter` of one per-replica value of a variable of `shape`;
+        a sparse gradient (`tf.IndexedSlices`) stays sparse: each replica
+        receives every replica's entries of its rows, re-indexed (not counted
+        in `communication_stats`, whose buffers are dense)."""
+        parts = _local_parts(value)
+        if is_dense(parts):
+            return self.reduce_scatter([value])[0]
+        n = len(parts)
+        cut = []
+        for part in parts:
+            with tf.device(part.device):
+                cut.append(row_parts(tf.IndexedSlices(*_sparse(part, shape)), n))
+        results = []
+        for r, destination in enumerate(parts):
+            with tf.device(destination.device):
+                pieces = [rows[r] for rows in cut]
+                results.append(
+                    tf.IndexedSlices(
+                        tf.concat([p.values for p in pieces], axis=0),
+                        tf.concat([p.indices for p in pieces], axis=0),
+                        pieces[0].dense_shape,
+                    )
+                )
+        return results
+
+    def all_gather_rows(self, parts, shape: tf.TensorShape, label: str) -> list:
+        """Every replica's copy of the value of `shape` whose row parts
+        (`rows.row_parts`) are `parts`, one per replica on its device; counted
+        as an all-gather of the step."""
+        self.count_all_gather(
+            parts[0].shape.num_elements() * len(parts), parts[0].dtype, label
+        )
+        wholes = []
+        for part in parts:
+            with tf.device(part.device):
+                wholes.append(join_rows(parts, shape))
+        return wholes
+
+    def count_all_gather(self, elements: int, dtype: tf.DType, label: str) -> None:
+        """Counts an all-gather whose result has `elements` of `dtype`."""
+        self._record(
+            [
+                Transfer(
+                    label,
+                    1,
+                    elements,
+                    dtype.name,
+                    elements * dtype.size,
+                    kind="all_gather",
+                )
+            ],
+            fp32_bytes=0,
+        )
+
+    def _reduce_dense(self, gradients, scatter=False):
         if self._algorithm is None:
             self._algorithm = resolve_algorithm(
                 self._reduction, [p.device for p in gradients[0]]
@@ -195,49 +271,112 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
                 self._algorithm, int(bucket_mb * 2**20), len(group[0])
             )
             state = self.states.current(index)
-            sums = self.compression.reduce(group, communicator, state)
+            collective = (
+                self.compression.reduce_scatter if scatter else self.compression.reduce
+            )
+            sums = collective(group, communicator, state)
             # Every group sends the same; the account is per replica.
             transfers[:] = communicator.transfers
             return sums
 
         sums = self._in_groups([list(parts) for parts in gradients], reduce_group)
-        self._last_step = transfers
-        self._last_fp32_bytes = sum(
-            4 * parts[0].shape.num_elements() for parts in gradients
+        self._last_replicas = (
+            self._group_size(gradients[0]) * self._algorithm.num_workers
+        )
+        self._record(
+            transfers, sum(4 * parts[0].shape.num_elements() for parts in gradients)
         )
         return sums
+
+    @contextlib.contextmanager
+    def recording_step(self):
+        """Collects the account of every collective run while a step is
+        traced (reductions, reduce-scatters, gathers); it becomes the last
+        step's if the step summed gradients (a training step, not an
+        evaluation's forward). Outside it, each batch reduction is taken as
+        one step's (the engine under MirroredStrategy)."""
+        self._pending, self._pending_fp32_bytes = [], 0
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+            if any(t.kind != "all_gather" for t in self._pending):
+                self._last_step = self._pending
+                self._last_fp32_bytes = self._pending_fp32_bytes
+
+    def _record(self, transfers, fp32_bytes):
+        if self._in_step:
+            self._pending.extend(transfers)
+            self._pending_fp32_bytes += fp32_bytes
+        else:
+            self._last_step, self._last_fp32_bytes = list(transfers), fp32_bytes
 
     def _gather_implementation(self, per_replica_value, destinations, axis, options):
         return gather_to_one_device(per_replica_value, destinations, axis, options)
 
     def communication_stats(self) -> dict:
-        """What the last traced reduction of dense values sends, per replica.
+        """What the last traced gradient reduction and weight updates send,
+        per replica.
 
         Returns:
-            A dict with `bytes_per_step` (bytes each replica contributes in a
-            step once compression runs), `fp32_bytes_per_step` (the same
-            gradients as plain float32), `warmup_bytes_per_step` (steps before
-            compression starts; equal to `bytes_per_step` without warm-up),
-            `reductions` (all-reduces per step), `reduction`, `compression`
-            and `buckets` (one dict per transfer: label, tensors, elements,
-            dtype, bytes, phase).
+            A dict with `bytes_per_step` (bytes of the gradients each replica
+            puts into all-reduces and reduce-scatters in a step once
+            compression runs), `all_reduce_bytes_per_step`,
+            `reduce_scatter_bytes_per_step` and `all_gather_bytes_per_step`
+            (the buffers of each kind of collective: an all-gather's is its
+            result), `ring_bytes_per_step` (what a replica sends when each
+            collective runs as a ring: the traffic to compare between sharding
+            modes), `fp32_bytes_per_step` (the gradients as plain float32),
+            `warmup_bytes_per_step` (steps before compression starts; equal
+            to `bytes_per_step` without warm-up), `reductions` (all-reduces
+            and reduce-scatters per step), `reduction`, `compression` and
+            `buckets` (one dict per collective: label, tensors, elements,
+            dtype, bytes, phase, kind).
         """
         every = [t for t in self._last_step if t.phase == "every step"]
         compressed = [t for t in self._last_step if t.phase == "compressed"]
         warmup = [t for t in self._last_step if t.phase == "warmup"] or compressed
         steady = every + compressed
+        sums = [t for t in steady if t.kind != "all_gather"]
+        replicas = self._last_replicas
+
+        def of_kind(kind):
+            return sum(t.bytes for t in steady if t.kind == kind)
+
         return {
-            "bytes_per_step": sum(t.bytes for t in steady),
+            "bytes_per_step": sum(t.bytes for t in sums),
+            "all_reduce_bytes_per_step": of_kind("all_reduce"),
+            "reduce_scatter_bytes_per_step": of_kind("reduce_scatter"),
+            "all_gather_bytes_per_step": of_kind("all_gather"),
+            "ring_bytes_per_step": sum(t.ring_bytes(replicas) for t in steady),
             "fp32_bytes_per_step": self._last_fp32_bytes,
-            "warmup_bytes_per_step": sum(t.bytes for t in every + warmup),
-            "reductions": len(steady),
+            "warmup_bytes_per_step": sum(
+                t.bytes for t in every + warmup if t.kind != "all_gather"
+            ),
+            "reductions": len(sums),
             "reduction": self._algorithm.name if self._algorithm else self._reduction,
             "compression": self.compression.name,
             "buckets": [vars(t) for t in self._last_step],
         }
 
 
-def _is_dense(parts) -> bool:
+def _local_parts(value) -> list:
+    """This process's parts of a per-replica value (a tensor with one local
+    replica)."""
+    return list(getattr(value, "values", (value,)))
+
+
+def _sparse(value, shape):
+    """(values, indices, dense_shape) of a gradient for a variable of `shape`."""
+    if isinstance(value, tf.IndexedSlices):
+        return value.values, value.indices, value.dense_shape
+    dense = tf.convert_to_tensor(value)
+    return dense, tf.range(shape[0]), tf.constant(shape.as_list(), tf.int64)
+
+
+def is_dense(parts) -> bool:
+    """Whether per-replica `parts` are float tensors of static shape."""
     return all(
         isinstance(p, tf.Tensor) and p.shape.is_fully_defined() and p.dtype.is_floating
         for p in parts

@@ -30,9 +30,9 @@ class Corrupt(keras.callbacks.Callback):
             self.model.layers[0].kernel.value.values[1].assign_add(np.full((4, 1), 0.5))
 
 
-@pytest.mark.parametrize("shard_optimizer", [True, False])
-def test_equal_copies_pass(shard_optimizer):
-    strategy = keras_parallel.DataParallel(devices(4), shard_optimizer=shard_optimizer)
+@pytest.mark.parametrize("sharding", ["optimizer", None])
+def test_equal_copies_pass(sharding):
+    strategy = keras_parallel.DataParallel(devices(4), sharding=sharding)
     model = model_in(strategy)
     check = ReplicaConsistencyCheck(every_n_steps=1)
     model.fit(X, Y, batch_size=16, epochs=2, verbose=0, callbacks=[check])

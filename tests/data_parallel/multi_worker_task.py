@@ -162,11 +162,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nan-sample", type=int, default=None)
     parser.add_argument("--loss-scale", action="store_true")
     parser.add_argument("--terminate-on-nan", action="store_true")
+    parser.add_argument("--sharding", default="optimizer")
     args = parser.parse_args(argv)
 
     import keras_parallel
 
-    strategy = keras_parallel.DataParallel(compression=compression(args.compression))
+    strategy = keras_parallel.DataParallel(
+        compression=compression(args.compression),
+        sharding=None if args.sharding == "none" else args.sharding,
+    )
     print(f"{strategy!r}", flush=True)
     callbacks = []
     if args.backup:

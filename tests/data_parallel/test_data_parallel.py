@@ -1,25 +1,23 @@
 """Transparency: DataParallel trains to the numbers of single-device training."""
 
-import functools
-
 import pytest
 from models import CASES
-from transparency import devices, max_history_diff, max_weight_diff, train
+from transparency import (
+    devices,
+    max_history_diff,
+    max_weight_diff,
+    one_device,
+    train,
+)
 
 import keras_parallel
-
-
-@functools.cache
-def single_device(case: str):
-    build, data, _ = CASES[case]
-    return train(build, data)
 
 
 @pytest.mark.parametrize("num_devices", [2, 4])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_single_device(case, num_devices):
     build, data, tolerance = CASES[case]
-    reference, reference_history = single_device(case)
+    reference, reference_history = one_device(case)
     strategy = keras_parallel.DataParallel(devices(num_devices))
     model, history = train(build, data, strategy)
     assert max_weight_diff(model, reference) <= tolerance
@@ -27,10 +25,10 @@ def test_matches_single_device(case, num_devices):
 
 
 @pytest.mark.parametrize("case", ["mlp_sgd_momentum", "embedding_lstm_adamw"])
-def test_replicated_optimizer_matches_single_device(case):
+def test_replicated_optimizer_matches_one_device(case):
     build, data, tolerance = CASES[case]
-    reference, reference_history = single_device(case)
-    strategy = keras_parallel.DataParallel(devices(2), shard_optimizer=False)
+    reference, reference_history = one_device(case)
+    strategy = keras_parallel.DataParallel(devices(2), sharding=None)
     model, history = train(build, data, strategy)
     assert max_weight_diff(model, reference) <= tolerance
     assert max_history_diff(history, reference_history) <= tolerance

@@ -123,7 +123,7 @@ def test_sgd_momentum_unsharded_and_four_devices():
     reference, ref_history = train(make, data)
     for strategy in (
         keras_parallel.DataParallel(devices(4)),
-        keras_parallel.DataParallel(devices(2), shard_optimizer=False),
+        keras_parallel.DataParallel(devices(2), sharding=None),
     ):
         model, history = train(make, data, strategy)
         assert max_weight_diff(model, reference) <= 1e-5

@@ -102,6 +102,19 @@ def test_compression_across_workers(tmp_path, reference):
     assert 0 < _max_difference(_weights(first), reference[0]) < 0.05
 
 
+@pytest.mark.parametrize("sharding", ["gradients", "parameters"])
+def test_sharding_modes_across_workers(tmp_path, reference, sharding):
+    # Each worker splits over its own devices (one CPU here) and the
+    # reduce-scatter sums over both workers' replicas.
+    done = _launch(tmp_path, "--sharding", sharding)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    assert _max_difference(_weights(first), reference[0]) <= 1e-5
+    np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
+    assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
+
+
 @pytest.mark.parametrize("name", ["powersgd", "fp16"])
 def test_compressed_across_workers_equals_one_process_with_as_many_replicas(
     tmp_path, name

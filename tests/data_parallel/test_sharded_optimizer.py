@@ -68,10 +68,13 @@ def optimizer_bytes_per_device(model) -> dict[str, int]:
     return held
 
 
+@pytest.mark.parametrize("sharding", ["optimizer", "gradients", "parameters"])
 @pytest.mark.parametrize("num_devices", [2, 4])
-def test_one_large_embedding_spreads_its_state_over_every_device(num_devices):
+def test_one_large_embedding_spreads_its_state_over_every_device(
+    num_devices, sharding
+):
     # 4 M elements in one table, as a model whose bytes sit in one Embedding.
-    strategy = keras_parallel.DataParallel(devices(num_devices))
+    strategy = keras_parallel.DataParallel(devices(num_devices), sharding=sharding)
     with strategy.scope():
         model = keras.Sequential(
             [
@@ -118,9 +121,9 @@ def traced_train_step(strategy, model):
     return step.get_concrete_function(iterator).graph
 
 
-@pytest.mark.parametrize("shard_optimizer", [True, False])
-def test_each_device_updates_its_part(shard_optimizer):
-    strategy = keras_parallel.DataParallel(devices(2), shard_optimizer=shard_optimizer)
+@pytest.mark.parametrize("sharding", ["optimizer", "gradients", None])
+def test_each_device_updates_its_part(sharding):
+    strategy = keras_parallel.DataParallel(devices(2), sharding=sharding)
     with strategy.scope():
         model = four_equal_layers()
     graph = traced_train_step(strategy, model)
@@ -131,7 +134,7 @@ def test_each_device_updates_its_part(shard_optimizer):
         for op in graph.get_operations()
         if op.type == "Sqrt" and op.outputs[0].shape.rank
     )
-    rows = 32 if shard_optimizer else 64
+    rows = 32 if sharding else 64
     expected = sorted(
         (c.device, (rows, 64))
         for v in model.trainable_variables

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 from mesh_models import mesh, mlp, mlp_data, mlp_layouts
-from transparency import max_history_diff, max_weight_diff, train
+from transparency import StopAtEpoch, max_history_diff, max_weight_diff, train
 
 import keras_parallel
 
@@ -62,16 +62,6 @@ def test_batch_normalization_between_split_layers_equals_one_device():
     model, history = train(_with_batch_norm, kwargs, _mesh_strategy())
     assert max_weight_diff(model, reference) <= TOLERANCE
     assert max_history_diff(history, reference_history) <= TOLERANCE
-
-
-class StopAtEpoch(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.stop_epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.stop_epoch:
-            raise RuntimeError("interrupted")
 
 
 def test_backup_and_restore_resumes_as_the_uninterrupted_run(tmp_path):

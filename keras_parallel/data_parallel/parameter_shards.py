@@ -1,0 +1,185 @@
+"""Weights split evenly over the replicas, gathered where they are used
+(`sharding="parameters"`: ZeRO stage 3, Rajbhandari et al., 2020; PyTorch's
+FSDP).
+
+Each trainable weight is a `GatheredRows`: copy r holds the rows of part r
+(`rows.row_parts`), and so do its optimizer slots. Inside `strategy.run` a read
+of the weight gives the whole weight, gathered from every replica's part; its
+gradient is reduce-scattered on the way back, so each replica receives the
+sum of its rows' gradients and updates only its part. Outside replicas (saving,
+`get_weights`, Keras' optimizer reading state) the weight reads whole, as
+every `SplitVariable`.
+
+A layer's weights are gathered once when its call begins and dropped when it
+returns (`GathersWeights`): reads inside the layer (an RNN cell's, in a
+`tf.while_loop`) take the gathered tensor, so that the gradient's
+reduce-scatter, which needs the replicas together, runs outside control flow.
+TensorFlow keeps a gathered tensor until the backward ops that read it have
+run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import tensorflow as tf
+
+from keras_parallel._tf_internal import get_update_replica_id, regroup
+from keras_parallel.data_parallel.element_shards import (
+    ELEMENTWISE,
+    RowShards,
+    splits_by_elements,
+)
+from keras_parallel.reduction.rows import join_rows
+
+# Per replica thread: id(weight) -> its gathered tensor, while a layer call
+# that gathered it is open.
+_OPEN = threading.local()
+
+
+class GatheredRows(RowShards):
+    """A weight whose copy r holds rows part r, read whole inside replicas."""
+
+    def _in_part(self) -> bool:
+        # Only one copy's update works on its part.
+        return get_update_replica_id() is not None
+
+    def _gathered_here(self) -> bool:
+        replica = tf.distribute.get_replica_context()
+        return (
+            replica is not None
+            and replica.strategy is self.distribute_strategy
+            and get_update_replica_id() is None
+        )
+
+    def value(self):
+        return gathered(self) if self._gathered_here() else super().value()
+
+    def read_value(self):
+        return gathered(self) if self._gathered_here() else super().read_value()
+
+    def _dense_var_to_tensor(self, dtype=None, name=None, as_ref=False):
+        if self._gathered_here():
+            return tf.convert_to_tensor(gathered(self), dtype=dtype)
+        return super()._dense_var_to_tensor(dtype=dtype, name=name, as_ref=as_ref)
+
+    def _get_as_operand(self):
+        if self._gathered_here():
+            return gathered(self)
+        return super()._get_as_operand()
+
+    def own_part(self) -> tf.Tensor:
+        """This replica's part (replica context), read so that the tape
+        records the weight."""
+        return super().value()
+
+
+def splits(kwargs: dict) -> bool:
+    """Whether variable-creation `kwargs` make a weight that is split: a
+    trainable floating-point one (not BatchNormalization's statistics, seeds
+    or counters)."""
+    dtype = kwargs.get("dtype")
+    return (
+        kwargs.get("trainable") is not False
+        and kwargs.get("synchronization") != tf.VariableSynchronization.ON_READ
+        and dtype is not None
+        and tf.as_dtype(dtype).is_floating
+    )
+
+
+def require_elementwise(optimizer) -> None:
+    """Raises unless `optimizer` updates each element of a weight alone, so
+    that each replica can update its rows by itself."""
+    accumulates = bool(getattr(optimizer, "gradient_accumulation_steps", None))
+    if splits_by_elements(optimizer) and not accumulates:
+        return
+    if accumulates:
+        reason = "accumulates gradients (`gradient_accumulation_steps`)"
+    else:
+        reason = f"is a {type(optimizer).__name__}"
+    allowed = ", ".join(cls.__name__ for cls in ELEMENTWISE)
+    raise ValueError(
+        f"sharding='parameters' splits every weight by rows and each device "
+        f"updates its rows alone, but the optimizer {reason}. It takes Keras' "
+        f"elementwise optimizers: {allowed} (not subclasses, without "
+        "gradient_accumulation_steps). Use sharding='gradients' or "
+        "'optimizer' with this optimizer."
+    )
+
+
+def gathered(weight: GatheredRows) -> tf.Tensor:
+    """The whole `weight` in this replica: the tensor a layer call gathered,
+    or gathered now."""
+    open_calls = getattr(_OPEN, "weights", None)
+    if open_calls is not None and id(weight) in open_calls:
+        return open_calls[id(weight)]
+    return _gather(weight)
+
+
+def _gather(weight: GatheredRows) -> tf.Tensor:
+    # The other replicas' parts are variables on this machine: read where
+    # they are, with no exchange between replicas, so a forward pass never
+    # waits for the others (their layers' losses would mix in Keras' shared
+    # lists). Backward, the whole's gradient is reduce-scattered.
+    context = tf.distribute.get_replica_context()
+    replica = int(tf.get_static_value(context.replica_id_in_sync_group))
+    local = replica - weight.distribute_strategy.extended.first_local_replica
+    others = [
+        None if i == local else tf.stop_gradient(copy.read_value())
+        for i, copy in enumerate(weight.values)
+    ]
+    if local == 0:
+        weight.distribute_strategy.extended.count_gather(weight)
+
+    @tf.custom_gradient
+    def gather(part):
+        def grad(whole_gradient):
+            return tf.distribute.get_replica_context().merge_call(
+                lambda strategy, value: regroup(
+                    strategy.extended.scatter_rows(value, weight.full_shape)
+                ),
+                args=(whole_gradient,),
+            )
+
+        parts = [part if other is None else other for other in others]
+        return join_rows(parts, weight.full_shape), grad
+
+    return gather(weight.own_part())
+
+
+@contextlib.contextmanager
+def weights_gathered(weights):
+    """Gathers each `GatheredRows` among `weights` (replica context) for the
+    block; reads of them inside take these tensors."""
+    outer = getattr(_OPEN, "weights", None)
+    current = dict(outer or {})
+    for weight in weights:
+        value = getattr(weight, "value", weight)
+        if isinstance(value, GatheredRows) and id(value) not in current:
+            current[id(value)] = _gather(value)
+    _OPEN.weights = current
+    try:
+        yield
+    finally:
+        _OPEN.weights = outer
+
+
+class GathersWeights:
+    """Mixed in before a layer's class while a step is traced under
+    `sharding="parameters"`: the layer's weights are gathered when its call
+    begins."""
+
+    def call(self, *args, **kwargs):
+        with weights_gathered(self.weights):
+            return super().call(*args, **kwargs)
+
+
+def gathering_layers(models) -> list:
+    """The layers directly under `models` that hold split weights."""
+    layers = []
+    for model in models:
+        for layer in model.layers:
+            if any(isinstance(w.value, GatheredRows) for w in layer.weights):
+                layers.append(layer)
+    return layers

@@ -1,0 +1,198 @@
+"""`StatePlacement`: where DataParallel's variables live and how their
+updates run (mirrored, split by rows, or on an owner device)."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_parallel._tf_internal import (
+    DistributedVariable,
+    MirroredVariable,
+    SyncOnReadVariable,
+    UpdateContext,
+    keras_scope,
+    select_replica,
+    update_regroup,
+)
+from keras_parallel.data_parallel.element_shards import (
+    create_row_shards,
+    is_whole,
+    splits_by_elements,
+)
+from keras_parallel.data_parallel.local_accumulation import is_accumulator
+from keras_parallel.data_parallel.parameter_shards import (
+    GatheredRows,
+    require_elementwise,
+    splits,
+)
+from keras_parallel.split_variable import SplitVariable
+
+
+class StatePlacement:
+    """Variable creation and updates of `ReplicaFeatures` (which sets the
+    state they read in `_init_features`): by `sharding`, optimizer state
+    split by rows over the devices (`element_shards`), weights too
+    (`parameter_shards`), or other optimizers' state on an owner device.
+    """
+
+    def _warn_unreduced_update(self, var) -> None:
+        if self._warned_unreduced_update:
+            return
+        self._warned_unreduced_update = True
+        tf.get_logger().warning(
+            "DataParallel: the trainable variable %r is updated from inside "
+            "`strategy.run` by code DataParallel did not find in the step "
+            "function (an optimizer reached only through another object's "
+            "attribute, or a manual assign). An optimizer found there would "
+            "clip, accumulate and average the whole batch's gradient, as on "
+            "one device; this one works on each replica's part, as under "
+            "MirroredStrategy. Keep the optimizer in the step function's "
+            "closure or globals, or pass it in `strategy.run(..., args=...)`.",
+            var.name,
+        )
+
+    def _create_variable(self, next_creator, **kwargs):
+        colocate_with = kwargs.get("colocate_with")
+        if isinstance(colocate_with, GatheredRows):
+            # State of a split weight (slots, averages): split as it is.
+            require_elementwise(keras_scope()[1])
+            return create_row_shards(
+                self._container_strategy(), next_creator, self._devices, kwargs
+            )
+        if is_accumulator(kwargs):
+            return self._local_accumulators.create(
+                lambda **kw: super(StatePlacement, self)._create_variable(
+                    next_creator, **kw
+                ),
+                kwargs,
+            )
+        if self._sharding == "parameters" and colocate_with is None and splits(kwargs):
+            return create_row_shards(
+                self._container_strategy(),
+                next_creator,
+                self._devices,
+                kwargs,
+                GatheredRows,
+            )
+        if (
+            self._sharding is not None
+            and isinstance(colocate_with, MirroredVariable)
+            and not isinstance(colocate_with, SplitVariable)
+        ):
+            if splits_by_elements(keras_scope()[1]):
+                # A slot of an elementwise optimizer: split evenly by elements.
+                self._weight_parts.add(colocate_with)
+                return create_row_shards(
+                    self._container_strategy(), next_creator, self._devices, kwargs
+                )
+            # Another optimizer's slot: one copy, on the owner of its variable.
+            kwargs.pop("colocate_with")
+            device = colocate_with.values[self._owners.owner(colocate_with)].device
+            with tf.device(device):
+                return next_creator(**kwargs)
+        variable = super()._create_variable(next_creator, **kwargs)
+        if isinstance(variable, MirroredVariable):
+            self._owners.assign(variable)
+        return variable
+
+    def _update(self, var, fn, args, kwargs, group):
+        if (
+            self._tracing_step
+            and not self._applying_once
+            and getattr(var, "trainable", False)
+        ):
+            self._warn_unreduced_update(var)
+        if self._applying_once and not isinstance(var, DistributedVariable):
+            # Optimizer state on its variable's owner (accumulators, moving
+            # averages): updated where it lives, once.
+            with tf.device(var.device), UpdateContext(var.device):
+                return fn(var, *args, **kwargs)
+        require_distributed(var)
+        if self._applying_once and isinstance(var, SyncOnReadVariable):
+            # A local gradient accumulator: its value is the sum of its copies
+            # (on all workers) and this update's value is the whole batch's,
+            # so one copy takes it: the first replica's.
+            if self._get_replica_id_in_sync_group(0) != 0:
+                return tf.no_op()
+            copy = var.values[0]
+            with tf.device(copy.device), UpdateContext(0):
+                return fn(copy, *args, **kwargs)
+        if isinstance(var, SplitVariable):
+            return update_regroup(
+                self, self._update_parts(var, fn, args, kwargs), group
+            )
+        if self._weight_parts.of(var) is not None:
+            results = self._weight_parts.update(
+                var,
+                fn,
+                args,
+                kwargs,
+                select_replica,
+                UpdateContext,
+                self._gradient_reduction.all_gather_rows,
+            )
+            return update_regroup(self, results, group)
+        if not (self._sharding is not None and isinstance(var, MirroredVariable)):
+            return super()._update(var, fn, args, kwargs, group)
+        owner = self._owners.owner(var)
+        components = var.values
+        with (
+            tf.device(components[owner].device),
+            UpdateContext(owner),
+            tf.name_scope(f"update_{owner}"),
+        ):
+            result = fn(
+                components[owner],
+                *select_replica(owner, args),
+                **select_replica(owner, kwargs),
+            )
+            new_value = components[owner].read_value()
+        # Non-owners return what the owner's update returned (nothing, an op,
+        # or the variable), so that callers see MirroredStrategy's result.
+        wants_value = result is not None and not isinstance(result, tf.Operation)
+        updates = []
+        for i, component in enumerate(components):
+            if i == owner:
+                updates.append(result)
+                continue
+            with tf.device(component.device), tf.name_scope(f"update_{i}"):
+                assign = component.assign(new_value, read_value=wants_value)
+            updates.append(None if result is None else assign)
+        return update_regroup(self, updates, group)
+
+    def _update_parts(self, var, fn, args, kwargs) -> list:
+        """`fn` on each copy of a split variable, with whole values among its
+        arguments (an assigned weight, a clipped gradient) cut to the copy's
+        part and the parts of split values (state, gradients) as they are."""
+        shape = var.full_shape
+        results = []
+        for i, copy in enumerate(var.values):
+
+            def cut(value, i=i):
+                return var.part_of(value, i) if is_whole(value, shape) else value
+
+            with tf.device(copy.device), UpdateContext(i), tf.name_scope(f"update_{i}"):
+                results.append(
+                    fn(
+                        copy,
+                        *tf.nest.map_structure(cut, select_replica(i, args)),
+                        **tf.nest.map_structure(cut, select_replica(i, kwargs)),
+                    )
+                )
+        return results
+
+
+def require_distributed(variable) -> None:
+    """Raises, with the fix, for a variable made outside the scope."""
+    if not isinstance(variable, DistributedVariable):
+        raise ValueError(
+            f"Variable {variable.name!r} was created outside "
+            "`DataParallel.scope()`, so it lives on one device only. Build and "
+            "compile the model inside the scope:\n"
+            "    with strategy.scope():\n"
+            "        model = ...\n"
+            "        model.compile(...)\n"
+            "To move an existing model, rebuild it in the scope and copy its "
+            "weights: `new = keras.models.clone_model(model)` and "
+            "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
+        )
