@@ -91,20 +91,15 @@ def splits(kwargs: dict) -> bool:
 def require_elementwise(optimizer) -> None:
     """Raises unless `optimizer` updates each element of a weight alone, so
     that each replica can update its rows by itself."""
-    accumulates = bool(getattr(optimizer, "gradient_accumulation_steps", None))
-    if splits_by_elements(optimizer) and not accumulates:
+    if splits_by_elements(optimizer):
         return
-    if accumulates:
-        reason = "accumulates gradients (`gradient_accumulation_steps`)"
-    else:
-        reason = f"is a {type(optimizer).__name__}"
     allowed = ", ".join(cls.__name__ for cls in ELEMENTWISE)
     raise ValueError(
-        f"sharding='parameters' splits every weight by rows and each device "
-        f"updates its rows alone, but the optimizer {reason}. It takes Keras' "
-        f"elementwise optimizers: {allowed} (not subclasses, without "
-        "gradient_accumulation_steps). Use sharding='gradients' or "
-        "'optimizer' with this optimizer."
+        "sharding='parameters' splits every weight by rows and each device "
+        f"updates its rows alone, but the optimizer is a "
+        f"{type(optimizer).__name__}. It takes Keras' elementwise optimizers: "
+        f"{allowed} (not subclasses). Use sharding='gradients' or 'optimizer' "
+        "with this optimizer."
     )
 
 

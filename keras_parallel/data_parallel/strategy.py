@@ -76,7 +76,7 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
             reduce-scattered in the backward pass, and each device updates
             only its part, so each holds 1/N of the weights and optimizer
             state. Needs an elementwise Keras optimizer (SGD, Adam, AdamW,
-            ...) without `gradient_accumulation_steps`.
+            ...); its gradient accumulators are split too.
             None: nothing; every device keeps full optimizer state and
             updates its own copy, as MirroredStrategy does.
             Optimizers whose update is not elementwise (LAMB, Adafactor,

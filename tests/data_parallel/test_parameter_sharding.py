@@ -136,11 +136,3 @@ def test_optimizer_that_is_not_elementwise_is_refused():
     message = str(raised.value)
     assert "the optimizer is a Lamb" in message
     assert "Adam" in message and "sharding='gradients'" in message
-
-
-def test_gradient_accumulation_is_refused():
-    with parameters(2).scope():
-        model = mlp()
-        model.compile(keras.optimizers.Adam(gradient_accumulation_steps=2), "mse")
-        with pytest.raises(ValueError, match="accumulates gradients"):
-            model.optimizer.build(model.trainable_variables)

@@ -167,6 +167,12 @@ def test_saved_model_loads_without_strategy_and_on_other_devices(tmp_path, shard
     # set_weights cuts whole values into each device's part again.
     resumed.set_weights(plain.get_weights())
     assert max_weight_diff(resumed, plain) == 0.0
+    # A weights file (what ModelCheckpoint writes) holds whole weights too.
+    weights_path = str(tmp_path / "model.weights.h5")
+    model.save_weights(weights_path)
+    other = mlp_with_batch_norm()
+    other.load_weights(weights_path)
+    assert max_weight_diff(other, plain) == 0.0
 
 
 @pytest.mark.parametrize("sharding", ["gradients", "parameters"])
