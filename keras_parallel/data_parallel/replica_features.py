@@ -23,9 +23,8 @@ from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.data_parallel.ownership import OwnerTable
 from keras_parallel.data_parallel.parameter_shards import (
     GatheredRows,
-    GathersWeights,
-    gathering_layers,
     require_elementwise,
+    specialize_gathering,
 )
 from keras_parallel.data_parallel.state_placement import (
     StatePlacement,
@@ -306,7 +305,7 @@ class ReplicaFeatures(StatePlacement):
         under `sharding="parameters"`, gather their weights when called."""
         if self._sharding != "parameters":
             return contextlib.nullcontext()
-        return specialized(gathering_layers(models), GathersWeights)
+        return specialize_gathering(models)
 
 
 def _local_values(value) -> tuple:

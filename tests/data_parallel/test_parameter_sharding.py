@@ -96,15 +96,28 @@ def test_layers_compute_on_gathered_weights_and_update_their_rows():
         )
         model.compile(keras.optimizers.Adam(1e-3), "mse")
     graph = traced_train_step(strategy, model)
-    matmuls = sorted(
-        (op.device.rsplit(":", 1)[-1], tuple(op.inputs[1].shape))
-        for op in graph.get_operations()
-        if op.type == "MatMul"
-        and "gradient" not in op.name.lower()
-        and "grad" not in op.name.lower()
-    )
+    matmuls = [op for op in graph.get_operations() if op.type == "MatMul"]
+    forward = [
+        op
+        for op in matmuls
+        if not op.get_attr("transpose_a") and not op.get_attr("transpose_b")
+    ]
+    backward = [op for op in matmuls if op.get_attr("transpose_b")]
     # Forward: each device multiplies by whole (gathered) kernels.
-    assert matmuls == [("0", (64, 64))] * 2 + [("1", (64, 64))] * 2
+    assert (
+        sorted(
+            (op.device.rsplit(":", 1)[-1], tuple(op.inputs[1].shape)) for op in forward
+        )
+        == [("0", (64, 64))] * 2 + [("1", (64, 64))] * 2
+    )
+    # Backward: the input gradients take kernels gathered again; nothing but
+    # its forward product reads a forward-gathered kernel (PyTorch FSDP's
+    # order: no whole kernel waits from the forward to the backward pass).
+    assert len(backward) == 4
+    for op in forward:
+        assert [c.name for c in op.inputs[1].consumers()] == [op.name]
+    regathered = {op.inputs[1].name for op in backward}
+    assert not regathered & {op.inputs[1].name for op in forward}
     # Update: each device's Adam works on its half of the rows.
     sqrt = sorted(
         (op.device.rsplit(":", 1)[-1], tuple(op.outputs[0].shape))
@@ -114,7 +127,7 @@ def test_layers_compute_on_gathered_weights_and_update_their_rows():
     assert sqrt == [("0", (32, 64))] * 2 + [("1", (32, 64))] * 2
     stats = strategy.communication_stats()
     weight_bytes = 2 * 64 * 64 * 4
-    assert stats["all_gather_bytes_per_step"] == weight_bytes
+    assert stats["all_gather_bytes_per_step"] == 2 * weight_bytes  # twice
     assert stats["reduce_scatter_bytes_per_step"] == weight_bytes
     assert stats["all_reduce_bytes_per_step"] == 0
 
