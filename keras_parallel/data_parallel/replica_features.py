@@ -30,7 +30,7 @@ from keras_parallel.data_parallel.state_placement import (
     StatePlacement,
     require_distributed,
 )
-from keras_parallel.reduction.engine import is_dense
+from keras_parallel.reduction.engine import is_dense, local_parts
 from keras_parallel.reduction.rows import join_rows
 from keras_parallel.specialize import reachable, specialized
 from keras_parallel.split_variable import SplitValue, SplitVariable
@@ -57,7 +57,8 @@ class ReplicaFeatures(StatePlacement):
         self._warned_unreduced_update = False
         self._loss_weights = None
         self._replicas_per_piece = 1
-        # `DataParallel(sharding=...)`: "optimizer", "gradients" or None.
+        # `DataParallel(sharding=...)`: "optimizer", "gradients",
+        # "parameters" or None.
         self._sharding = sharding
         self._sync_batch_norm = sync_batch_norm
         self._owners = OwnerTable(len(self._devices))
@@ -141,7 +142,7 @@ class ReplicaFeatures(StatePlacement):
                     )
             for i in gathered:
                 weight = variables[i].value
-                handed[i] = SplitValue(_local_values(grads[i]), weight.join)
+                handed[i] = SplitValue(local_parts(grads[i]), weight.join)
             self.steps_per_update = 1
             reading = contextlib.nullcontext()
         self._applying_once = True
@@ -308,14 +309,5 @@ class ReplicaFeatures(StatePlacement):
         return specialize_gathering(models)
 
 
-def _local_values(value) -> tuple:
-    if isinstance(value, tf.distribute.DistributedValues):
-        return tuple(value.values)
-    return (value,)
-
-
 def has_integers(value) -> bool:
-    parts = (
-        value.values if isinstance(value, tf.distribute.DistributedValues) else [value]
-    )
-    return any(not tf.as_dtype(p.dtype).is_floating for p in parts)
+    return any(not tf.as_dtype(p.dtype).is_floating for p in local_parts(value))

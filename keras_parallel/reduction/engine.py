@@ -199,17 +199,31 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             `result[k][r]`: replica r's rows of the sum of `values[k]`, on its
             device.
         """
-        return self._reduce_dense([_local_parts(v) for v in values], scatter=True)
+        return self._reduce_dense([local_parts(v) for v in values], scatter=True)
 
     def reduce_scatter_one(self, value, shape: tf.TensorShape) -> list:
         """`reduce_scatter` of one per-replica value of a variable of `shape`;
         a sparse gradient (`tf.IndexedSlices`) stays sparse: each replica
         receives every replica's entries of its rows, re-indexed (not counted
         in `communication_stats`, whose buffers are dense)."""
-        parts = _local_parts(value)
+        parts = local_parts(value)
         if is_dense(parts):
             return self.reduce_scatter([value])[0]
         n = len(parts)
+        if self._num_between_graph_workers > 1:
+            # TensorFlow's collectives gather every worker's entries to each
+            # local replica, which keeps those of its rows.
+            summed = local_parts(
+                self._fallback.batch_reduce(
+                    tf.distribute.ReduceOp.SUM, [(value, value)]
+                )[0]
+            )
+            rows = []
+            for r, total in enumerate(summed):
+                with tf.device(total.device):
+                    whole = tf.IndexedSlices(*_sparse(total, shape))
+                    rows.append(row_parts(whole, n)[r])
+            return rows
         cut = []
         for part in parts:
             with tf.device(part.device):
@@ -361,16 +375,20 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         }
 
 
-def _local_parts(value) -> list:
+def local_parts(value) -> list:
     """This process's parts of a per-replica value (a tensor with one local
     replica)."""
-    return list(getattr(value, "values", (value,)))
+    if isinstance(value, tf.distribute.DistributedValues):
+        return list(value.values)
+    return [value]
 
 
 def _sparse(value, shape):
-    """(values, indices, dense_shape) of a gradient for a variable of `shape`."""
+    """(values, indices, dense_shape) of a gradient for a variable of `shape`,
+    the dense shape static."""
     if isinstance(value, tf.IndexedSlices):
-        return value.values, value.indices, value.dense_shape
+        dense_shape = tf.constant(shape.as_list(), value.dense_shape.dtype)
+        return value.values, value.indices, dense_shape
     dense = tf.convert_to_tensor(value)
     return dense, tf.range(shape[0]), tf.constant(shape.as_list(), tf.int64)
 

@@ -68,6 +68,26 @@ def build(steps_per_execution=1, optimizer_options=False, loss_scale=False):
     return model
 
 
+def token_ids(x):
+    """Four ids in [0, 50) per sample, for the embedding model."""
+    return (np.abs(x[:, :4]) * 10).astype("int32") % 50
+
+
+def build_embedding():
+    """A model whose largest weight takes sparse gradients."""
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(50, 8),
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
 def compression(name: str | None):
     """`DataParallel(compression=...)` for the `--compression` option:
     `"powersgd"` is rank 1 after 2 uncompressed steps (the 8x16 kernel is
@@ -120,6 +140,7 @@ def train(
     optimizer_options=False,
     nan_sample=None,
     loss_scale=False,
+    embedding=False,
 ):
     """Trains; returns (model, history, epochs run, the loss logged per batch).
 
@@ -131,7 +152,10 @@ def train(
         y[nan_sample] = np.nan
     scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
     with scope:
-        model = build(steps_per_execution, optimizer_options, loss_scale)
+        if embedding:
+            x, model = token_ids(x), build_embedding()
+        else:
+            model = build(steps_per_execution, optimizer_options, loss_scale)
     record = _Record()
     printer = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: print(f"epoch {epoch} done", flush=True)
@@ -163,6 +187,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--loss-scale", action="store_true")
     parser.add_argument("--terminate-on-nan", action="store_true")
     parser.add_argument("--sharding", default="optimizer")
+    parser.add_argument("--embedding", action="store_true")
     args = parser.parse_args(argv)
 
     import keras_parallel
@@ -197,13 +222,18 @@ def main(argv: list[str]) -> int:
         args.optimizer_options,
         args.nan_sample,
         args.loss_scale,
+        args.embedding,
     )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(
         out / f"worker_{strategy.worker_index}.npz",
         *model.get_weights(),
-        predictions=model.predict(data()[0][:100], batch_size=GLOBAL_BATCH, verbose=0),
+        predictions=model.predict(
+            token_ids(data()[0][:100]) if args.embedding else data()[0][:100],
+            batch_size=GLOBAL_BATCH,
+            verbose=0,
+        ),
         loss=np.array(history.history["loss"]),
         epochs=np.array(epochs),
         batch_losses=np.array(batch_losses),

@@ -115,6 +115,19 @@ def test_sharding_modes_across_workers(tmp_path, reference, sharding):
     assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
 
 
+def test_split_embedding_across_workers_equals_one_process(tmp_path):
+    # The embedding's sparse gradient is gathered from both workers and each
+    # worker keeps its rows, still sparse (Adam's per-row update as on one
+    # device).
+    done = _launch(tmp_path, "--sharding", "parameters", "--embedding")
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    model, history, *_ = train(embedding=True)
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+    np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["powersgd", "fp16"])
 def test_compressed_across_workers_equals_one_process_with_as_many_replicas(
     tmp_path, name
