@@ -154,12 +154,19 @@ def test_saved_model_loads_without_strategy_and_on_other_devices(tmp_path, shard
     def strategy(n):
         return keras_parallel.DataParallel(devices(n), sharding=sharding)
 
-    model, _ = train(mlp_with_batch_norm, DATA, strategy(2))
+    checkpoint = str(tmp_path / "checkpoint.keras")
+    model, _ = train(
+        mlp_with_batch_norm,
+        dict(DATA, callbacks=[keras.callbacks.ModelCheckpoint(checkpoint)]),
+        strategy(2),
+    )
     path = str(tmp_path / "model.keras")
     model.save(path)
     plain = keras.models.load_model(path)
     for ours, theirs in zip(model.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
+    # ModelCheckpoint's file of the last epoch holds the same whole weights.
+    assert max_weight_diff(keras.models.load_model(checkpoint), plain) == 0.0
     # Loaded under 4 devices, training goes on as on one device.
     reference, _ = train(mlp_with_batch_norm, dict(DATA, epochs=3))
     with strategy(4).scope():
