@@ -35,8 +35,6 @@ import os
 import statistics
 import time
 
-from rounds import epoch_times
-
 SAMPLES, FEATURES, CLASSES = 4096, 256, 10
 BATCH, BLOCKS, HIDDEN = 256, 2, 2048
 MESHES = ((1, 4), (2, 2), (4, 1))
@@ -119,6 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import keras_parallel
+    from keras_parallel.demo import epoch_times
 
     keras_parallel.virtual_devices(4)
     import tensorflow as tf
@@ -141,7 +140,7 @@ def main() -> None:
         models[name] = model
 
     start_all = time.perf_counter()
-    times = epoch_times(models, x, y, BATCH, args.repeats)
+    times = epoch_times(models, (x, y), BATCH, args.repeats)
     timed_s = time.perf_counter() - start_all
 
     steps = SAMPLES // BATCH

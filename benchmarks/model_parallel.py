@@ -24,7 +24,6 @@ import os
 import statistics
 
 from mlp import SAMPLES, build_mlp, make_data
-from rounds import epoch_times
 
 BATCH, DEPTH, WIDTH = 256, 8, 1024
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -36,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import keras_parallel
+    from keras_parallel.demo import epoch_times
 
     devices = keras_parallel.virtual_devices(4)
     import tensorflow as tf
@@ -54,7 +54,7 @@ def main() -> None:
                 devices[:stages], num_microbatches=microbatches
             )
     models = {key: build(strategy) for key, strategy in setups.items()}
-    times = epoch_times(models, x, y, BATCH, args.repeats)
+    times = epoch_times(models, (x, y), BATCH, args.repeats)
     steps = SAMPLES // BATCH
     rows = []
     for (stages, microbatches), model in models.items():

@@ -29,7 +29,6 @@ import statistics
 
 from mesh import MB, RESULTS, bytes_per_device
 from mlp import SAMPLES, build_mlp, make_data
-from rounds import epoch_times
 
 BATCH, DEPTH, WIDTH = 256, 2, 1024
 MODES = (None, "optimizer", "gradients", "parameters")
@@ -41,6 +40,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import keras_parallel
+    from keras_parallel.demo import epoch_times
 
     keras_parallel.virtual_devices(4)
     import tensorflow as tf
@@ -62,7 +62,7 @@ def main() -> None:
         report = getattr(strategy, "communication_stats", None)
         stats[name] = report() if report else None
 
-    times = epoch_times(models, x, y, BATCH, args.repeats)
+    times = epoch_times(models, (x, y), BATCH, args.repeats)
 
     rows = []
     for key, model in models.items():
