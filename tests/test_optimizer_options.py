@@ -76,6 +76,12 @@ STRATEGIES = {
     "MeshParallel-2x2": mesh_2x2,
     "DataParallel-2": lambda: keras_parallel.DataParallel(devices(2)),
     "DataParallel-4": lambda: keras_parallel.DataParallel(devices(4)),
+    "DataParallel-2-gradients": lambda: keras_parallel.DataParallel(
+        devices(2), sharding="gradients"
+    ),
+    "DataParallel-2-parameters": lambda: keras_parallel.DataParallel(
+        devices(2), sharding="parameters"
+    ),
     "DataParallel-4-gradients": lambda: keras_parallel.DataParallel(
         devices(4), sharding="gradients"
     ),

@@ -2,6 +2,8 @@
 only, and what it relies on exists in the installed versions."""
 
 import ast
+import functools
+import gc
 import pathlib
 
 import keras_parallel
@@ -13,11 +15,20 @@ HOME = ROOT / "_tf_internal.py"
 PRIVATE_PACKAGES = ("tensorflow.python", "keras.src")
 
 
-def sources():
-    for folder in ("keras_parallel", "tests", "benchmarks", "examples"):
-        for path in sorted((PROJECT / folder).rglob("*.py")):
-            if path != HOME:
-                yield path, ast.parse(path.read_text(), str(path))
+@functools.cache
+def sources() -> list:
+    # Parsing makes many objects; in a test process that holds large Keras
+    # graphs each garbage collection they trigger scans all of it (30 s+).
+    gc.disable()
+    try:
+        return [
+            (path, ast.parse(path.read_text(), str(path)))
+            for folder in ("keras_parallel", "tests", "benchmarks", "examples")
+            for path in sorted((PROJECT / folder).rglob("*.py"))
+            if path != HOME
+        ]
+    finally:
+        gc.enable()
 
 
 def private_imports(tree) -> list[str]:
