@@ -4,9 +4,10 @@ A 2 x 1024 ReLU MLP with Adam (64 inputs, 10 classes, 1.1 M parameters,
 global batch 256) on one device and under `DataParallel(sharding=...)` with
 None, "optimizer", "gradients" and "parameters" on 2 and 4 logical CPUs, all in one
 process. The setups take turns, one epoch each and a different one first
-every round; each round gives every setup's epoch time over the single
-device's in that round, and the figure is the median of those ratios over
-`--repeats` rounds (after a warm-up epoch). Logical CPU devices share two
+every round; each round gives every setup's step time (the epoch's steps
+after its first two, `ThroughputMonitor`) over the single device's in that
+round, and the figure is the median of those ratios over `--repeats` rounds
+(after a warm-up epoch). Logical CPU devices share two
 cores, so what is measured is overhead, not speedup.
 
 Bytes per device are those of the weights and optimizer state, read from
@@ -62,7 +63,7 @@ def main() -> None:
         report = getattr(strategy, "communication_stats", None)
         stats[name] = report() if report else None
 
-    times = epoch_times(models, (x, y), BATCH, args.repeats)
+    times = epoch_times(models, (x, y), BATCH, args.repeats, steady=True)
 
     rows = []
     for key, model in models.items():

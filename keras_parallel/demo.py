@@ -70,20 +70,42 @@ def train(strategy, data, batch_size: int, epochs: int, verbose: int):
     return model
 
 
-def epoch_times(models: dict, data, batch_size: int, rounds: int = 3) -> dict:
+def epoch_times(
+    models: dict, data, batch_size: int, rounds: int = 3, steady: bool = False
+) -> dict:
     """Seconds of one epoch of each model, per round.
 
     The models take turns, one epoch each, so that noise from the rest of the
     machine hits them alike; the first to go changes every round.
+
+    Args:
+        models: `{name: compiled model}`.
+        data: `(x, y)`, one epoch.
+        batch_size: The global batch size.
+        rounds: Epochs of each model.
+        steady: Time only the steps after the first two of each epoch
+            (`ThroughputMonitor`), as seconds per step, instead of the whole
+            `fit` call; an epoch's start (its iterator, callbacks) is left out.
+
+    Returns:
+        `{name: [seconds of each round]}`.
     """
+    from keras_parallel.callbacks import ThroughputMonitor
+
     x, y = data
     names = list(models)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
+            monitor = [ThroughputMonitor(batch_size)] if steady else None
             start = time.perf_counter()
-            models[name].fit(x, y, batch_size=batch_size, epochs=1, verbose=0)
-            times[name].append(time.perf_counter() - start)
+            history = models[name].fit(
+                x, y, batch_size=batch_size, epochs=1, verbose=0, callbacks=monitor
+            )
+            seconds = time.perf_counter() - start
+            if steady:
+                seconds = history.history["step_time_ms"][0] / 1000
+            times[name].append(seconds)
     return times
 
 

@@ -49,3 +49,35 @@ def test_console_script_rejects_bad_arguments():
     )
     assert result.returncode == 2
     assert "--devices: must be >= 1, got 0" in result.stderr
+
+
+class RecordingModel:
+    """Stands in for a compiled model: records its turns and reports, like
+    `ThroughputMonitor`, a step time of its own."""
+
+    def __init__(self, name, turns, step_ms):
+        self.name, self.turns, self.step_ms = name, turns, step_ms
+
+    def fit(self, x, y, batch_size, epochs, verbose, callbacks):
+        import keras
+
+        self.turns.append(self.name)
+        self.callbacks = callbacks
+        history = keras.callbacks.History()
+        history.history = {"step_time_ms": [self.step_ms]} if callbacks else {}
+        return history
+
+
+def test_epoch_times_take_turns_and_steady_reads_the_step_time():
+    from keras_parallel.callbacks import ThroughputMonitor
+    from keras_parallel.demo import epoch_times
+
+    turns = []
+    models = {n: RecordingModel(n, turns, ms) for n, ms in (("a", 4.0), ("b", 6.0))}
+    steady = epoch_times(models, (None, None), 32, rounds=3, steady=True)
+    assert turns == ["a", "b", "b", "a", "a", "b"]  # a different one first
+    assert steady == {"a": [0.004] * 3, "b": [0.006] * 3}
+    assert [type(c) for c in models["a"].callbacks] == [ThroughputMonitor]
+    whole = epoch_times(models, (None, None), 32, rounds=2)
+    assert [len(t) for t in whole.values()] == [2, 2]
+    assert models["a"].callbacks is None
