@@ -81,6 +81,20 @@ def is_whole(value, shape: tf.TensorShape) -> bool:
     return isinstance(value, (tf.Tensor, tf.Variable)) and value.shape == shape
 
 
+def update_part(fn, part, args, kwargs, shape: tf.TensorShape, part_of):
+    """`fn(part, *args, **kwargs)`, with the whole values of a variable of
+    `shape` among the arguments (an assigned weight, a clipped gradient) cut
+    to the part by `part_of(value)`; parts (state, split gradients) pass as
+    they are."""
+
+    def cut(value):
+        return part_of(value) if is_whole(value, shape) else value
+
+    return fn(
+        part, *tf.nest.map_structure(cut, args), **tf.nest.map_structure(cut, kwargs)
+    )
+
+
 class WeightParts:
     """Per mirrored weight whose state is split by elements, one variable per
     replica device holding that replica's part of the weight."""
@@ -129,16 +143,13 @@ class WeightParts:
         for replica, (copy, part) in enumerate(zip(weight.values, parts, strict=True)):
             with tf.device(copy.device), context(replica):
                 part.assign(row_parts(copy.read_value(), len(parts))[replica])
-
-                def cut(value, replica=replica):
-                    if is_whole(value, shape):
-                        return row_parts(value, len(parts))[replica]
-                    return value
-
-                fn(
+                update_part(
+                    fn,
                     part,
-                    *tf.nest.map_structure(cut, select(replica, args)),
-                    **tf.nest.map_structure(cut, select(replica, kwargs)),
+                    select(replica, args),
+                    select(replica, kwargs),
+                    shape,
+                    lambda value, r=replica: row_parts(value, len(parts))[r],
                 )
                 new.append(part.read_value())
         wholes = gather(new, shape, weight.name.split(":")[0])

@@ -3,6 +3,8 @@ updates run (mirrored, split by rows, or on an owner device)."""
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
@@ -16,8 +18,8 @@ from keras_parallel._tf_internal import (
 )
 from keras_parallel.data_parallel.element_shards import (
     create_row_shards,
-    is_whole,
     splits_by_elements,
+    update_part,
 )
 from keras_parallel.data_parallel.local_accumulation import is_accumulator
 from keras_parallel.data_parallel.parameter_shards import (
@@ -167,16 +169,15 @@ class StatePlacement:
         shape = var.full_shape
         results = []
         for i, copy in enumerate(var.values):
-
-            def cut(value, i=i):
-                return var.part_of(value, i) if is_whole(value, shape) else value
-
             with tf.device(copy.device), UpdateContext(i), tf.name_scope(f"update_{i}"):
                 results.append(
-                    fn(
+                    update_part(
+                        fn,
                         copy,
-                        *tf.nest.map_structure(cut, select_replica(i, args)),
-                        **tf.nest.map_structure(cut, select_replica(i, kwargs)),
+                        select_replica(i, args),
+                        select_replica(i, kwargs),
+                        shape,
+                        functools.partial(var.part_of, replica=i),
                     )
                 )
         return results

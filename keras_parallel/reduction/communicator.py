@@ -137,25 +137,14 @@ class Communicator:
         Returns:
             `result[k][i]`: the sum of gradient k on replica i's device.
         """
-        results: list[list[tf.Tensor] | None] = [None] * len(gradients)
-        first_replica = [parts[0] for parts in gradients]
-        for b, members in enumerate(buckets.plan(first_replica, self.bucket_bytes)):
-            dtype = first_replica[members[0]].dtype
-            flats = []
-            for i in range(self.num_replicas):
-                with tf.device(gradients[members[0]][i].device):
-                    flats.append(buckets.pack([gradients[k][i] for k in members]))
-            sums = self._sum_flat(
-                flats, f"{label} {b}", len(members), dtype, wire_dtype
-            )
-            for i, total in enumerate(sums):
-                with tf.device(total.device):
-                    pieces = buckets.unpack(total, [gradients[k][i] for k in members])
-                for k, piece in zip(members, pieces, strict=True):
-                    if results[k] is None:
-                        results[k] = []
-                    results[k].append(piece)
-        return results
+        return self._in_buckets(
+            gradients,
+            label,
+            lambda parts: (buckets.pack(parts), parts),
+            lambda flats, name, tensors, dtype: self._sum_flat(
+                flats, name, tensors, dtype, wire_dtype
+            ),
+        )
 
     def bucketed_reduce_scatter(
         self,
@@ -178,30 +167,43 @@ class Communicator:
             device.
         """
         n = self.num_replicas
-        results: list[list[tf.Tensor] | None] = [None] * len(gradients)
+
+        def pack_by_destination(parts):
+            cut = [row_parts(part, n) for part in parts]
+            flat = tf.concat(
+                [buckets.pack([rows[r] for rows in cut]) for r in range(n)], axis=0
+            )
+            return flat, [rows[0] for rows in cut]
+
+        return self._in_buckets(
+            gradients,
+            label,
+            pack_by_destination,
+            lambda flats, name, tensors, dtype: self._sum_flat(
+                flats, name, tensors, dtype, wire_dtype, self.scatter_sum
+            ),
+        )
+
+    def _in_buckets(self, gradients, label, pack, send) -> list[list[tf.Tensor]]:
+        """Per bucket, `pack(parts)` -> (flat, parts' shapes to unpack the
+        output by) on each replica's device, then `send(flats, label, count,
+        dtype)` -> one output per replica, unpacked into `result[k][i]`."""
+        results: list[list[tf.Tensor]] = [[] for _ in gradients]
         first_replica = [parts[0] for parts in gradients]
         for b, members in enumerate(buckets.plan(first_replica, self.bucket_bytes)):
-            dtype = first_replica[members[0]].dtype
-            flats, like = [], None
-            for i in range(n):
+            flats, likes = [], []
+            for i in range(self.num_replicas):
                 with tf.device(gradients[members[0]][i].device):
-                    cut = [row_parts(gradients[k][i], n) for k in members]
-                    like = [rows[0] for rows in cut]
-                    flats.append(
-                        tf.concat(
-                            [buckets.pack([rows[r] for rows in cut]) for r in range(n)],
-                            axis=0,
-                        )
-                    )
-            chunks = self._sum_flat(
-                flats, f"{label} {b}", len(members), dtype, wire_dtype, self.scatter_sum
+                    flat, like = pack([gradients[k][i] for k in members])
+                flats.append(flat)
+                likes.append(like)
+            outputs = send(
+                flats, f"{label} {b}", len(members), first_replica[members[0]].dtype
             )
-            for chunk in chunks:
-                with tf.device(chunk.device):
-                    pieces = buckets.unpack(chunk, like)
+            for output, like in zip(outputs, likes, strict=True):
+                with tf.device(output.device):
+                    pieces = buckets.unpack(output, like)
                 for k, piece in zip(members, pieces, strict=True):
-                    if results[k] is None:
-                        results[k] = []
                     results[k].append(piece)
         return results
 
