@@ -165,3 +165,21 @@ def captured_model(fn, depth: int = 4) -> keras.Model | None:
         if callable(value):
             found = captured_model(value, depth - 1)
     return found
+
+
+def is_inference_step(step_fn) -> bool:
+    """Whether `step_fn` is a Keras model's `test_step` or `predict_step`
+    (bound, or called by the local function Keras' `predict` runs), seen
+    through the wrappers `Strategy.run` adds."""
+    inference = {"test_step", "predict_step"}
+    fn = step_fn
+    while fn is not None:
+        if isinstance(getattr(fn, "__self__", None), keras.Model):
+            return getattr(fn, "__name__", None) in inference
+        code = getattr(fn, "__code__", None)
+        if code is not None and captured_model(fn) is not None:
+            names = _names(code)
+            if names & inference and "train_step" not in names:
+                return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False

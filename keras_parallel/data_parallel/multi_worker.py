@@ -136,6 +136,7 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         compression,
         sharding,
         sync_batch_norm,
+        averaging,
     ):
         if devices is not None:
             raise ValueError(
@@ -170,7 +171,7 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops
         )
-        self._init_features(gradients, sharding, sync_batch_norm)
+        self._init_features(gradients, sharding, sync_batch_norm, averaging)
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn)

@@ -9,6 +9,8 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import (
     MirroredVariable,
+    PerReplica,
+    UpdateContext,
     in_xla_context,
 )
 from keras_parallel.data_parallel import batch_split, batchnorm
@@ -32,7 +34,7 @@ from keras_parallel.data_parallel.state_placement import (
 )
 from keras_parallel.reduction.engine import is_dense, local_parts
 from keras_parallel.reduction.rows import join_rows
-from keras_parallel.specialize import reachable, specialized
+from keras_parallel.specialize import is_inference_step, reachable, specialized
 from keras_parallel.split_variable import SplitValue, SplitVariable
 
 
@@ -47,8 +49,11 @@ class ReplicaFeatures(StatePlacement):
     its constructor.
     """
 
-    def _init_features(self, gradients, sharding, sync_batch_norm):
+    def _init_features(self, gradients, sharding, sync_batch_norm, averaging):
         self._gradient_reduction = gradients
+        # `sync_every` > 1: the replicas' own steps and their meetings
+        # (`periodic_averaging`); None for synchronous training.
+        self._averaging = averaging
         # True while the gradients of a step are reduced (so they take the
         # compressed path) and while the optimizer is applied once on them.
         self._reducing_gradients = False
@@ -102,6 +107,8 @@ class ReplicaFeatures(StatePlacement):
             return self._apply_reduced(apply, grads, variables, optimizer)
 
     def _apply_reduced(self, apply, grads, variables, optimizer):
+        if self._averaging is not None:
+            return self._apply_locally(apply, grads, variables, optimizer)
         present = [i for i, g in enumerate(grads) if g is not None]
         accumulators = (
             None
@@ -151,6 +158,47 @@ class ReplicaFeatures(StatePlacement):
                 return apply(handed, variables)
         finally:
             self._applying_once = False
+
+    def _apply_locally(self, apply, grads, variables, optimizer):
+        """`sync_every` > 1: each replica's own optimizer step, on its own
+        gradient, weights and optimizer state (an update context per replica
+        makes every read and write of a mirrored variable its copy's)."""
+        parts = [None if g is None else local_parts(g) for g in grads]
+        self._averaging.stepping(optimizer)
+        self.steps_per_update = self._averaging.sync_every * (
+            getattr(optimizer, "gradient_accumulation_steps", None) or 1
+        )
+        self._applying_once = True
+        try:
+            for i, device in enumerate(self._devices):
+                with tf.device(device), UpdateContext(i), tf.name_scope(f"replica_{i}"):
+                    result = apply(
+                        [None if p is None else p[i] for p in parts], variables
+                    )
+        finally:
+            self._applying_once = False
+        return result
+
+    def _finish_local_step(self, entries) -> None:
+        """After a training step with `sync_every` > 1: the replicas meet or
+        keep their own weights (cross-replica context)."""
+        self._applying_once = True  # the outer optimizer applies once
+        try:
+            self._averaging.finish_step(
+                entries, self._sum_over_replicas, self._num_replicas_in_sync
+            )
+        finally:
+            self._applying_once = False
+
+    def _sum_over_replicas(self, tensors) -> list[list[tf.Tensor]]:
+        """The sum over all replicas of each of `tensors` (one list of this
+        process's parts each), through the gradient engine."""
+        values = [
+            PerReplica(parts) if len(parts) > 1 else parts[0] for parts in tensors
+        ]
+        with self._gradient_reduction.states.owned_by(self._averaging):
+            sums = self._reduce_gradients([(v, v) for v in values])
+        return [local_parts(total) for total in sums]
 
     def _scattered(self, grads, variables, present, optimizer) -> list[int]:
         """Indices of the gradients to reduce-scatter (`sharding="gradients"`):
@@ -234,6 +282,9 @@ class ReplicaFeatures(StatePlacement):
 
     def replica_loss_weight(self):
         """This replica's loss weight in the step being traced, or None."""
+        if self._averaging is not None:
+            # Each replica steps on the mean over its own samples.
+            return float(self._num_replicas_in_sync)
         if self._loss_weights is None:
             return None
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -288,6 +339,7 @@ class ReplicaFeatures(StatePlacement):
                 require_distributed(variable.value)
         layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
         self._loss_weights = self._replica_loss_weights(args)
+        averaging = None if is_inference_step(fn) else self._averaging
         self._tracing_step = True
         try:
             with (
@@ -296,7 +348,13 @@ class ReplicaFeatures(StatePlacement):
                 specialized(optimizers, ReplicaStepOptimizer),
                 self._step_layers(models),
             ):
-                return super()._call_for_each_replica(fn, args, kwargs)
+                if averaging is None:
+                    return super()._call_for_each_replica(fn, args, kwargs)
+                entries = averaging.tracked(models, self._container_strategy())
+                averaging.load_working(entries)
+                result = super()._call_for_each_replica(fn, args, kwargs)
+                self._finish_local_step(entries)
+                return result
         finally:
             self._loss_weights = None
             self._tracing_step = False

@@ -43,9 +43,10 @@ def resolve_sharding(
     """
     if sharding not in MODES:
         raise ValueError(
-            f"Unknown `sharding`: {sharding!r}. Allowed: 'optimizer' (split the "
-            "optimizer state, the default), 'gradients' (also reduce-scatter "
-            "the gradients), 'parameters' (also split the weights) or None "
+            f"Unknown `sharding`: {sharding!r}. Allowed: 'auto' (the default: "
+            "'optimizer', or None with `sync_every` > 1), 'optimizer' (split "
+            "the optimizer state), 'gradients' (also reduce-scatter the "
+            "gradients), 'parameters' (also split the weights) or None "
             "(everything whole on every device)."
         )
     if shard_optimizer is not None:

@@ -12,6 +12,7 @@ from keras_parallel._tf_internal import (
     MirroredVariable,
     SyncOnReadVariable,
     UpdateContext,
+    get_update_replica_id,
     keras_scope,
     select_replica,
     update_regroup,
@@ -61,7 +62,7 @@ class StatePlacement:
             return create_row_shards(
                 self._container_strategy(), next_creator, self._devices, kwargs
             )
-        if is_accumulator(kwargs):
+        if is_accumulator(kwargs) and self._averaging is None:
             return self._local_accumulators.create(
                 lambda **kw: super(StatePlacement, self)._create_variable(
                     next_creator, **kw
@@ -98,6 +99,8 @@ class StatePlacement:
         return variable
 
     def _update(self, var, fn, args, kwargs, group):
+        if self._averaging is not None:
+            return self._update_averaged(var, fn, args, kwargs, group)
         if (
             self._tracing_step
             and not self._applying_once
@@ -161,6 +164,20 @@ class StatePlacement:
                 assign = component.assign(new_value, read_value=wants_value)
             updates.append(None if result is None else assign)
         return update_regroup(self, updates, group)
+
+    def _update_averaged(self, var, fn, args, kwargs, group):
+        """`sync_every` > 1: a replica's own optimizer step updates its own
+        copy; a write from outside a step becomes every copy's, and the
+        replicas' working and synchronized values (`periodic_averaging`)."""
+        replica = get_update_replica_id()
+        if isinstance(replica, int) and isinstance(var, DistributedVariable):
+            copy = var.values[replica]
+            with tf.device(copy.device):
+                return fn(copy, *args, **kwargs)
+        result = super()._update(var, fn, args, kwargs, group)
+        if not self._tracing_step:
+            self._averaging.after_outside_write(var)
+        return result
 
     def _update_parts(self, var, fn, args, kwargs) -> list:
         """`fn` on each copy of a split variable, with whole values among its

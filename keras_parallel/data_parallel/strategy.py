@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import MirroredExtended, SavedWithModel
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
+from keras_parallel.data_parallel.periodic_averaging import resolve_averaging
 from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
 from keras_parallel.data_parallel.sharding import resolve_sharding
 from keras_parallel.devices import resolve_devices, short_device
@@ -125,16 +127,16 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         reduction: str = "auto",
         bucket_mb: float | None = None,
         compression: str | Compression | None = None,
-        sharding: str | None = "optimizer",
+        sharding: str | None = "auto",
         shard_optimizer: bool | None = None,
-        sync_batch_norm: bool = True,
+        sync_batch_norm: bool | None = None,
+        sync_every: int = 1,
+        outer_optimizer: keras.optimizers.Optimizer | None = None,
     ):
-        if not isinstance(sync_batch_norm, bool):
-            raise TypeError(
-                "`sync_batch_norm` must be True or False. Received: "
-                f"sync_batch_norm={sync_batch_norm!r}"
-            )
         del cluster_resolver  # __new__ resolved it into self._cluster
+        averaging, sharding, sync_batch_norm = resolve_averaging(
+            sync_every, outer_optimizer, sharding, sync_batch_norm
+        )
         sharding = resolve_sharding(
             sharding, shard_optimizer, resolve_compression(compression)
         )
@@ -145,6 +147,7 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
             compression=compression,
             sharding=sharding,
             sync_batch_norm=sync_batch_norm,
+            averaging=averaging,
         )
         # Not super(): a multi-worker DataParallel also derives from
         # MultiWorkerMirroredStrategy, whose constructor builds its own engine.
@@ -152,7 +155,7 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
 
     def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
         """The extended for this machine's devices; the arguments are
-        `__init__`'s (`updates`: sharding, sync_batch_norm)."""
+        `__init__`'s (`updates`: sharding, sync_batch_norm, averaging)."""
         devices = resolve_devices(devices)
         return DataParallelExtended(
             self,
@@ -283,9 +286,10 @@ class DataParallelExtended(ReplicaFeatures, MirroredExtended):
         gradients,
         sharding,
         sync_batch_norm,
+        averaging,
     ):
         super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
-        self._init_features(gradients, sharding, sync_batch_norm)
+        self._init_features(gradients, sharding, sync_batch_norm, averaging)
 
     def _use_merge_call(self):
         # Every cross-replica exchange goes through our reduction engine;

@@ -1,0 +1,272 @@
+"""Local SGD and DiLoCo: replicas train alone for `sync_every` steps, then
+meet.
+
+With `DataParallel(sync_every=H)` each replica applies its own gradients to
+its own copy of the weights, with its own optimizer state, and every H
+optimizer steps the replicas average what they learnt since they last met
+(local SGD: Stich 2019; Lin et al. 2020). With an `outer_optimizer`, the
+averaged change is the gradient of an outer optimizer that moves the
+synchronized weights (DiLoCo: Douillard et al. 2023, Nesterov momentum).
+
+Outside a training step the model holds the synchronized weights, so that
+`evaluate`, `predict`, saving, callbacks and `get_weights` see what the
+replicas agreed on last. Each replica's own weights live in a copy the
+strategy keeps (`working`); a training step loads them into the model's
+copy on that replica first, and afterwards stores them back and puts the
+synchronized weights (`anchor`) in place again, or, every H steps, averages
+the replicas' changes into new synchronized weights everywhere. What a
+replica learnt since the last synchronization stays in its copy until the
+next one, also across `fit` calls. A write from outside a step
+(`set_weights`, loading a checkpoint) replaces all three copies.
+
+The replicas send the change of each floating weight since the last
+synchronization (trainable weights and state such as BatchNormalization's
+moving statistics) through the reduction engine, so buckets and compression
+apply to it: one all-reduce of the weights' bytes every H steps instead of
+the gradients' every step. Integer state (random seeds, counters) is each
+replica's own.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import keras
+import tensorflow as tf
+
+from keras_parallel._tf_internal import Mirrored, UpdateContext
+from keras_parallel._validation import check_int
+
+
+class PeriodicAveraging:
+    """Working and synchronized copies of each model weight, and the
+    synchronization every `sync_every` steps.
+
+    Args:
+        sync_every: Optimizer steps between synchronizations (> 1).
+        outer_optimizer: The user's outer optimizer (None: plain average);
+            the one used is made from its config in the strategy's scope.
+    """
+
+    def __init__(self, sync_every: int, outer_optimizer):
+        self.sync_every = sync_every
+        self._outer_template = outer_optimizer
+        self._outer = None
+        # id of the model's tf variable -> (it, weakly; working; anchor).
+        self._copies: dict[int, tuple] = {}
+        # (optimizer, its update count before its step) in the traced step.
+        self._stepping: list = []
+
+    def __repr__(self) -> str:
+        return f"PeriodicAveraging(sync_every={self.sync_every})"
+
+    def tracked(self, models, strategy) -> list:
+        """`(variable, working, anchor)` for every floating weight of
+        `models`, the copies made on first sight (from the weight's current,
+        synchronized value)."""
+        entries = []
+        for model in models:
+            for weight in model.weights:
+                variable = weight.value
+                if not variable.dtype.is_floating:
+                    continue
+                entries.append(self._entry(variable, weight, strategy))
+        entries = list({id(e[0]): e for e in entries}.values())
+        if self._outer_template is not None:
+            self._build_outer([a for _, _, a in entries if a.trainable], strategy)
+        return entries
+
+    def _build_outer(self, anchors, strategy) -> None:
+        # One outer optimizer per set of weights: a new model (a notebook
+        # cell run again) gets a new one, made from the user's config.
+        key = tuple(id(a) for a in anchors)
+        if self._outer is not None and self._outer[0] == key:
+            return
+        template = self._outer_template
+        with tf.init_scope(), strategy.scope():
+            outer = template.__class__.from_config(template.get_config())
+            outer.build(anchors)
+        self._outer = (key, outer)
+
+    def _entry(self, variable, weight, strategy):
+        known = self._copies.get(id(variable))
+        if known is not None and known[0]() is variable:
+            return (variable, known[1], known[2])
+        # Outside the traced step, in the strategy's scope: mirrored copies.
+        with tf.init_scope(), strategy.scope():
+            value = variable.values[0].read_value()
+            working = tf.Variable(value, trainable=False, name="working")
+            # A Keras variable, so that the outer optimizer can update it.
+            anchor = keras.Variable(
+                value, dtype=value.dtype, trainable=weight.trainable, name="anchor"
+            )
+        self._copies[id(variable)] = (weakref.ref(variable), working, anchor)
+        return (variable, working, anchor)
+
+    def copies_of(self, variable) -> tuple | None:
+        """`(working, anchor)` of a model variable, or None."""
+        known = self._copies.get(id(variable))
+        if known is None or known[0]() is not variable:
+            return None
+        return known[1], known[2]
+
+    def after_outside_write(self, variable) -> None:
+        """A value written into `variable` outside a step (set_weights, a
+        loaded checkpoint) becomes every replica's working and synchronized
+        value too."""
+        copies = self.copies_of(variable)
+        if copies is None:
+            return
+        working, anchor = copies
+        _copy_each(variable, [working, anchor.value])
+
+    def load_working(self, entries) -> None:
+        """Before a training step: each replica's own weights into the
+        model."""
+        for variable, working, _ in entries:
+            _copy_each(working, [variable])
+
+    def stepping(self, optimizer) -> None:
+        """Notes, before its local step, that `optimizer` steps in the step
+        being traced."""
+        self._stepping.append((optimizer, tf.identity(optimizer.iterations)))
+
+    def finish_step(self, entries, sum_over_replicas, num_replicas) -> None:
+        """After a training step: when the optimizer that stepped has made
+        a multiple of `sync_every` updates (Keras' `iterations`, which with
+        `gradient_accumulation_steps` counts updates, not batches), with one
+        just now, synchronize; otherwise keep each replica's weights and put
+        the synchronized ones back into the model.
+
+        Args:
+            entries: What `tracked` returned for the step.
+            sum_over_replicas: `f(per_tensor_parts) -> per_tensor_parts`, the
+                sum over all replicas of each tensor, on each local device.
+            num_replicas: Replicas in sync (all workers).
+        """
+        stepping, self._stepping = self._stepping, []
+        if not stepping:
+            self._keep(entries)
+            return
+        optimizer, before = stepping[0]
+        updates = optimizer.iterations
+        due = tf.logical_and(
+            tf.greater(updates, before),
+            tf.equal(tf.math.floormod(updates, self.sync_every), 0),
+        )
+
+        def synchronize():
+            self._synchronize(entries, sum_over_replicas, num_replicas)
+            return tf.constant(True)
+
+        def keep():
+            self._keep(entries)
+            return tf.constant(False)
+
+        tf.cond(due, synchronize, keep)
+
+    def _keep(self, entries) -> None:
+        for variable, working, anchor in entries:
+            _copy_each(variable, [working])
+            _copy_each(anchor.value, [variable])
+
+    def _synchronize(self, entries, sum_over_replicas, num_replicas) -> None:
+        changes = []
+        for variable, _, anchor in entries:
+            parts = []
+            for copy, start in zip(variable.values, anchor.value.values, strict=True):
+                with tf.device(copy.device):
+                    parts.append(copy.read_value() - start.read_value())
+            changes.append(parts)
+        sums = sum_over_replicas(changes)
+        outer_steps, outer_gradients = [], []
+        for (_, _, anchor), parts in zip(entries, sums, strict=True):
+            means = []
+            for part in parts:
+                with tf.device(part.device):
+                    means.append(part / tf.cast(num_replicas, part.dtype))
+            if self._outer_template is not None and anchor.trainable:
+                # The outer gradient is the synchronized weights minus the
+                # replicas' average: minus the average change.
+                outer_steps.append(anchor)
+                outer_gradients.append(Mirrored([-m for m in means]))
+                continue
+            for start, mean in zip(anchor.value.values, means, strict=True):
+                with tf.device(start.device):
+                    start.assign_add(mean)
+        if outer_steps:
+            self._outer[1].apply(outer_gradients, outer_steps)
+        for variable, working, anchor in entries:
+            _copy_each(anchor.value, [variable, working])
+
+
+def _copy_each(source, targets) -> None:
+    """Each device's copy of distributed variable `source` into the same
+    device's copy of each of `targets`."""
+    for i, copy in enumerate(source.values):
+        with tf.device(copy.device), UpdateContext(i):
+            value = copy.read_value()
+            for target in targets:
+                target.values[i].assign(value)
+
+
+def resolve_averaging(
+    sync_every, outer_optimizer, sharding, sync_batch_norm
+) -> tuple[PeriodicAveraging | None, str | None, bool]:
+    """`DataParallel`'s `sync_every` and `outer_optimizer`, and what they
+    make of `sharding="auto"` and `sync_batch_norm=None`.
+
+    Returns:
+        (the averaging, or None for synchronous training; `sharding`;
+        `sync_batch_norm`).
+
+    Raises:
+        ValueError: for a `sync_every` that is not an integer >= 1, an outer
+            optimizer without `sync_every` > 1, or a sharding mode or
+            synchronized BatchNormalization with `sync_every` > 1.
+        TypeError: for an `outer_optimizer` that is not a Keras optimizer.
+    """
+    check_int("sync_every", sync_every, 1)
+    if outer_optimizer is not None and not isinstance(
+        outer_optimizer, keras.optimizers.Optimizer
+    ):
+        raise TypeError(
+            "`outer_optimizer` must be a Keras optimizer instance, such as "
+            "`keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`, or None. "
+            f"Received: outer_optimizer={outer_optimizer!r}"
+        )
+    if sync_batch_norm is not None and not isinstance(sync_batch_norm, bool):
+        raise TypeError(
+            "`sync_batch_norm` must be True or False. Received: "
+            f"sync_batch_norm={sync_batch_norm!r}. Leave it unset for the "
+            "default: True, or False with `sync_every` > 1."
+        )
+    if sync_every == 1:
+        if outer_optimizer is not None:
+            raise ValueError(
+                "`outer_optimizer` is applied when the replicas synchronize "
+                "after training alone, so it needs `sync_every` > 1. Received: "
+                f"sync_every=1, outer_optimizer={outer_optimizer!r}. Pass "
+                "`sync_every=H` (e.g. 8), or drop `outer_optimizer`."
+            )
+        return (
+            None,
+            "optimizer" if sharding == "auto" else sharding,
+            sync_batch_norm is not False,
+        )
+    if sharding in ("optimizer", "gradients", "parameters"):
+        raise ValueError(
+            f"sync_every={sync_every} gives every replica its own weights and "
+            "whole optimizer state between synchronizations, so nothing can be "
+            f"split over the devices. Received: sharding={sharding!r}. Leave "
+            "`sharding` unset (or None) with `sync_every` > 1."
+        )
+    if sync_batch_norm:
+        raise ValueError(
+            "sync_batch_norm=True exchanges BatchNormalization statistics every "
+            f"step, which sync_every={sync_every} is meant to avoid: between "
+            "synchronizations each replica normalises with its own batch, and "
+            "the moving statistics are averaged when the replicas meet. Leave "
+            "`sync_batch_norm` unset (or False) with `sync_every` > 1."
+        )
+    return PeriodicAveraging(sync_every, outer_optimizer), None, False
