@@ -9,50 +9,86 @@ import keras
 import numpy as np
 
 
-def train_alone(
-    build, make_optimizer, x, y, batch_size, steps, replicas, sync_every, outer=None
-):
-    """Returns the synchronized weights after `steps` global steps (those of
-    the last synchronization) and the replicas' own weights.
+class ReplicasAlone:
+    """Replicas training alone and meeting every `sync_every` steps.
 
     Args:
         build: `build(optimizer)`, a compiled model (seeded the same).
         make_optimizer: A new optimizer for each replica.
+        replicas: How many.
+        sync_every: Steps between synchronizations.
         outer: A new outer optimizer, or None for plain averaging.
     """
-    models = []
-    for _ in range(replicas):
-        keras.utils.set_random_seed(0)
-        models.append(build(make_optimizer()))
-    synchronized = models[0].get_weights()
-    trainable = [w.trainable for w in models[0].weights]
-    floating = [np.issubdtype(w.dtype, np.floating) for w in synchronized]
-    if outer is not None:
-        anchors = [
-            keras.Variable(w) for w, t in zip(synchronized, trainable, strict=True) if t
-        ]
-        outer.build(anchors)
-    piece = batch_size // replicas
-    for step in range(steps):
-        start = (step * batch_size) % len(x)
-        for r, model in enumerate(models):
-            rows = slice(start + r * piece, start + (r + 1) * piece)
-            model.train_on_batch(x[rows], y[rows])
-        if (step + 1) % sync_every:
-            continue
-        weights = [m.get_weights() for m in models]
-        means = [
-            np.mean([w[i] for w in weights], axis=0) if floating[i] else weights[0][i]
-            for i in range(len(synchronized))
-        ]
+
+    def __init__(self, build, make_optimizer, replicas, sync_every, outer=None):
+        self.models = []
+        for _ in range(replicas):
+            keras.utils.set_random_seed(0)
+            self.models.append(build(make_optimizer()))
+        self.sync_every = sync_every
+        self.steps = 0
+        self.synchronized = self.models[0].get_weights()
+        self._trainable = [w.trainable for w in self.models[0].weights]
+        self._outer = outer
         if outer is not None:
-            grads = [synchronized[i] - means[i] for i, t in enumerate(trainable) if t]
-            outer.apply([keras.ops.convert_to_tensor(g) for g in grads], anchors)
-            moved = iter(a.numpy() for a in anchors)
-            means = [
-                next(moved) if t else m for m, t in zip(means, trainable, strict=True)
+            self._anchors = [
+                keras.Variable(w)
+                for w, t in zip(self.synchronized, self._trainable, strict=True)
+                if t
             ]
-        synchronized = means
-        for model in models:
-            model.set_weights(synchronized)
-    return synchronized, [m.get_weights() for m in models]
+            outer.build(self._anchors)
+
+    def train(self, x, y, batch_size, steps) -> ReplicasAlone:
+        """`steps` global batches of `x`, `y` in order (cycling)."""
+        piece = batch_size // len(self.models)
+        for step in range(steps):
+            start = (step * batch_size) % len(x)
+            for r, model in enumerate(self.models):
+                rows = slice(start + r * piece, start + (r + 1) * piece)
+                model.train_on_batch(x[rows], y[rows])
+            self.steps += 1
+            if self.steps % self.sync_every == 0:
+                self._synchronize()
+        return self
+
+    def set_weights(self, weights) -> None:
+        """What `model.set_weights` does between steps: every replica and the
+        synchronized weights take `weights`; optimizer states stay."""
+        self.synchronized = list(weights)
+        for model in self.models:
+            model.set_weights(weights)
+        if self._outer is not None:
+            moved = [w for w, t in zip(weights, self._trainable, strict=True) if t]
+            for anchor, w in zip(self._anchors, moved, strict=True):
+                anchor.assign(w)
+
+    @property
+    def own(self) -> list[list[np.ndarray]]:
+        """Each replica's own weights."""
+        return [m.get_weights() for m in self.models]
+
+    def _synchronize(self) -> None:
+        weights = self.own
+        means = [
+            np.mean([w[i] for w in weights], axis=0)
+            if np.issubdtype(weights[0][i].dtype, np.floating)
+            else weights[0][i]
+            for i in range(len(self.synchronized))
+        ]
+        if self._outer is not None:
+            grads = [
+                keras.ops.convert_to_tensor(s - m)
+                for s, m, t in zip(
+                    self.synchronized, means, self._trainable, strict=True
+                )
+                if t
+            ]
+            self._outer.apply(grads, self._anchors)
+            moved = iter(a.numpy() for a in self._anchors)
+            means = [
+                next(moved) if t else m
+                for m, t in zip(means, self._trainable, strict=True)
+            ]
+        self.synchronized = means
+        for model in self.models:
+            model.set_weights(means)

@@ -9,7 +9,7 @@ order than NumPy's mean, move these weights by ~1e-7 (measured).
 import keras
 import numpy as np
 import pytest
-from replicas_alone import train_alone
+from replicas_alone import ReplicasAlone
 from transparency import devices
 
 import keras_parallel
@@ -81,17 +81,167 @@ def test_equals_replicas_training_alone(replicas, option, outer):
         outer_optimizer=outer_nesterov() if outer else None,
     )
     model = fit(strategy, OPTIMIZERS[option])
-    expected, _ = train_alone(
+    reference = ReplicasAlone(
         build,
         OPTIMIZERS[option],
-        X,
-        Y,
-        BATCH,
-        12,
         replicas,
         steps_between,
         outer_nesterov() if outer else None,
-    )
-    for ours, theirs in zip(model.get_weights(), expected, strict=True):
-        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    ).train(X, Y, BATCH, 12)
+    assert_close(model.get_weights(), reference.synchronized)
     assert_replicas_bit_equal(model)
+
+
+def assert_close(weights, expected, atol=1e-5):
+    for ours, theirs in zip(weights, expected, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=atol)
+
+
+def largest_difference(a, b) -> float:
+    return max(float(np.abs(u - v).max()) for u, v in zip(a, b, strict=True))
+
+
+def test_outside_a_step_the_model_holds_the_synchronized_weights(tmp_path):
+    # 2 epochs of 6 steps with sync_every=5: synchronized after steps 5 and
+    # 10; steps 11 and 12 stay in the replicas.
+    strategy = keras_parallel.DataParallel(devices(2), sync_every=5)
+    model = fit(strategy, OPTIMIZERS["adam"])
+    reference = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 5).train(X, Y, BATCH, 12)
+    assert_close(model.get_weights(), reference.synchronized)
+    assert largest_difference(reference.synchronized, reference.own[0]) > 1e-3
+    assert_replicas_bit_equal(model)
+    # evaluate, predict and saving see them, as a plain model holding them.
+    plain = build(keras.optimizers.Adam(0.01))
+    plain.set_weights(reference.synchronized)
+    np.testing.assert_allclose(
+        model.evaluate(X, Y, verbose=0), plain.evaluate(X, Y, verbose=0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        model.predict(X, verbose=0), plain.predict(X, verbose=0), atol=1e-5
+    )
+    model.save_weights(tmp_path / "w.weights.h5")
+    loaded = build(keras.optimizers.Adam(0.01))
+    loaded.load_weights(tmp_path / "w.weights.h5")
+    assert_close(loaded.get_weights(), reference.synchronized)
+    # The replicas' own steps are kept for the next fit: 12 more steps give
+    # the synchronized weights after step 20.
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    reference.train(X, Y, BATCH, 12)
+    assert_close(model.get_weights(), reference.synchronized)
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["local_sgd", "diloco"])
+def test_set_weights_between_fits_reaches_every_replica(outer):
+    make_outer = outer_nesterov if outer else lambda: None
+    strategy = keras_parallel.DataParallel(
+        devices(2), sync_every=4, outer_optimizer=make_outer()
+    )
+    model = fit(strategy, OPTIMIZERS["sgd_momentum"], epochs=1)  # 6 steps
+    reference = ReplicasAlone(
+        build, OPTIMIZERS["sgd_momentum"], 2, 4, make_outer()
+    ).train(X, Y, BATCH, 6)
+    start = [w + 0.5 for w in model.get_weights()]
+    model.set_weights(start)
+    reference.set_weights(start)
+    assert_replicas_bit_equal(model)
+    # Steps 7 and 8 start from `start` on both replicas; after step 8 they
+    # meet (each keeps its momentum).
+    model.fit(X[:64], Y[:64], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    reference.train(X[:64], Y[:64], BATCH, 2)
+    assert_close(model.get_weights(), reference.synchronized)
+    assert largest_difference(model.get_weights(), start) > 1e-3
+
+
+def test_sync_every_1_is_synchronous_training():
+    synchronous = fit(keras_parallel.DataParallel(devices(2)), OPTIMIZERS["adam"])
+    model = fit(
+        keras_parallel.DataParallel(devices(2), sync_every=1), OPTIMIZERS["adam"]
+    )
+    assert_close(model.get_weights(), synchronous.get_weights(), atol=0)
+
+
+def test_with_8_steps_between_meetings_an_eighth_of_the_bytes():
+    """Without BatchNormalization a model's weights are its gradients' size:
+    one all-reduce of them every 8 steps sends 1/8 of synchronous training's
+    per-step all-reduce of the gradients."""
+    synchronous = keras_parallel.DataParallel(devices(4))
+    fit(synchronous, OPTIMIZERS["sgd_momentum"], epochs=1, batch_norm=False)
+    local = keras_parallel.DataParallel(devices(4), sync_every=8)
+    model = fit(local, OPTIMIZERS["sgd_momentum"], epochs=1, batch_norm=False)
+    weight_bytes = sum(w.numpy().nbytes for w in model.weights)
+    every_step = synchronous.communication_stats()["bytes_per_step"]
+    stats = local.communication_stats()
+    assert every_step == weight_bytes
+    assert stats["bytes_per_update"] == weight_bytes
+    assert stats["steps_per_update"] == 8
+    assert stats["bytes_per_step"] <= every_step / 8
+
+
+@pytest.mark.parametrize("compression", ["bf16", "fp16"])
+def test_compressed_meetings_leave_the_replicas_bit_equal(compression):
+    """Compression works on the changes since the last meeting, which are
+    small next to the weights."""
+    strategy = keras_parallel.DataParallel(
+        devices(2), sync_every=3, compression=compression
+    )
+    model = fit(strategy, OPTIMIZERS["adam"])
+    reference = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 3).train(X, Y, BATCH, 12)
+    assert_replicas_bit_equal(model)
+    # The changes travel in 16 bits: ~3 significant digits of each change.
+    assert_close(model.get_weights(), reference.synchronized, atol=1e-2)
+    sent = {
+        b["dtype"]
+        for b in strategy.communication_stats()["buckets"]
+        if "scale" not in b["label"]  # fp16's scale, a float32 scalar
+    }
+    assert sent == {"bfloat16" if compression == "bf16" else "float16"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(sync_every=0), ValueError, "`sync_every` must be an integer >= 1"),
+        (dict(sync_every=2.5), ValueError, "Received: sync_every=2.5"),
+        (dict(sync_every="8"), ValueError, "Received: sync_every='8'"),
+        (
+            dict(outer_optimizer=keras.optimizers.SGD(0.7)),
+            ValueError,
+            "needs `sync_every` > 1",
+        ),
+        (
+            dict(sync_every=8, outer_optimizer="sgd"),
+            TypeError,
+            "`outer_optimizer` must be a Keras optimizer",
+        ),
+        (
+            dict(sync_every=8, sharding="optimizer"),
+            ValueError,
+            "Received: sharding='optimizer'",
+        ),
+        (
+            dict(sync_every=8, sharding="parameters"),
+            ValueError,
+            "Leave `sharding` unset (or None)",
+        ),
+        (
+            dict(sync_every=8, sync_batch_norm=True),
+            ValueError,
+            "Leave `sync_batch_norm` unset (or False)",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, error, fragment):
+    with pytest.raises(error) as raised:
+        keras_parallel.DataParallel(devices(2), **kwargs)
+    assert fragment in str(raised.value)
+
+
+def test_powersgd_compresses_the_changes():
+    strategy = keras_parallel.DataParallel(
+        devices(2), sync_every=3, compression=keras_parallel.PowerSGD(rank=1)
+    )
+    model = fit(strategy, OPTIMIZERS["adam"], batch_norm=False)
+    assert_replicas_bit_equal(model)
+    stats = strategy.communication_stats()
+    # The 12x24 kernel sends (12 + 24) values instead of 288.
+    assert stats["bytes_per_update"] < 0.5 * stats["fp32_bytes_per_step"] * 3
