@@ -155,11 +155,24 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         options = tf.distribute.experimental.CommunicationOptions(
             implementation=IMPLEMENTATIONS[reduction]
         )
-        super().__init__(
-            container_strategy,
-            cluster_resolver=cluster_resolver,
-            communication_options=options,
-        )
+        try:
+            super().__init__(
+                container_strategy,
+                cluster_resolver=cluster_resolver,
+                communication_options=options,
+            )
+        except RuntimeError as error:
+            if "program startup" not in str(error):
+                raise
+            raise RuntimeError(
+                "DataParallel on a cluster must be created before TensorFlow "
+                "starts (TensorFlow configures its collectives at startup), but "
+                "something already made a tensor, variable, model or optimizer "
+                "in this process. Create the strategy first in the script; give "
+                "`outer_optimizer` as a name or config dict (e.g. {'class_name': "
+                "'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, "
+                "'nesterov': True}}) rather than an instance."
+            ) from None
         # Made again in a running process (a notebook cell run twice), the
         # engine above resets this worker's collectives; a worker that sends
         # before its peer has reset makes the peer fail with "Delete called on

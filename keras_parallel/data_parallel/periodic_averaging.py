@@ -30,6 +30,7 @@ replica's own.
 from __future__ import annotations
 
 import weakref
+from copy import deepcopy
 
 import keras
 import tensorflow as tf
@@ -43,14 +44,14 @@ class PeriodicAveraging:
     synchronization every `sync_every` steps.
 
     Args:
-        sync_every: Optimizer steps between synchronizations (> 1).
-        outer_optimizer: The user's outer optimizer (None: plain average);
-            the one used is made from its config in the strategy's scope.
+        sync_every: Optimizer updates between synchronizations (> 1).
+        make_outer: Makes a new outer optimizer (in the strategy's scope);
+            None for the plain average.
     """
 
-    def __init__(self, sync_every: int, outer_optimizer):
+    def __init__(self, sync_every: int, make_outer):
         self.sync_every = sync_every
-        self._outer_template = outer_optimizer
+        self._make_outer = make_outer
         self._outer = None
         # id of the model's tf variable -> (it, weakly; working; anchor).
         self._copies: dict[int, tuple] = {}
@@ -72,7 +73,7 @@ class PeriodicAveraging:
                     continue
                 entries.append(self._entry(variable, weight, strategy))
         entries = list({id(e[0]): e for e in entries}.values())
-        if self._outer_template is not None:
+        if self._make_outer is not None:
             self._build_outer([a for _, _, a in entries if a.trainable], strategy)
         return entries
 
@@ -82,9 +83,8 @@ class PeriodicAveraging:
         key = tuple(id(a) for a in anchors)
         if self._outer is not None and self._outer[0] == key:
             return
-        template = self._outer_template
         with tf.init_scope(), strategy.scope():
-            outer = template.__class__.from_config(template.get_config())
+            outer = self._make_outer()
             outer.build(anchors)
         self._outer = (key, outer)
 
@@ -185,7 +185,7 @@ class PeriodicAveraging:
             for part in parts:
                 with tf.device(part.device):
                     means.append(part / tf.cast(num_replicas, part.dtype))
-            if self._outer_template is not None and anchor.trainable:
+            if self._make_outer is not None and anchor.trainable:
                 # The outer gradient is the synchronized weights minus the
                 # replicas' average: minus the average change.
                 outer_steps.append(anchor)
@@ -227,14 +227,7 @@ def resolve_averaging(
         TypeError: for an `outer_optimizer` that is not a Keras optimizer.
     """
     check_int("sync_every", sync_every, 1)
-    if outer_optimizer is not None and not isinstance(
-        outer_optimizer, keras.optimizers.Optimizer
-    ):
-        raise TypeError(
-            "`outer_optimizer` must be a Keras optimizer instance, such as "
-            "`keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`, or None. "
-            f"Received: outer_optimizer={outer_optimizer!r}"
-        )
+    make_outer = outer_maker(outer_optimizer)
     if sync_batch_norm is not None and not isinstance(sync_batch_norm, bool):
         raise TypeError(
             "`sync_batch_norm` must be True or False. Received: "
@@ -269,4 +262,33 @@ def resolve_averaging(
             "the moving statistics are averaged when the replicas meet. Leave "
             "`sync_batch_norm` unset (or False) with `sync_every` > 1."
         )
-    return PeriodicAveraging(sync_every, outer_optimizer), None, False
+    return PeriodicAveraging(sync_every, make_outer), None, False
+
+
+def outer_maker(identifier):
+    """A function making a new outer optimizer from `identifier` (what
+    Keras' `compile` takes: an instance, whose config is used, a name or a
+    config dict), or None for None. Made only when the first step is traced,
+    in the strategy's scope: a Keras optimizer instance holds variables, and
+    across workers TensorFlow must not start before the strategy."""
+    if identifier is None:
+        return None
+    if isinstance(identifier, keras.optimizers.Optimizer):
+        cls, config = type(identifier), identifier.get_config()
+        return lambda: cls.from_config(deepcopy(config))
+    known = {
+        name.lower()
+        for name, value in vars(keras.optimizers).items()
+        if isinstance(value, type) and issubclass(value, keras.optimizers.Optimizer)
+    }
+    if isinstance(identifier, str) and identifier.lower() in known:
+        return lambda: keras.optimizers.get(identifier)
+    if isinstance(identifier, dict) and {"class_name", "config"} <= set(identifier):
+        return lambda: keras.optimizers.get(deepcopy(identifier))
+    raise TypeError(
+        "`outer_optimizer` must be a Keras optimizer (an instance such as "
+        "`keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`, its name, or "
+        "a config dict such as `{'class_name': 'SGD', 'config': "
+        "{'learning_rate': 0.7, 'momentum': 0.9, 'nesterov': True}}`), or None. "
+        f"Received: outer_optimizer={identifier!r}"
+    )

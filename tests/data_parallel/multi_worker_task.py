@@ -129,6 +129,14 @@ class _Die(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+# DiLoCo's outer optimizer (Douillard et al. 2023), as a config: a Keras
+# optimizer instance would start TensorFlow before the strategy.
+OUTER_OPTIMIZER = {
+    "class_name": "SGD",
+    "config": {"learning_rate": 0.7, "momentum": 0.9, "nesterov": True},
+}
+
+
 def train(
     strategy=None,
     epochs=3,
@@ -186,7 +194,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nan-sample", type=int, default=None)
     parser.add_argument("--loss-scale", action="store_true")
     parser.add_argument("--terminate-on-nan", action="store_true")
-    parser.add_argument("--sharding", default="optimizer")
+    parser.add_argument("--sharding", default="auto")
+    parser.add_argument("--sync-every", type=int, default=1)
+    parser.add_argument("--outer", action="store_true", help="DiLoCo's Nesterov")
     parser.add_argument("--embedding", action="store_true")
     args = parser.parse_args(argv)
 
@@ -195,6 +205,8 @@ def main(argv: list[str]) -> int:
     strategy = keras_parallel.DataParallel(
         compression=compression(args.compression),
         sharding=None if args.sharding == "none" else args.sharding,
+        sync_every=args.sync_every,
+        outer_optimizer=OUTER_OPTIMIZER if args.outer else None,
     )
     print(f"{strategy!r}", flush=True)
     callbacks = []

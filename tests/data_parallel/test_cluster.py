@@ -109,3 +109,21 @@ def test_port_in_use_is_named():
             keras_parallel.DataParallel(cluster_resolver=_resolver([port, port + 1]))
     assert "is in use" in str(raised.value)
     assert "keras-parallel launch` picks free ports" in str(raised.value)
+
+
+def test_tensorflow_started_before_a_cluster_strategy_is_named():
+    """A Keras optimizer made first (say, an `outer_optimizer` instance)
+    starts TensorFlow, which then cannot configure its collectives."""
+    from conftest import run_python
+
+    config = _config(workers=[f"127.0.0.1:{p}" for p in free_ports(2)])
+    result = run_python(
+        "import keras, keras_parallel\n"
+        "outer = keras.optimizers.SGD(0.7)\n"
+        "keras_parallel.DataParallel(sync_every=8, outer_optimizer=outer)\n",
+        timeout=120,
+        env={"TF_CONFIG": config},
+    )
+    assert result.returncode != 0
+    assert "must be created before TensorFlow starts" in result.stderr
+    assert "config dict" in result.stderr

@@ -12,7 +12,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from multi_worker_task import compression, data, train
+from multi_worker_task import OUTER_OPTIMIZER, compression, data, train
 from transparency import devices
 
 import keras_parallel
@@ -113,6 +113,24 @@ def test_sharding_modes_across_workers(tmp_path, reference, sharding):
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
     np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
     assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["local_sgd", "diloco"])
+def test_periodic_averaging_across_workers_equals_one_process(tmp_path, outer):
+    # Each worker's replica steps alone; every 4 steps the changes are summed
+    # over both workers by TensorFlow's collectives.
+    done = _launch(tmp_path, "--sync-every", "4", *(["--outer"] if outer else []))
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = _results(tmp_path)
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    strategy = keras_parallel.DataParallel(
+        devices(2), sync_every=4, outer_optimizer=OUTER_OPTIMIZER if outer else None
+    )
+    model, history, *_ = train(strategy)
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+    np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
+    weights = 4 * (8 * 16 + 2 * 16 + 2 * 16 + 16 + 1)  # BN's moving statistics too
+    assert float(first["bytes_per_step"]) == weights / 4
 
 
 def test_split_embedding_across_workers_equals_one_process(tmp_path):

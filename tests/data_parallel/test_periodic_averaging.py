@@ -209,7 +209,7 @@ def test_compressed_meetings_leave_the_replicas_bit_equal(compression):
             "needs `sync_every` > 1",
         ),
         (
-            dict(sync_every=8, outer_optimizer="sgd"),
+            dict(sync_every=8, outer_optimizer="nesterov"),
             TypeError,
             "`outer_optimizer` must be a Keras optimizer",
         ),
