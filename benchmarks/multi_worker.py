@@ -1,5 +1,6 @@
 """Samples/s of DataParallel on 2 worker processes (one thread each) over one
-process with two threads, on this machine's two cores.
+process with two threads, on this machine's two cores; and the same workers
+meeting every 8 steps (`sync_every=8`, local SGD) instead of every step.
 
 Each setup trains a Dense MLP (64 inputs, Adam, global batch 256, 4096
 samples) for a warm-up epoch and `--epochs` timed epochs; its figure is the
@@ -31,7 +32,9 @@ SHAPES = ((2, 1024), (8, 256))
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def run_setup(depth: int, width: int, threads: int, epochs: int, out: str) -> None:
+def run_setup(
+    depth: int, width: int, threads: int, epochs: int, out: str, sync_every: int
+) -> None:
     """One process's part: trains and writes its median samples/s to `out`."""
     import tensorflow as tf
 
@@ -42,7 +45,7 @@ def run_setup(depth: int, width: int, threads: int, epochs: int, out: str) -> No
     import keras_parallel
 
     if "TF_CONFIG" in os.environ:
-        strategy = keras_parallel.DataParallel()
+        strategy = keras_parallel.DataParallel(sync_every=sync_every)
     else:
         strategy = tf.distribute.get_strategy()
     x, y = make_data()
@@ -60,11 +63,11 @@ def run_setup(depth: int, width: int, threads: int, epochs: int, out: str) -> No
             json.dump({"samples_per_second": SAMPLES / statistics.median(times[1:])}, f)
 
 
-def measure(depth, width, workers, epochs, folder) -> float:
+def measure(depth, width, workers, epochs, folder, sync_every=1) -> float:
     """Samples/s of one setup, each in fresh processes."""
     out = os.path.join(folder, "result.json")
     script = [os.path.abspath(__file__), "--setup", str(depth), str(width)]
-    script += [str(2 // workers), str(epochs), out]
+    script += [str(2 // workers), str(epochs), out, str(sync_every)]
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     if workers == 1:
@@ -81,26 +84,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--setup", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--setup", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.setup:
-        depth, width, threads, epochs, out = args.setup
-        run_setup(int(depth), int(width), int(threads), int(epochs), out)
+        depth, width, threads, epochs, out, sync_every = args.setup
+        run_setup(
+            int(depth), int(width), int(threads), int(epochs), out, int(sync_every)
+        )
         return
 
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for depth, width in SHAPES:
-            single, multi, ratios = [], [], []
+            single, multi, local, ratios, local_ratios = [], [], [], [], []
             for round_ in range(args.repeats):
-                # Alternate which setup goes first, against slow spells.
-                order = (1, 2) if round_ % 2 == 0 else (2, 1)
+                # Rotate which setup goes first, against slow spells.
+                setups = [(1, 1), (2, 1), (2, 8)]
+                setups = setups[round_ % 3 :] + setups[: round_ % 3]
                 speed = {
-                    w: measure(depth, width, w, args.epochs, folder) for w in order
+                    (w, h): measure(depth, width, w, args.epochs, folder, h)
+                    for w, h in setups
                 }
-                single.append(speed[1])
-                multi.append(speed[2])
-                ratios.append(speed[2] / speed[1])
+                single.append(speed[1, 1])
+                multi.append(speed[2, 1])
+                local.append(speed[2, 8])
+                ratios.append(speed[2, 1] / speed[1, 1])
+                local_ratios.append(speed[2, 8] / speed[2, 1])
             rows.append(
                 {
                     "model": f"{depth}x{width}",
@@ -108,6 +117,9 @@ def main() -> None:
                     "two_workers_one_thread": statistics.median(multi),
                     "ratio": statistics.median(ratios),
                     "ratios": ratios,
+                    "two_workers_sync_every_8": statistics.median(local),
+                    "sync_every_8_over_every_step": statistics.median(local_ratios),
+                    "sync_every_8_ratios": local_ratios,
                 }
             )
             print(
@@ -116,7 +128,8 @@ def main() -> None:
                 f"{statistics.median(multi):,.0f} samples/s, ratio "
                 f"{statistics.median(ratios):.2f} (rounds: "
                 + ", ".join(f"{r:.2f}" for r in ratios)
-                + ")",
+                + f"); sync_every=8 {statistics.median(local):,.0f} samples/s, "
+                f"{statistics.median(local_ratios):.2f}x every step's",
                 flush=True,
             )
     os.makedirs(RESULTS, exist_ok=True)

@@ -63,8 +63,9 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
             feedback). Only the optimizer's gradient all-reduce is
             compressed; BatchNormalization statistics stay exact.
         sharding: What is split over the devices (the stages of ZeRO,
-            Rajbhandari et al., 2020):
-            `"optimizer"` (default): the optimizer state. Every slot is cut
+            Rajbhandari et al., 2020). `"auto"` (default): `"optimizer"`,
+            or None with `sync_every` > 1.
+            `"optimizer"`: the optimizer state. Every slot is cut
             by rows into one equal part per device, each device updates its
             part of every weight, and the parts are gathered into every
             copy. Gradients are all-reduced, so every compression applies.
@@ -87,17 +88,41 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
             `"gradients"`; sparse (embedding) gradients are all-reduced.
         shard_optimizer: Deprecated: True is `sharding="optimizer"`, False
             is `sharding=None`.
-        sync_batch_norm: If True (default), `BatchNormalization` layers of a
-            model trained with this strategy compute mean and variance over
-            the global batch, as on one device (masked inputs included), with
-            one exchange per layer and without the cancellation of Keras'
-            `synchronized=True`; the layers' own config is not changed. If
-            False, each replica normalises with its own batch statistics,
-            which skips that exchange.
+        sync_batch_norm: If True (the default unless `sync_every` > 1),
+            `BatchNormalization` layers of a model trained with this strategy
+            compute mean and variance over the global batch, as on one device
+            (masked inputs included), with one exchange per layer and without
+            the cancellation of Keras' `synchronized=True`; the layers' own
+            config is not changed. If False, each replica normalises with its
+            own batch statistics, which skips that exchange.
+        sync_every: Optimizer updates each replica makes alone between two
+            synchronizations. 1 (default): synchronous training. H > 1: local
+            SGD (Stich, 2019): each replica applies its own gradients to its
+            own weights, with its own optimizer state, and every H updates
+            the replicas average what they learnt since they last met (one
+            all-reduce of the weights' bytes, through the same reduction and
+            `compression`, instead of the gradients' at every step).
+            BatchNormalization then normalises with each replica's batch and
+            its moving statistics are averaged at each synchronization.
+            Outside a training step (`evaluate`, `predict`, saving,
+            callbacks, `get_weights`) the model holds the synchronized
+            weights; what the replicas learnt since stays with them until
+            their next meeting, also across `fit` calls. `set_weights` and
+            loading reach every replica.
+        outer_optimizer: With `sync_every` > 1, the optimizer that moves the
+            synchronized weights by the replicas' average change, taken as
+            its gradient (DiLoCo, Douillard et al., 2023:
+            `keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)`). An
+            instance (its config is used), a name or a config dict; across
+            workers a name or config dict, as an instance starts TensorFlow
+            before the strategy. None: the plain average.
 
     Raises:
         ValueError: for a malformed `TF_CONFIG` or cluster, a port of this
-            task in use, or an option that does not apply across workers.
+            task in use, an option that does not apply across workers, or
+            options that do not combine (a sharding mode or synchronized
+            BatchNormalization with `sync_every` > 1, an `outer_optimizer`
+            without it).
 
     Example:
 
