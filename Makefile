@@ -10,7 +10,8 @@ OLDEST_VENV := .venv-oldest
 OLDEST := tensorflow-cpu==2.16.1 keras==3.14.0
 CORE_TESTS := tests/test_tf_internal.py tests/test_requirements.py \
 	tests/test_optimizer_options.py tests/data_parallel/test_data_parallel.py \
-	tests/pipeline/test_pipeline_parallel.py tests/layers tests/mesh
+	tests/pipeline/test_pipeline_parallel.py tests/layers tests/mesh \
+	tests/data_parallel/test_periodic_averaging.py
 
 .PHONY: demo test test-oldest bench lint clean
 
@@ -43,6 +44,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/mesh.py
 	$(VENV)/bin/python benchmarks/sharding.py
 	$(VENV)/bin/python benchmarks/multi_worker.py
+	$(VENV)/bin/python benchmarks/local_sgd.py
 	$(VENV)/bin/python benchmarks/compatibility.py
 
 lint: $(STAMP)

@@ -152,12 +152,16 @@ def test_set_weights_between_fits_reaches_every_replica(outer):
     assert largest_difference(model.get_weights(), start) > 1e-3
 
 
-def test_sync_every_1_is_synchronous_training():
-    synchronous = fit(keras_parallel.DataParallel(devices(2)), OPTIMIZERS["adam"])
-    model = fit(
-        keras_parallel.DataParallel(devices(2), sync_every=1), OPTIMIZERS["adam"]
-    )
+@pytest.mark.parametrize("option", ["adam", "sgd"])
+def test_sync_every_1_is_synchronous_training(option):
+    make = OPTIMIZERS.get(option, lambda: keras.optimizers.SGD(0.1))
+    synchronous = fit(keras_parallel.DataParallel(devices(2)), make)
+    model = fit(keras_parallel.DataParallel(devices(2), sync_every=1), make)
     assert_close(model.get_weights(), synchronous.get_weights(), atol=0)
+    keras.utils.set_random_seed(0)
+    one_device = build(make())
+    one_device.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert_close(model.get_weights(), one_device.get_weights())
 
 
 def test_with_8_steps_between_meetings_an_eighth_of_the_bytes():
