@@ -249,3 +249,17 @@ def test_powersgd_compresses_the_changes():
     stats = strategy.communication_stats()
     # The 12x24 kernel sends (12 + 24) values instead of 288.
     assert stats["bytes_per_update"] < 0.5 * stats["fp32_bytes_per_step"] * 3
+
+
+def test_steps_per_execution_runs_the_same_steps():
+    strategy = keras_parallel.DataParallel(devices(2), sync_every=3)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build(OPTIMIZERS["adam"]())
+        model.compile(
+            model.optimizer, model.loss, steps_per_execution=4
+        )  # 4 steps in one call, meetings inside it
+    model.fit(X, Y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    reference = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 3).train(X, Y, BATCH, 12)
+    assert_close(model.get_weights(), reference.synchronized)
+    assert_replicas_bit_equal(model)
