@@ -65,6 +65,9 @@ class PeriodicAveraging:
         """`(variable, working, anchor)` for every floating weight of
         `models`, the copies made on first sight (from the weight's current,
         synchronized value)."""
+        self._stepping = []  # what a failed trace may have left
+        # A model gone (a notebook cell run again) takes its copies along.
+        self._copies = {k: v for k, v in self._copies.items() if v[0]() is not None}
         entries = []
         for model in models:
             for weight in model.weights:

@@ -263,3 +263,21 @@ def test_steps_per_execution_runs_the_same_steps():
     reference = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 3).train(X, Y, BATCH, 12)
     assert_close(model.get_weights(), reference.synchronized)
     assert_replicas_bit_equal(model)
+
+
+def test_a_cell_run_again_trains_a_new_model_and_frees_the_old_copies():
+    import gc
+
+    strategy = keras_parallel.DataParallel(
+        devices(2), sync_every=3, outer_optimizer=outer_nesterov()
+    )
+    fit(strategy, OPTIMIZERS["adam"], epochs=1)
+    gc.collect()
+    model = fit(strategy, OPTIMIZERS["adam"])  # the cell again: a new model
+    reference = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 3, outer_nesterov()).train(
+        X, Y, BATCH, 12
+    )
+    assert_close(model.get_weights(), reference.synchronized)
+    gc.collect()
+    averaging = strategy.extended._averaging
+    assert len(averaging._copies) == len(model.weights)  # the first model's: gone
