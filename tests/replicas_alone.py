@@ -39,13 +39,22 @@ class ReplicasAlone:
             outer.build(self._anchors)
 
     def train(self, x, y, batch_size, steps) -> ReplicasAlone:
-        """`steps` global batches of `x`, `y` in order (cycling)."""
-        piece = batch_size // len(self.models)
+        """`steps` batches of `x`, `y` in order, as `fit` makes them (a short
+        last batch each epoch), each cut as DataParallel cuts it: the first
+        `b % N` replicas one sample more. A replica with no sample does not
+        step."""
+        starts = list(range(0, len(x), batch_size))
+        replicas = len(self.models)
         for step in range(steps):
-            start = (step * batch_size) % len(x)
-            for r, model in enumerate(self.models):
-                rows = slice(start + r * piece, start + (r + 1) * piece)
-                model.train_on_batch(x[rows], y[rows])
+            start = starts[step % len(starts)]
+            size = min(batch_size, len(x) - start)
+            pieces = [size // replicas + (r < size % replicas) for r in range(replicas)]
+            offset = start
+            for model, piece in zip(self.models, pieces, strict=True):
+                if piece:
+                    rows = slice(offset, offset + piece)
+                    model.train_on_batch(x[rows], y[rows])
+                offset += piece
             self.steps += 1
             if self.steps % self.sync_every == 0:
                 self._synchronize()

@@ -55,6 +55,17 @@ def replica_loss_weights(args, num_replicas: int) -> tf.Tensor | None:
     gradient of the mean over all n samples, also through BatchNormalization's
     all-reduced statistics.
     """
+    sizes = piece_sizes(args)
+    if sizes is None:
+        return None
+    sizes = tf.cast(tf.stack(sizes), tf.float32)
+    return num_replicas * sizes / tf.reduce_sum(sizes)
+
+
+def piece_sizes(args) -> list[tf.Tensor] | None:
+    """Samples in each local replica's piece of a step's input (scalar int32
+    tensors, from the first per-replica tensor of `args`), or None when
+    `args` holds no per-replica tensor."""
     for leaf in tf.nest.flatten(args, expand_composites=False):
         if isinstance(leaf, PerReplica):
             sizes = []
@@ -63,8 +74,7 @@ def replica_loss_weights(args, num_replicas: int) -> tf.Tensor | None:
                 # copy the whole piece there first.
                 with tf.device(part.device):
                     sizes.append(tf.shape(part)[0])
-            sizes = tf.cast(tf.stack(sizes), tf.float32)
-            return num_replicas * sizes / tf.reduce_sum(sizes)
+            return sizes
     return None
 
 

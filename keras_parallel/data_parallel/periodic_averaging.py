@@ -52,10 +52,12 @@ class PeriodicAveraging:
     def __init__(self, sync_every: int, make_outer):
         self.sync_every = sync_every
         self._make_outer = make_outer
-        self._outer = None
+        # For the weights trained last: (their ids, the training steps taken,
+        # the outer optimizer or None).
+        self._state: tuple | None = None
         # id of the model's tf variable -> (it, weakly; working; anchor).
         self._copies: dict[int, tuple] = {}
-        # (optimizer, its update count before its step) in the traced step.
+        # The optimizers that stepped in the traced step.
         self._stepping: list = []
 
     def __repr__(self) -> str:
@@ -76,20 +78,34 @@ class PeriodicAveraging:
                     continue
                 entries.append(self._entry(variable, weight, strategy))
         entries = list({id(e[0]): e for e in entries}.values())
-        if self._make_outer is not None:
-            self._build_outer([a for _, _, a in entries if a.trainable], strategy)
+        self._start(entries, models, strategy)
         return entries
 
-    def _build_outer(self, anchors, strategy) -> None:
-        # One outer optimizer per set of weights: a new model (a notebook
-        # cell run again) gets a new one, made from the user's config.
-        key = tuple(id(a) for a in anchors)
-        if self._outer is not None and self._outer[0] == key:
+    def _start(self, entries, models, strategy) -> None:
+        # A step counter and an outer optimizer per set of weights: a new
+        # model (a notebook cell run again) starts afresh.
+        key = tuple(id(variable) for variable, _, _ in entries)
+        if self._state is not None and self._state[0] == key:
             return
+        optimizer = getattr(models[0], "optimizer", None) if models else None
         with tf.init_scope(), strategy.scope():
-            outer = self._make_outer()
-            outer.build(anchors)
-        self._outer = (key, outer)
+            # Resumed training (its optimizer restored) goes on counting.
+            done = (
+                0
+                if optimizer is None
+                else int(tf.convert_to_tensor(optimizer.iterations))
+            )
+            steps = tf.Variable(
+                done * _steps_per_update(optimizer),
+                dtype=tf.int64,
+                trainable=False,
+                name="local_steps",
+            )
+            outer = None
+            if self._make_outer is not None:
+                outer = self._make_outer()
+                outer.build([a for _, _, a in entries if a.trainable])
+        self._state = (key, steps, outer)
 
     def _entry(self, variable, weight, strategy):
         known = self._copies.get(id(variable))
@@ -130,33 +146,39 @@ class PeriodicAveraging:
             _copy_each(working, [variable])
 
     def stepping(self, optimizer) -> None:
-        """Notes, before its local step, that `optimizer` steps in the step
-        being traced."""
-        self._stepping.append((optimizer, tf.identity(optimizer.iterations)))
+        """Notes that `optimizer` steps in the step being traced."""
+        self._stepping.append(optimizer)
 
-    def finish_step(self, entries, sum_over_replicas, num_replicas) -> None:
-        """After a training step: when the optimizer that stepped has made
-        a multiple of `sync_every` updates (Keras' `iterations`, which with
-        `gradient_accumulation_steps` counts updates, not batches), with one
-        just now, synchronize; otherwise keep each replica's weights and put
-        the synchronized ones back into the model.
+    def finish_step(self, entries, sum_over_replicas, num_replicas, sizes) -> None:
+        """After a training step: every `sync_every` optimizer updates
+        (`sync_every` x `gradient_accumulation_steps` steps, counted alike on
+        every replica and worker), synchronize; otherwise keep each replica's
+        weights and put the synchronized ones back into the model. A replica
+        whose piece of the batch was empty (a short last batch) did not step,
+        and what its forward pass did to its weights (BatchNormalization's
+        statistics of no samples) is undone.
 
         Args:
             entries: What `tracked` returned for the step.
             sum_over_replicas: `f(per_tensor_parts) -> per_tensor_parts`, the
                 sum over all replicas of each tensor, on each local device.
             num_replicas: Replicas in sync (all workers).
+            sizes: Samples of each local replica's piece, or None.
         """
         stepping, self._stepping = self._stepping, []
+        for i, size in enumerate(sizes or []):
+            tf.cond(
+                size > 0,
+                lambda: tf.constant(False),
+                lambda i=i: self._undo_step(entries, i),
+            )
         if not stepping:
             self._keep(entries)
             return
-        optimizer, before = stepping[0]
-        updates = optimizer.iterations
-        due = tf.logical_and(
-            tf.greater(updates, before),
-            tf.equal(tf.math.floormod(updates, self.sync_every), 0),
-        )
+        steps = self._state[1]
+        steps.assign_add(1)
+        every = self.sync_every * _steps_per_update(stepping[0])
+        due = tf.equal(tf.math.floormod(steps.read_value(), every), 0)
 
         def synchronize():
             self._synchronize(entries, sum_over_replicas, num_replicas)
@@ -167,6 +189,13 @@ class PeriodicAveraging:
             return tf.constant(False)
 
         tf.cond(due, synchronize, keep)
+
+    @staticmethod
+    def _undo_step(entries, replica: int):
+        for variable, working, _ in entries:
+            with tf.device(variable.values[replica].device):
+                variable.values[replica].assign(working.values[replica])
+        return tf.constant(True)
 
     def _keep(self, entries) -> None:
         for variable, working, anchor in entries:
@@ -198,9 +227,13 @@ class PeriodicAveraging:
                 with tf.device(start.device):
                     start.assign_add(mean)
         if outer_steps:
-            self._outer[1].apply(outer_gradients, outer_steps)
+            self._state[2].apply(outer_gradients, outer_steps)
         for variable, working, anchor in entries:
             _copy_each(anchor.value, [variable, working])
+
+
+def _steps_per_update(optimizer) -> int:
+    return getattr(optimizer, "gradient_accumulation_steps", None) or 1
 
 
 def _copy_each(source, targets) -> None:

@@ -54,6 +54,7 @@ class ReplicaFeatures(StatePlacement):
         # `sync_every` > 1: the replicas' own steps and their meetings
         # (`periodic_averaging`); None for synchronous training.
         self._averaging = averaging
+        self._piece_sizes = None  # of the step being traced, with averaging
         # True while the gradients of a step are reduced (so they take the
         # compressed path) and while the optimizer is applied once on them.
         self._reducing_gradients = False
@@ -168,16 +169,24 @@ class ReplicaFeatures(StatePlacement):
         self.steps_per_update = self._averaging.sync_every * (
             getattr(optimizer, "gradient_accumulation_steps", None) or 1
         )
+        sizes = self._piece_sizes or [None] * len(self._devices)
         self._applying_once = True
         try:
-            for i, device in enumerate(self._devices):
+            for i, (device, size) in enumerate(zip(self._devices, sizes, strict=True)):
                 with tf.device(device), UpdateContext(i), tf.name_scope(f"replica_{i}"):
-                    result = apply(
-                        [None if p is None else p[i] for p in parts], variables
-                    )
+
+                    def step(i=i):
+                        apply([None if p is None else p[i] for p in parts], variables)
+                        return tf.constant(True)
+
+                    # A replica without samples (a short last batch) does not
+                    # step: its gradient is of nothing.
+                    if size is None:
+                        step()
+                    else:
+                        tf.cond(size > 0, step, lambda: tf.constant(False))
         finally:
             self._applying_once = False
-        return result
 
     def _finish_local_step(self, entries) -> None:
         """After a training step with `sync_every` > 1: the replicas meet or
@@ -185,7 +194,10 @@ class ReplicaFeatures(StatePlacement):
         self._applying_once = True  # the outer optimizer applies once
         try:
             self._averaging.finish_step(
-                entries, self._sum_over_replicas, self._num_replicas_in_sync
+                entries,
+                self._sum_over_replicas,
+                self._num_replicas_in_sync,
+                self._piece_sizes,
             )
         finally:
             self._applying_once = False
@@ -351,12 +363,14 @@ class ReplicaFeatures(StatePlacement):
                 if averaging is None:
                     return super()._call_for_each_replica(fn, args, kwargs)
                 entries = averaging.tracked(models, self._container_strategy())
+                self._piece_sizes = batch_split.piece_sizes(args)
                 averaging.load_working(entries)
                 result = super()._call_for_each_replica(fn, args, kwargs)
                 self._finish_local_step(entries)
                 return result
         finally:
             self._loss_weights = None
+            self._piece_sizes = None
             self._tracing_step = False
 
     def _step_layers(self, models):

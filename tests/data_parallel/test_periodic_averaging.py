@@ -281,3 +281,22 @@ def test_a_cell_run_again_trains_a_new_model_and_frees_the_old_copies():
     gc.collect()
     averaging = strategy.extended._averaging
     assert len(averaging._copies) == len(model.weights)  # the first model's: gone
+
+
+@pytest.mark.parametrize("samples", [35, 33], ids=["uneven", "one_short"])
+def test_short_last_batches_as_the_replicas_alone(samples):
+    """Epochs of 32 + 3 samples (pieces 2 and 1) or 32 + 1 (pieces 1 and 0:
+    that replica does not step, and BatchNormalization's statistics of no
+    samples do not reach its weights)."""
+    strategy = keras_parallel.DataParallel(devices(2), sync_every=3)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build(OPTIMIZERS["adam"]())
+    model.fit(
+        X[:samples], Y[:samples], batch_size=BATCH, epochs=3, verbose=0, shuffle=False
+    )
+    reference = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 3).train(
+        X[:samples], Y[:samples], BATCH, 6
+    )
+    assert_close(model.get_weights(), reference.synchronized)
+    assert_replicas_bit_equal(model)
