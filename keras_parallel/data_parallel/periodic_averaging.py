@@ -167,11 +167,15 @@ class PeriodicAveraging:
         """
         stepping, self._stepping = self._stepping, []
         for i, size in enumerate(sizes or []):
-            tf.cond(
-                size > 0,
-                lambda: tf.constant(False),
-                lambda i=i: self._undo_step(entries, i),
-            )
+            known = tf.get_static_value(size)
+            if known == 0:
+                self._undo_step(entries, i)
+            elif known is None:
+                tf.cond(
+                    size > 0,
+                    lambda: tf.constant(False),
+                    lambda i=i: self._undo_step(entries, i),
+                )
         if not stepping:
             self._keep(entries)
             return

@@ -66,10 +66,20 @@ def assert_replicas_bit_equal(model):
             np.testing.assert_array_equal(value, values[0], err_msg=weight.path)
 
 
-@pytest.mark.parametrize("outer", [False, True], ids=["local_sgd", "diloco"])
+# Every inner optimizer option under local SGD; the outer optimizer, which
+# sees only the averaged changes, with Adam and SGD+momentum inside.
+CASES = [(2, option, False) for option in sorted(OPTIMIZERS)] + [
+    (2, "adam", True),
+    (2, "sgd_momentum", True),
+    (4, "adam", False),
+    (4, "adam", True),
+]
+
+
 @pytest.mark.parametrize(
-    "replicas, option",
-    [(2, option) for option in sorted(OPTIMIZERS)] + [(4, "adam"), (4, "sgd_momentum")],
+    "replicas, option, outer",
+    CASES,
+    ids=[f"{n}-{o}-{'diloco' if d else 'local_sgd'}" for n, o, d in CASES],
 )
 def test_equals_replicas_training_alone(replicas, option, outer):
     # 12 steps, synchronizing every 3 updates: after steps 3, 6, 9 and 12,
@@ -300,3 +310,31 @@ def test_short_last_batches_as_the_replicas_alone(samples):
     )
     assert_close(model.get_weights(), reference.synchronized)
     assert_replicas_bit_equal(model)
+
+
+class WeightsAfterEachBatch(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append(self.model.get_weights())
+
+
+def test_callbacks_see_the_last_synchronization():
+    # sync_every=4 over 6 steps: after steps 1-3 the initial weights, after
+    # steps 4-6 those of the meeting after step 4.
+    strategy = keras_parallel.DataParallel(devices(2), sync_every=4)
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build(OPTIMIZERS["adam"]())
+    initial = model.get_weights()
+    callback = WeightsAfterEachBatch()
+    model.fit(
+        X, Y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[callback]
+    )
+    met = ReplicasAlone(build, OPTIMIZERS["adam"], 2, 4).train(X, Y, BATCH, 4)
+    for seen in callback.seen[:3]:
+        assert_close(seen, initial, atol=0)
+    for seen in callback.seen[3:]:
+        assert_close(seen, met.synchronized)
