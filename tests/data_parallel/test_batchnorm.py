@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from models import CONV_DATA, conv_batchnorm_adam
 from transparency import devices, max_weight_diff, train
@@ -64,6 +65,58 @@ def test_moments_keep_their_digits_when_the_mean_is_large():
     # cancels 1e6 against 1e-4 and keeps no digit.
     assert error(variance) <= max(2 * error(one_device_variance.numpy()), 1e-5)
     assert error(keras_variance) > 1e-1
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
+def test_gradient_is_one_devices_with_every_replicas_loss(masked):
+    """Each replica's loss uses the global mean and variance with its own
+    coefficients; the gradient every replica gets for its piece is that of
+    one device's moments of the whole batch under the summed loss."""
+    rng = np.random.RandomState(2)
+    x = rng.randn(16, 5, 3) + 4.0
+    weights = (rng.rand(16, 5, 1) < 0.7) * np.ones((1, 1, 3)) if masked else None
+    coefficients = rng.randn(4, 2, 3)
+    strategy = keras_parallel.DataParallel(devices(4))
+
+    def per_replica(value):
+        return strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(
+                np.split(value, 4)[context.replica_id_in_sync_group]
+            )
+        )
+
+    def replica_gradient(piece, piece_weights, replica_coefficients):
+        with tf.GradientTape() as tape:
+            tape.watch(piece)
+            mean, variance = batchnorm.global_moments(piece, [0, 1], piece_weights)
+            # This replica's row of `coefficients`: (1, 2, channels).
+            loss = tf.reduce_sum(replica_coefficients[0, 0] * mean) + tf.reduce_sum(
+                replica_coefficients[0, 1] * variance
+            )
+        return tape.gradient(loss, piece)
+
+    gradients = strategy.run(
+        replica_gradient,
+        args=(
+            per_replica(x),
+            None if weights is None else per_replica(weights),
+            per_replica(coefficients),
+        ),
+    )
+    gradient = np.concatenate(
+        [g.numpy() for g in strategy.experimental_local_results(gradients)]
+    )
+
+    whole = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(whole)
+        if masked:
+            mean, variance = tf.nn.weighted_moments(whole, [0, 1], weights)
+        else:
+            mean, variance = tf.nn.moments(whole, [0, 1])
+        summed = coefficients.sum(0)
+        loss = tf.reduce_sum(summed[0] * mean) + tf.reduce_sum(summed[1] * variance)
+    np.testing.assert_allclose(gradient, tape.gradient(loss, whole), atol=1e-12)
 
 
 def masked_batch_norm():
