@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from keras_parallel._tf_internal import local_variable, update_as
-from keras_parallel.reduction.rows import join_rows, row_parts
+from keras_parallel.reduction.rows import join_rows, row_part, row_parts
 from keras_parallel.specialize import own_class
 from keras_parallel.split_variable import SplitVariable, make_split_variable
 
@@ -56,7 +56,7 @@ class RowShards(SplitVariable):
         return join_rows(parts, self.full_shape)
 
     def part_of(self, value, replica: int):
-        return row_parts(value, len(self.values))[replica]
+        return row_part(value, len(self.values), replica)
 
 
 def create_row_shards(
@@ -142,14 +142,14 @@ class WeightParts:
         new = []
         for replica, (copy, part) in enumerate(zip(weight.values, parts, strict=True)):
             with tf.device(copy.device), context(replica):
-                part.assign(row_parts(copy.read_value(), len(parts))[replica])
+                part.assign(row_part(copy.read_value(), len(parts), replica))
                 update_part(
                     fn,
                     part,
                     select(replica, args),
                     select(replica, kwargs),
                     shape,
-                    lambda value, r=replica: row_parts(value, len(parts))[r],
+                    lambda value, r=replica: row_part(value, len(parts), r),
                 )
                 new.append(part.read_value())
         wholes = gather(new, shape, weight.name.split(":")[0])

@@ -25,7 +25,7 @@ from keras_parallel._tf_internal import (
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm, resolve_algorithm
 from keras_parallel.reduction.communicator import Communicator, Transfer
 from keras_parallel.reduction.compression import Compression, resolve_compression
-from keras_parallel.reduction.rows import join_rows, row_parts
+from keras_parallel.reduction.rows import join_rows, row_part, row_parts
 from keras_parallel.reduction.states import CompressionStates
 
 
@@ -222,7 +222,7 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             for r, total in enumerate(summed):
                 with tf.device(total.device):
                     whole = tf.IndexedSlices(*_sparse(total, shape))
-                    rows.append(row_parts(whole, n)[r])
+                    rows.append(row_part(whole, n, r))
             return rows
         cut = []
         for part in parts:

@@ -20,29 +20,34 @@ def row_parts(value, num_parts: int) -> list:
     `num_parts` parts of equal row counts; a sparse gradient stays sparse,
     its rows re-indexed within each part (so an optimizer's sparse update
     adds repeated rows as on one device)."""
+    return [row_part(value, num_parts, r) for r in range(num_parts)]
+
+
+def row_part(value, num_parts: int, index: int):
+    """Part `index` of `row_parts(value, num_parts)`, without making the
+    others (a step updates its own part of every weight)."""
     if isinstance(value, tf.IndexedSlices):
         shape = tf.TensorShape(tf.get_static_value(value.dense_shape))
         size = -(-shape[0] // num_parts)
-        parts = []
-        for r in range(num_parts):
-            local = value.indices - r * size
-            held = tf.logical_and(local >= 0, local < size)
-            parts.append(
-                tf.IndexedSlices(
-                    tf.boolean_mask(value.values, held),
-                    tf.boolean_mask(local, held),
-                    tf.constant([size, *shape[1:]], value.dense_shape.dtype),
-                )
-            )
-        return parts
+        local = value.indices - index * size
+        held = tf.logical_and(local >= 0, local < size)
+        return tf.IndexedSlices(
+            tf.boolean_mask(value.values, held),
+            tf.boolean_mask(local, held),
+            tf.constant([size, *shape[1:]], value.dense_shape.dtype),
+        )
     value = tf.convert_to_tensor(value)
     if not value.shape.rank:
         value = tf.reshape(value, [1])
     rows = value.shape[0]
     size = -(-rows // num_parts)
-    padding = [[0, size * num_parts - rows]] + [[0, 0]] * (value.shape.rank - 1)
-    padded = tf.pad(value, padding)
-    return [padded[r * size : (r + 1) * size] for r in range(num_parts)]
+    start = min(index * size, rows)
+    stop = min(start + size, rows)
+    part = value[start:stop]
+    if stop - start < size:
+        padding = [[0, size - (stop - start)]] + [[0, 0]] * (value.shape.rank - 1)
+        part = tf.pad(part, padding)
+    return part
 
 
 def join_rows(parts, shape: tf.TensorShape) -> tf.Tensor:
