@@ -69,13 +69,13 @@ def global_moments(x, axes, weights=None):
 
     # Statistics keep the reduced axes (size 1) so that they broadcast
     # against `x` without reshapes.
-    total = weighted_sum(x)
+    sums = weighted_sum(x)
     if weights is None:
         elements = tf.reduce_prod(tf.gather(tf.shape(x), axes))
-        count = tf.fill(tf.shape(total), tf.cast(elements, x.dtype))
+        count = tf.fill(tf.shape(sums), tf.cast(elements, x.dtype))
     else:
         count = weighted_sum(tf.ones_like(x))
-    mean = tf.math.divide_no_nan(total, count)
+    mean = tf.math.divide_no_nan(sums, count)
     deviation = x - mean
     # The rounding error of `mean`, recovered from the deviations (exact by
     # Sterbenz's lemma near the mean): the corrected two-pass algorithm.
