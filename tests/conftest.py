@@ -36,14 +36,3 @@ def run_python(code: str, timeout: float = 300, env: dict | None = None):
         timeout=timeout,
         env=full_env,
     )
-
-
-# Longest first: under `pytest -n 2` a notebook or a real architecture that
-# starts last keeps one worker busy for a minute while the other has nothing
-# left to run (the suite's slowest modules, measured with --durations).
-_LONGEST_FIRST = ("test_notebooks.py", "test_real_models.py", "test_multi_worker.py")
-
-
-def pytest_collection_modifyitems(items):
-    order = {name: rank for rank, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: order.get(item.path.name, len(order)))
