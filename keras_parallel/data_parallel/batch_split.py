@@ -78,6 +78,17 @@ def piece_sizes(args) -> list[tf.Tensor] | None:
     return None
 
 
+def if_has_samples(size, with_samples, without_samples):
+    """`with_samples()` if a piece of `size` samples (from `piece_sizes`;
+    None: unknown, taken as not empty) is not empty, else
+    `without_samples()`: decided while tracing when the size is static (an
+    evenly split batch), otherwise by a `tf.cond`."""
+    known = None if size is None else tf.get_static_value(size)
+    if size is not None and known is None:
+        return tf.cond(size > 0, with_samples, without_samples)
+    return with_samples() if known is None or known > 0 else without_samples()
+
+
 def split_batch(
     batch,
     host: str,

@@ -74,7 +74,7 @@ def global_moments(x, axes, weights=None):
         elements = tf.reduce_prod(tf.gather(tf.shape(x), axes))
         count = tf.fill(tf.shape(sums), tf.cast(elements, x.dtype))
     else:
-        count = weighted_sum(tf.ones_like(x))
+        count = tf.reduce_sum(weights, axes, keepdims=True)
     mean = tf.math.divide_no_nan(sums, count)
     deviation = x - mean
     # The rounding error of `mean`, recovered from the deviations (exact by

@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import Mirrored, UpdateContext
 from keras_parallel._validation import check_int
+from keras_parallel.data_parallel.batch_split import if_has_samples
 
 
 class PeriodicAveraging:
@@ -167,15 +168,11 @@ class PeriodicAveraging:
         """
         stepping, self._stepping = self._stepping, []
         for i, size in enumerate(sizes or []):
-            known = tf.get_static_value(size)
-            if known == 0:
-                self._undo_step(entries, i)
-            elif known is None:
-                tf.cond(
-                    size > 0,
-                    lambda: tf.constant(False),
-                    lambda i=i: self._undo_step(entries, i),
-                )
+            if_has_samples(
+                size,
+                lambda: tf.constant(False),
+                lambda i=i: self._undo_step(entries, i),
+            )
         if not stepping:
             self._keep(entries)
             return

@@ -181,11 +181,7 @@ class ReplicaFeatures(StatePlacement):
 
                     # A replica without samples (a short last batch) does not
                     # step: its gradient is of nothing.
-                    known = None if size is None else tf.get_static_value(size)
-                    if size is None or (known is not None and known > 0):
-                        step()
-                    elif known is None:
-                        tf.cond(size > 0, step, lambda: tf.constant(False))
+                    batch_split.if_has_samples(size, step, lambda: tf.constant(False))
         finally:
             self._applying_once = False
 
