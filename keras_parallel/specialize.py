@@ -69,30 +69,20 @@ def specialized(objects, mixin: type):
             object.__setattr__(obj, "__class__", cls)
 
 
-def reachable(fn, args=(), depth: int = 4) -> tuple[list[keras.Model], list]:
-    """The Keras models and optimizers a step function can reach: its model
-    (Keras runs `model.train_step`), those passed in `args`, and those in its
-    closures or in the globals its code names (a custom loop's `model(x)` and
-    `optimizer.apply_gradients`), through the wrappers Keras and
-    `Strategy.run` add.
-
-    Returns:
-        (models, optimizers); a model's compiled optimizer is included.
-    """
+def reachable(fn, args=(), depth: int = 4) -> list[keras.Model]:
+    """The Keras models a step function can reach: its model (Keras runs
+    `model.train_step`), those passed in `args`, and those in its closures
+    or in the globals its code names (a custom loop's `model(x)`), through
+    the wrappers Keras and `Strategy.run` add."""
     models: dict[int, keras.Model] = {}
-    optimizers: dict[int, keras.optimizers.Optimizer] = {}
     seen: set[int] = set()
 
     def visit(value, level):
         if value is None or id(value) in seen or level > depth:
             return
         seen.add(id(value))
-        if isinstance(value, keras.optimizers.Optimizer):
-            optimizers[id(value)] = value
-            return
         if isinstance(value, keras.Model):
             models[id(value)] = value
-            visit(getattr(value, "optimizer", None), level)
             return
         if isinstance(value, (list, tuple)):
             for item in value:
@@ -122,7 +112,7 @@ def reachable(fn, args=(), depth: int = 4) -> tuple[list[keras.Model], list]:
 
     visit(fn, 0)
     visit(args, 0)
-    return list(models.values()), list(optimizers.values())
+    return list(models.values())
 
 
 def _names(code) -> set[str]:
@@ -165,6 +155,26 @@ def captured_model(fn, depth: int = 4) -> keras.Model | None:
         if callable(value):
             found = captured_model(value, depth - 1)
     return found
+
+
+def keras_step_model(step_fn) -> keras.Model | None:
+    """The model whose `train_step`, `test_step` or `predict_step` `step_fn`
+    is (bound, or called by the local function Keras' `predict` runs), seen
+    through the wrappers `Strategy.run` adds; None for other functions (a
+    custom loop's)."""
+    steps = {"train_step", "test_step", "predict_step"}
+    fn = step_fn
+    while fn is not None:
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, keras.Model):
+            return owner if getattr(fn, "__name__", None) in steps else None
+        code = getattr(fn, "__code__", None)
+        if code is not None and _names(code) & steps:
+            model = captured_model(fn)
+            if model is not None:
+                return model
+        fn = getattr(fn, "__wrapped__", None)
+    return None
 
 
 def is_inference_step(step_fn) -> bool:

@@ -37,14 +37,33 @@ def test_model_built_outside_the_scope_and_fit_inside():
     assert "clone_model" in str(raised.value)
 
 
-def test_model_built_outside_compiled_inside():
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+def test_model_built_outside_compiled_inside(optimizer):
     strategy = keras_parallel.DataParallel(devices(2))
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     with strategy.scope():
-        model.compile(keras.optimizers.SGD(0.1), "mse")
+        model.compile(optimizer, "mse")
     with pytest.raises(ValueError) as raised:
         model.fit(X, Y, batch_size=8, verbose=0)
     assert "was created outside `DataParallel.scope()`" in str(raised.value)
+    assert "clone_model" in str(raised.value)
+
+
+@pytest.mark.parametrize("where", ["compiled outside", "instance made outside"])
+def test_optimizer_made_outside_the_scope(where):
+    strategy = keras_parallel.DataParallel(devices(2))
+    optimizer = keras.optimizers.Adam(name="my_adam")
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        if where == "instance made outside":
+            model.compile(optimizer, "mse")
+    if where == "compiled outside":
+        model.compile(optimizer, "mse")
+    with pytest.raises(ValueError) as raised:
+        model.fit(X, Y, batch_size=8, verbose=0)
+    message = str(raised.value)
+    assert "The optimizer 'my_adam' (Adam) was created outside" in message
+    assert "model.compile(optimizer=keras.optimizers.Adam(...)" in message
 
 
 def test_jit_compile_is_refused_with_the_fix():

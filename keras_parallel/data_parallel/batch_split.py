@@ -58,7 +58,8 @@ def replica_loss_weights(args, num_replicas: int) -> tf.Tensor | None:
     sizes = piece_sizes(args)
     if sizes is None:
         return None
-    sizes = tf.cast(tf.stack(sizes), tf.float32)
+    # float64: a float32 share would round a float64 model's loss.
+    sizes = tf.cast(tf.stack(sizes), tf.float64)
     return num_replicas * sizes / tf.reduce_sum(sizes)
 
 

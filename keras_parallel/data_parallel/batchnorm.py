@@ -30,7 +30,9 @@ class GlobalStatistics:
 
     def _moments(self, inputs, mask):
         context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
+        # The strategy's own count: a Keras step's replica reads 1
+        # (`loss_weights`).
+        if context is None or context.strategy.extended._num_replicas_in_sync == 1:
             return super()._moments(inputs, mask)
         weights = None
         if mask is not None:
@@ -145,7 +147,8 @@ def _all_gather_rows(row):
     context = tf.distribute.get_replica_context()
     rows = context.merge_call(_gather, args=(tf.expand_dims(row, 0),))
     # Across workers the gather's static shape is lost.
-    return tf.ensure_shape(rows, [context.num_replicas_in_sync, *row.shape])
+    replicas = context.strategy.extended._num_replicas_in_sync
+    return tf.ensure_shape(rows, [replicas, *row.shape])
 
 
 def _gather(strategy, rows):

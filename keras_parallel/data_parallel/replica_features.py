@@ -4,6 +4,7 @@ machinery, on one machine and across workers."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import tensorflow as tf
 
@@ -21,6 +22,8 @@ from keras_parallel.data_parallel.element_shards import (
 from keras_parallel.data_parallel.local_accumulation import (
     LocalAccumulators,
 )
+from keras_parallel.data_parallel.loss_weights import LossWeights
+from keras_parallel.data_parallel.metric_results import GlobalResult, step_metrics
 from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.data_parallel.ownership import OwnerTable
 from keras_parallel.data_parallel.parameter_shards import (
@@ -28,13 +31,19 @@ from keras_parallel.data_parallel.parameter_shards import (
     require_elementwise,
     specialize_gathering,
 )
+from keras_parallel.data_parallel.shared_rows import SharedRows
 from keras_parallel.data_parallel.state_placement import (
     StatePlacement,
     require_distributed,
 )
 from keras_parallel.reduction.engine import is_dense, local_parts
 from keras_parallel.reduction.rows import join_rows
-from keras_parallel.specialize import is_inference_step, reachable, specialized
+from keras_parallel.specialize import (
+    is_inference_step,
+    keras_step_model,
+    reachable,
+    specialized,
+)
 from keras_parallel.split_variable import SplitValue, SplitVariable
 
 
@@ -61,7 +70,10 @@ class ReplicaFeatures(StatePlacement):
         self._applying_once = False
         self._tracing_step = False
         self._warned_unreduced_update = False
-        self._loss_weights = None
+        self._loss_weights = LossWeights()
+        # The optimizers made in the scope (`StatePlacement`): each applies
+        # once on the reduced gradients.
+        self._optimizers = weakref.WeakSet()
         self._replicas_per_piece = 1
         # `DataParallel(sharding=...)`: "optimizer", "gradients",
         # "parameters" or None.
@@ -111,6 +123,8 @@ class ReplicaFeatures(StatePlacement):
         if self._averaging is not None:
             return self._apply_locally(apply, grads, variables, optimizer)
         present = [i for i, g in enumerate(grads) if g is not None]
+        gathered = self._reduced_in_backward(variables, present, optimizer)
+        grads = self._loss_weights.weigh_gradients(grads, summed=gathered)
         accumulators = (
             None
             if variables is None
@@ -129,13 +143,17 @@ class ReplicaFeatures(StatePlacement):
             reading = self._local_accumulators.reading(accumulators)
         else:
             scattered = self._scattered(grads, variables, present, optimizer)
-            gathered = self._reduced_in_backward(variables, present, optimizer)
             summed = [i for i in present if i not in scattered + gathered]
-            sums = (
-                self._reduce_gradients([(grads[i], grads[i]) for i in summed])
-                if summed
-                else []
-            )
+            shared = [SharedRows.of(grads[i]) for i in summed]
+            values = [
+                grads[i] if rows is None else rows.values
+                for i, rows in zip(summed, shared, strict=True)
+            ]
+            sums = self._reduce_gradients([(v, v) for v in values]) if summed else []
+            sums = [
+                total if rows is None else rows.rebuild(total)
+                for total, rows in zip(sums, shared, strict=True)
+            ]
             handed = list(grads)
             for i, value in zip(summed, sums, strict=True):
                 handed[i] = self._gradient_for_update(value, variables, i)
@@ -290,14 +308,21 @@ class ReplicaFeatures(StatePlacement):
         return value.values[self._owners.owner(variable)]
 
     def replica_loss_weight(self):
-        """This replica's loss weight in the step being traced, or None."""
+        """This replica's loss weight in the step being traced, or None
+        (`loss_weights`)."""
         if self._averaging is not None:
-            # Each replica steps on the mean over its own samples.
-            return float(self._num_replicas_in_sync)
-        if self._loss_weights is None:
-            return None
+            # Each replica steps on the mean over its own samples, which a
+            # Keras step's loss is; a custom loop's was divided by N.
+            seen = self._loss_weights.replicas_seen(self._num_replicas_in_sync)
+            return None if seen == 1 else float(seen)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return tf.gather(self._loss_weights, replica)
+        return self._loss_weights.for_loss(replica)
+
+    def replica_share(self):
+        """This replica's share n_i / n of the batch of the step being traced
+        (replica context)."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return self._loss_weights.share(replica)
 
     def _replica_loss_weights(self, args):
         """Each replica's loss weight for this step, or None for equal ones."""
@@ -342,23 +367,32 @@ class ReplicaFeatures(StatePlacement):
                 "`model.compile(..., jit_compile=False)` (Keras picks "
                 "jit_compile=True by default on machines with a GPU)."
             )
-        models, optimizers = reachable(fn, (args, kwargs))
+        models = reachable(fn, (args, kwargs))
         for model in models:
             for variable in model.variables:
                 require_distributed(variable.value)
         layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
-        self._loss_weights = self._replica_loss_weights(args)
+        keras_step = keras_step_model(fn) is not None
+        metrics = step_metrics(models) if keras_step else []
         averaging = None if is_inference_step(fn) else self._averaging
         self._tracing_step = True
         try:
             with (
+                self._loss_weights.step(
+                    self._replica_loss_weights(args),
+                    keras_step,
+                    self._num_replicas_in_sync,
+                ),
                 self._gradient_reduction.recording_step(),
                 specialized(layers, batchnorm.GlobalStatistics),
-                specialized(optimizers, ReplicaStepOptimizer),
+                specialized(metrics, GlobalResult),
+                specialized(list(self._optimizers), ReplicaStepOptimizer),
                 self._step_layers(models),
             ):
                 if averaging is None:
-                    return super()._call_for_each_replica(fn, args, kwargs)
+                    return self._loss_weights.weigh_logs(
+                        super()._call_for_each_replica(fn, args, kwargs)
+                    )
                 entries = averaging.tracked(models, self._container_strategy())
                 self._piece_sizes = batch_split.piece_sizes(args)
                 averaging.load_working(entries)
@@ -366,7 +400,6 @@ class ReplicaFeatures(StatePlacement):
                 self._finish_local_step(entries)
                 return result
         finally:
-            self._loss_weights = None
             self._piece_sizes = None
             self._tracing_step = False
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import keras
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
@@ -44,17 +45,29 @@ class StatePlacement:
         self._warned_unreduced_update = True
         tf.get_logger().warning(
             "DataParallel: the trainable variable %r is updated from inside "
-            "`strategy.run` by code DataParallel did not find in the step "
-            "function (an optimizer reached only through another object's "
-            "attribute, or a manual assign). An optimizer found there would "
-            "clip, accumulate and average the whole batch's gradient, as on "
-            "one device; this one works on each replica's part, as under "
-            "MirroredStrategy. Keep the optimizer in the step function's "
-            "closure or globals, or pass it in `strategy.run(..., args=...)`.",
+            "`strategy.run` by code other than an optimizer made in the "
+            "strategy's scope (a manual assign, or an optimizer made before "
+            "the scope), so it works on each replica's part of the batch, as "
+            "under MirroredStrategy. An optimizer made in the scope clips, "
+            "accumulates and averages the whole batch's gradient, as on one "
+            "device: create it inside `with strategy.scope():`.",
             var.name,
         )
 
+    def colocate_vars_with(self, colocate_with_variable):
+        # Keras' optimizer builds its slots through this scope of the strategy
+        # it was made in; a weight made outside that strategy's scope would
+        # otherwise fail with "Need to be inside strategy.scope()".
+        if isinstance(colocate_with_variable, tf.Variable):
+            require_distributed(colocate_with_variable)
+        return super().colocate_vars_with(colocate_with_variable)
+
     def _create_variable(self, next_creator, **kwargs):
+        # Every optimizer making its variables in the scope (its iteration
+        # counter, at construction) is known, however the step reaches it.
+        caller = keras_scope()[1]
+        if isinstance(caller, keras.optimizers.Optimizer):
+            self._optimizers.add(caller)
         colocate_with = kwargs.get("colocate_with")
         if isinstance(colocate_with, GatheredRows):
             # State of a split weight (slots, averages): split as it is.

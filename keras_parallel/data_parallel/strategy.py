@@ -13,6 +13,7 @@ from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.periodic_averaging import resolve_averaging
 from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
+from keras_parallel.data_parallel.scope_errors import explained
 from keras_parallel.data_parallel.sharding import resolve_sharding
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression, resolve_compression
@@ -199,6 +200,26 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         strategy = super().__new__(cls)
         strategy._cluster = cluster
         return strategy
+
+    def scope(self):
+        """`tf.distribute.Strategy.scope`: models, optimizers and metrics
+        made in it are distributed. An optimizer made outside the scope and
+        used by a model made in it gets an error naming it and the fix.
+
+        Returns:
+            A context manager.
+        """
+        return explained(super().scope())
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """Replicas training together (across workers). Inside a replica of a
+        Keras `train_step`, `test_step` or `predict_step` it reads 1: each
+        replica computes its loss as one device would, and the strategy
+        weighs the replicas by their shares of the batch (README: "How
+        losses count")."""
+        extended = self.extended
+        return extended._loss_weights.replicas_seen(extended._num_replicas_in_sync)
 
     @property
     def num_workers(self) -> int:

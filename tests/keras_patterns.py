@@ -1,0 +1,219 @@
+"""Models written as the keras.io examples write them (custom `compute_loss`,
+custom `train_step`, a GAN with its own optimizers, ...), for the tests that
+train them on one device and under a strategy: float64, seeded, small."""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+from transparency import train
+
+RNG = np.random.RandomState(3)
+X = RNG.normal(size=(64, 6))
+Y = RNG.normal(size=(64, 1))
+
+
+class BatchLogs(keras.callbacks.Callback):
+    """Records every `on_train_batch_end` log, as a progress bar shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.logs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.logs.append({k: float(v) for k, v in logs.items()})
+
+
+class TwoLayers(keras.Model):
+    """A subclassed regressor with a loss tracker of its own."""
+
+    def __init__(self, activation="tanh"):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation=activation)
+        self.out = keras.layers.Dense(1)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+class LossOverride(TwoLayers):
+    """`compute_loss` overridden as in Keras' own docstring of it."""
+
+    def compute_loss(self, x, y, y_pred, sample_weight=None, training=True):
+        loss = ops.mean(ops.square(y_pred - y))
+        loss += ops.sum(self.losses) if self.losses else 0.0
+        self.loss_tracker.update_state(loss)
+        return loss
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+
+def loss_override():
+    model = LossOverride()
+    model.compile(optimizer=keras.optimizers.Adam(0.01))
+    return model
+
+
+class CustomTrainStep(keras.Model):
+    """keras.io's "Customizing what happens in fit()": its own step, Keras'
+    compiled loss and metrics, and the loss it computed logged."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(y=y, y_pred=y_pred)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return {"raw_loss": loss, **{m.name: m.result() for m in self.metrics}}
+
+
+def custom_train_step():
+    model = CustomTrainStep()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="mse", metrics=["mae"]
+    )
+    return model
+
+
+class HandWrittenStep(TwoLayers):
+    """A `train_step` with a hand-written loss and its own trackers."""
+
+    def __init__(self):
+        super().__init__()
+        self.mae_metric = keras.metrics.MeanAbsoluteError(name="mae")
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = keras.losses.mean_squared_error(y, y_pred)
+            loss = ops.mean(loss)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(gradients, self.trainable_variables)
+        self.loss_tracker.update_state(loss)
+        self.mae_metric.update_state(y, y_pred)
+        return {"loss": self.loss_tracker.result(), "mae": self.mae_metric.result()}
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.mae_metric]
+
+
+def hand_written_step():
+    model = HandWrittenStep()
+    model.compile(optimizer=keras.optimizers.Adam(0.01, global_clipnorm=0.5))
+    return model
+
+
+def every_metric():
+    """Keras' own step and the metrics it ships: means, counts, ratios, AUC."""
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(8, "relu"), keras.layers.Dense(1)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.RMSprop(0.01),
+        loss=keras.losses.BinaryCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.BinaryAccuracy(threshold=0.0),
+            keras.metrics.TruePositives(thresholds=0.0),
+            keras.metrics.FalseNegatives(thresholds=0.0),
+            keras.metrics.Precision(thresholds=0.0),
+            keras.metrics.Recall(thresholds=0.0),
+            keras.metrics.AUC(from_logits=True, num_thresholds=50),
+            keras.metrics.MeanSquaredError(),
+        ],
+    )
+    return model
+
+
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """keras.io's text classification with a transformer: token ids looked up
+    from the batch (repeated), positions from `range(maxlen)`."""
+
+    def __init__(self, maxlen, vocab_size, embed_dim):
+        super().__init__()
+        self.token_emb = keras.layers.Embedding(vocab_size, embed_dim)
+        self.pos_emb = keras.layers.Embedding(maxlen, embed_dim)
+
+    def call(self, x):
+        maxlen = ops.shape(x)[-1]
+        positions = self.pos_emb(ops.arange(start=0, stop=maxlen, step=1))
+        return self.token_emb(x) + positions
+
+
+TOKENS = RNG.randint(0, 5, size=(64, 8))
+
+
+def position_embedding(make_optimizer):
+    inputs = keras.Input((8,), dtype="int32")
+    x = TokenAndPositionEmbedding(8, 5, 4)(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(1)(x))
+    model.compile(optimizer=make_optimizer(), loss="mse")
+    return model
+
+
+SPARSE_OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(0.05),
+    "adamw": lambda: keras.optimizers.AdamW(0.05, weight_decay=0.1),
+    "adagrad": lambda: keras.optimizers.Adagrad(0.5),
+    "rmsprop": lambda: keras.optimizers.RMSprop(0.05),
+}
+
+LABELS = (Y > 0).astype("float64")
+
+# name -> (build, labels)
+PATTERNS = {
+    "compute_loss": (loss_override, Y),
+    "custom_train_step": (custom_train_step, Y),
+    "hand_written_step": (hand_written_step, Y),
+    "every_metric": (every_metric, LABELS),
+}
+
+
+def fit(build, strategy=None, batch_size: int = 16, x=X, y=Y):
+    """Builds (seeded) in `strategy`'s scope and fits 1 epoch.
+
+    Returns:
+        (model, per-batch logs, history dict)
+    """
+    logs = BatchLogs()
+    model, history = train(
+        build,
+        dict(x=x, y=y, batch_size=batch_size, epochs=1, callbacks=[logs]),
+        strategy,
+    )
+    return model, logs.logs, history
+
+
+def max_logs_diff(a: list[dict], b: list[dict]) -> float:
+    """Largest difference between two runs' per-batch logs (the same metrics,
+    whose names a second model in the process suffixes with `_1`)."""
+    a, b = ([_unnumbered(logs) for logs in run] for run in (a, b))
+    assert [u.keys() for u in a] == [v.keys() for v in b]
+    return max(abs(u[k] - v[k]) for u, v in zip(a, b, strict=True) for k in u)
+
+
+def _unnumbered(logs: dict) -> dict:
+    return {re.sub(r"_\d+$", "", k): v for k, v in logs.items()}

@@ -1,0 +1,54 @@
+"""keras.io model patterns train under DataParallel as on one device:
+weights, per-batch logs and History, in float64."""
+
+import functools
+
+import keras
+import pytest
+from keras_patterns import (
+    PATTERNS,
+    SPARSE_OPTIMIZERS,
+    TOKENS,
+    Y,
+    fit,
+    max_logs_diff,
+    position_embedding,
+)
+from transparency import devices, max_weight_diff
+
+import keras_parallel
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    keras.backend.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    yield
+    keras.backend.set_floatx("float32")
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("batch_size", [16, 14])  # 64 = 4 x 16; 14 leaves 8
+def test_pattern_matches_one_device(pattern, num_devices, batch_size):
+    build, y = PATTERNS[pattern]
+    reference, reference_logs, reference_history = fit(build, None, batch_size, y=y)
+    strategy = keras_parallel.DataParallel(devices(num_devices))
+    model, logs, history = fit(build, strategy, batch_size, y=y)
+    assert max_weight_diff(model, reference) <= 1e-12
+    assert max_logs_diff(logs, reference_logs) <= 1e-12
+    epochs = [{k: v[0] for k, v in h.items()} for h in (history, reference_history)]
+    assert max_logs_diff(epochs[:1], epochs[1:]) <= 1e-12
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+@pytest.mark.parametrize("optimizer", sorted(SPARSE_OPTIMIZERS))
+def test_sparse_gradients_match_one_device(optimizer, num_devices):
+    # Token ids repeat within and across replicas' pieces; the position
+    # embedding's indices are the same on every replica.
+    build = functools.partial(position_embedding, SPARSE_OPTIMIZERS[optimizer])
+    reference, reference_logs, _ = fit(build, None, 16, x=TOKENS, y=Y)
+    strategy = keras_parallel.DataParallel(devices(num_devices))
+    model, logs, _ = fit(build, strategy, 16, x=TOKENS, y=Y)
+    assert max_weight_diff(model, reference) <= 1e-12
+    assert max_logs_diff(logs, reference_logs) <= 1e-12
