@@ -4,6 +4,7 @@ train them on one device and under a strategy: float64, seeded, small."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import keras
@@ -181,6 +182,120 @@ SPARSE_OPTIMIZERS = {
     "rmsprop": lambda: keras.optimizers.RMSprop(0.05),
 }
 
+class GAN(keras.Model):
+    """keras.io's DCGAN (overriding `train_step`): two optimizers kept as the
+    model's own attributes, trackers in `metrics`, no `call()`. The latent
+    vectors come from the batch instead of a random generator, so that one
+    device and the replicas draw the same ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.discriminator = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(1)]
+        )
+        self.generator = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(6)]
+        )
+
+    def compile(self, d_optimizer, g_optimizer, loss_fn):
+        super().compile()
+        self.d_optimizer = d_optimizer
+        self.g_optimizer = g_optimizer
+        self.loss_fn = loss_fn
+        self.d_loss_metric = keras.metrics.Mean(name="d_loss")
+        self.g_loss_metric = keras.metrics.Mean(name="g_loss")
+
+    @property
+    def metrics(self):
+        return [self.d_loss_metric, self.g_loss_metric]
+
+    def train_step(self, real):
+        if isinstance(real, tuple):
+            real = real[0]
+        batch_size = ops.shape(real)[0]
+        latent = ops.tanh(real[:, :3] - real[:, 3:])
+        generated = self.generator(latent)
+        combined = ops.concatenate([generated, real], axis=0)
+        labels = ops.concatenate(
+            [ops.ones((batch_size, 1)), ops.zeros((batch_size, 1))], axis=0
+        )
+        with tf.GradientTape() as tape:
+            d_loss = self.loss_fn(labels, self.discriminator(combined))
+        grads = tape.gradient(d_loss, self.discriminator.trainable_weights)
+        self.d_optimizer.apply_gradients(
+            zip(grads, self.discriminator.trainable_weights, strict=True)
+        )
+        misleading = ops.zeros((batch_size, 1))
+        with tf.GradientTape() as tape:
+            predictions = self.discriminator(self.generator(latent))
+            g_loss = self.loss_fn(misleading, predictions)
+        grads = tape.gradient(g_loss, self.generator.trainable_weights)
+        self.g_optimizer.apply_gradients(
+            zip(grads, self.generator.trainable_weights, strict=True)
+        )
+        self.d_loss_metric.update_state(d_loss)
+        self.g_loss_metric.update_state(g_loss)
+        return {m.name: m.result() for m in self.metrics}
+
+
+class CallableGAN(GAN):
+    """The same GAN with a `call()` (the discriminator's verdict)."""
+
+    def call(self, x):
+        return self.discriminator(x)
+
+
+def gan(cls=GAN):
+    model = cls()
+    model.compile(
+        d_optimizer=keras.optimizers.Adam(0.01, global_clipnorm=0.1),
+        g_optimizer=keras.optimizers.Adam(0.01, global_clipnorm=0.1),
+        loss_fn=keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    return model
+
+
+WORDS = ["the cat", "a dog sat", "the dog", "cats and dogs", "a cat sat on the mat"]
+COLOURS = ["red", "green", "blue"]
+
+
+def preprocessing_inputs() -> dict:
+    """Text, categories, integer ids and numbers, as keras.io's structured
+    data and end-to-end text examples feed them."""
+    return {
+        "text": np.array(WORDS, dtype=object)[RNG.randint(0, 5, 64)],
+        "colour": np.array(COLOURS, dtype=object)[RNG.randint(0, 3, (64, 1))],
+        "ids": RNG.randint(0, 5, (64, 1)),
+        "numbers": RNG.normal(size=(64, 2)),
+    }
+
+
+def preprocessing_model():
+    """Every Keras preprocessing layer inside the model."""
+    vectorize = keras.layers.TextVectorization(max_tokens=20, output_sequence_length=5)
+    vectorize.adapt(WORDS)
+    text = keras.Input((), dtype="string", name="text")
+    colour = keras.Input((1,), dtype="string", name="colour")
+    ids = keras.Input((1,), dtype="int64", name="ids")
+    numbers = keras.Input((2,), name="numbers")
+    embedded = keras.layers.Embedding(20, 3)(vectorize(text))
+    features = [
+        keras.layers.GlobalAveragePooling1D()(embedded),
+        keras.layers.StringLookup(vocabulary=COLOURS, output_mode="one_hot")(colour),
+        keras.layers.Hashing(4, output_mode="one_hot")(colour),
+        keras.layers.IntegerLookup(vocabulary=[0, 1, 2, 3], output_mode="one_hot")(ids),
+        keras.layers.Normalization(mean=[0.1, -0.2], variance=[1.5, 0.7])(numbers),
+        keras.layers.Discretization([-0.5, 0.0, 0.5], output_mode="one_hot")(
+            numbers[:, :1]
+        ),
+    ]
+    features = [ops.cast(f, "float64") for f in features]
+    outputs = keras.layers.Dense(1)(keras.layers.Concatenate()(features))
+    model = keras.Model([text, colour, ids, numbers], outputs)
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    return model
+
+
 LABELS = (Y > 0).astype("float64")
 
 # name -> (build, labels)
@@ -189,6 +304,8 @@ PATTERNS = {
     "custom_train_step": (custom_train_step, Y),
     "hand_written_step": (hand_written_step, Y),
     "every_metric": (every_metric, LABELS),
+    "gan_without_call": (gan, None),
+    "gan": (functools.partial(gan, CallableGAN), None),
 }
 
 
@@ -199,10 +316,9 @@ def fit(build, strategy=None, batch_size: int = 16, x=X, y=Y):
         (model, per-batch logs, history dict)
     """
     logs = BatchLogs()
+    data = dict(x=x) if y is None else dict(x=x, y=y)
     model, history = train(
-        build,
-        dict(x=x, y=y, batch_size=batch_size, epochs=1, callbacks=[logs]),
-        strategy,
+        build, dict(data, batch_size=batch_size, epochs=1, callbacks=[logs]), strategy
     )
     return model, logs.logs, history
 

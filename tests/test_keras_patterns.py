@@ -4,7 +4,9 @@ weights, per-batch logs and History, in float64."""
 import functools
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 from keras_patterns import (
     PATTERNS,
     SPARSE_OPTIMIZERS,
@@ -13,6 +15,8 @@ from keras_patterns import (
     fit,
     max_logs_diff,
     position_embedding,
+    preprocessing_inputs,
+    preprocessing_model,
 )
 from transparency import devices, max_weight_diff
 
@@ -52,3 +56,19 @@ def test_sparse_gradients_match_one_device(optimizer, num_devices):
     model, logs, _ = fit(build, strategy, 16, x=TOKENS, y=Y)
     assert max_weight_diff(model, reference) <= 1e-12
     assert max_logs_diff(logs, reference_logs) <= 1e-12
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_preprocessing_layers_train_and_predict(num_devices):
+    # Strings reach the replicas; Keras reads the first batch's shapes by a
+    # MEAN over replicas, which strings cannot take.
+    x = preprocessing_inputs()
+    dataset = tf.data.Dataset.from_tensor_slices((x, Y)).batch(14)
+    reference, reference_logs, _ = fit(preprocessing_model, None, None, dataset, None)
+    strategy = keras_parallel.DataParallel(devices(num_devices))
+    model, logs, _ = fit(preprocessing_model, strategy, None, dataset, None)
+    assert max_weight_diff(model, reference) <= 1e-12
+    assert max_logs_diff(logs, reference_logs) <= 1e-12
+    inputs = tf.data.Dataset.from_tensor_slices(x).batch(14)
+    expected = reference.predict(inputs, verbose=0)
+    np.testing.assert_allclose(model.predict(inputs, verbose=0), expected, atol=1e-12)

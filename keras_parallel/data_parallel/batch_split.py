@@ -141,26 +141,32 @@ def split_batch(
 
 
 def common_samples(value):
-    """Cuts per-replica values holding different numbers of samples to the
-    number all replicas hold, so that an elementwise reduction is defined.
+    """Makes per-replica values reducible elementwise: those holding
+    different numbers of samples are cut to the number all replicas hold, and
+    those that cannot be added (strings) are taken from the first replica.
 
-    An uneven global batch gives replicas pieces of different sizes; Keras
-    reduces the first batch with `strategy.reduce("MEAN", batch, axis=None)`
-    to learn its shapes, which MirroredStrategy cannot do (TensorFlow raises
-    "Inputs to operation AddN ... must have the same size"). Values with equal
-    or unknown shapes are returned unchanged.
+    Keras reduces the first batch with `strategy.reduce("MEAN", batch,
+    axis=None)` only to learn its shapes and dtypes. MirroredStrategy cannot
+    do that for an uneven global batch (TensorFlow raises "Inputs to
+    operation AddN ... must have the same size") nor for text ("Value for
+    attr 'T' of string is not in the list of allowed values"), so a model
+    with a TextVectorization or StringLookup layer fails before training.
+    Values with equal or unknown shapes are returned unchanged.
     """
 
     def cut(v):
         if not isinstance(v, PerReplica):
             return v
+        text = any(part.dtype == tf.string for part in v.values)
         shapes = [part.shape for part in v.values]
         if not all(s.rank and s.is_fully_defined() for s in shapes):
-            return v
+            return v.values[0] if text else v
         sizes = {s[0] for s in shapes}
+        n = min(sizes)
+        if text:
+            return v.values[0][:n]
         if len(sizes) == 1:
             return v
-        n = min(sizes)
         return PerReplica(tuple(part[:n] for part in v.values))
 
     return tf.nest.map_structure(cut, value)

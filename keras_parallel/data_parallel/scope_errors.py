@@ -1,6 +1,17 @@
-"""Errors that say which object was made outside `strategy.scope()` and how
-to fix it, in place of TensorFlow's "Mixing different tf.distribute.Strategy
-objects"."""
+"""What DataParallel's scope does about errors raised inside it: those of an
+object made outside `strategy.scope()` say which object and how to fix it, in
+place of TensorFlow's "Mixing different tf.distribute.Strategy objects"; a
+model without `call()` is built as on one device.
+
+Under a strategy Keras builds a model before `fit` by calling it on symbolic
+inputs (`Trainer._symbolic_build`); without a strategy it defers building to
+the traced step. A model that defines no `call()` (keras.io's GAN, DCGAN,
+WGAN-GP and VAE examples train through their own `train_step`) fails that
+symbolic call with "Unable to automatically build the model", although its
+sub-models are built and its step runs. The scope lets that one failure go,
+which is where Keras' `fit` continues without a strategy: the step builds
+what it uses when it is traced.
+"""
 
 from __future__ import annotations
 
@@ -26,20 +37,40 @@ def explained(scope):
         try:
             yield
         except RuntimeError as error:
+            if _without_call(error):
+                return
             if _MIXING not in str(error):
                 raise
             raise ValueError(_message(_culprit(error))) from error
 
 
+def _frames(error: BaseException):
+    """(function name, its `self`) of each frame `error` passed, outermost
+    first."""
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        yield frame.f_code.co_name, frame.f_locals.get("self")
+        traceback = traceback.tb_next
+
+
+def _without_call(error: RuntimeError) -> bool:
+    """Whether `error` is Keras' symbolic build failing on a model that
+    defines no `call()`."""
+    return any(
+        name == "_symbolic_build"
+        and isinstance(owner, keras.Model)
+        and type(owner).call is keras.Model.call
+        for name, owner in _frames(error)
+    )
+
+
 def _culprit(error: BaseException) -> object | None:
     """The Keras optimizer whose method raised `error`, if any."""
     found = None
-    traceback = error.__traceback__
-    while traceback is not None:
-        owner = traceback.tb_frame.f_locals.get("self")
+    for _, owner in _frames(error):
         if isinstance(owner, keras.optimizers.Optimizer):
             found = owner
-        traceback = traceback.tb_next
     return found
 
 
