@@ -308,3 +308,69 @@ def update_as(part: tf.Variable, weight) -> None:
     """Makes Keras optimizers take `part` for `weight` when they update it:
     they key a variable's state by its distributed container."""
     part._distributed_container = weakref.ref(weight)
+
+
+# PipelineParallel: the order a Functional model calls its layers, the losses
+# layers add inside a micro-batch's tf.cond, and custom gradients' registry.
+
+
+def functional_nodes(model) -> list[tuple] | None:
+    """The calls a Functional model's `call` makes, in the order it makes
+    them (`Function._run_through_graph`: its nodes by depth, deepest first),
+    as `(layer, layers whose outputs it takes)`; a shared layer appears once
+    per call. None for a model without a graph of nodes (Sequential runs
+    `model.layers` in order, a subclassed model its own `call`).
+    """
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if not isinstance(by_depth, dict):
+        return None
+    return [
+        (node.operation, [parent.operation for parent in node.parent_nodes])
+        for depth in sorted(by_depth, reverse=True)
+        for node in by_depth[depth]
+        if node.operation is not None and not node.is_input
+    ]
+
+
+class TakenLosses:
+    """While open, collects the losses `layers` add in `call` (`add_loss`,
+    activity regularizers); on closing, takes them out of the layers' lists
+    into `losses` as `(layer, loss)`.
+
+    Inside a `tf.cond` branch those tensors cannot be used outside it: the
+    branch returns them as outputs and the caller adds those with the public
+    `layer.add_loss`, so the layers hold what they would without the cond.
+    """
+
+    def __init__(self, layers):
+        self._layers = list(layers)
+        self._before: list = []
+        self.losses: list = []
+
+    def __enter__(self) -> TakenLosses:
+        self._before = [(layer, len(layer._losses)) for layer in self._layers]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for layer, count in self._before:
+            self.losses += [(layer, loss) for loss in layer._losses[count:]]
+            del layer._losses[count:]
+
+
+def registered_gradient_names() -> set[str]:
+    """Names in TensorFlow's gradient registry. `tf.custom_gradient` inside a
+    traced function registers one per call, never removed; its gradient
+    function holds the variables and graph it read."""
+    from tensorflow.python.framework import ops
+
+    return set(ops._gradient_registry.list())
+
+
+def unregister_gradients(names) -> None:
+    """Removes `names` from TensorFlow's gradient registry (a differentiation
+    of their ops after this fails with a LookupError)."""
+    from tensorflow.python.framework import ops
+
+    registry = ops._gradient_registry._registry
+    for name in names:
+        registry.pop(name, None)

@@ -6,19 +6,26 @@ The pieces are cut from the batch and their outputs joined again inside the
 model's call, so the loss, metrics and gradients see the whole batch: for
 layers without batch statistics the result equals the unsplit call. No
 explicit schedule is needed: TensorFlow runs each op once its inputs exist,
-and the stages sit on different devices.
+and the stages sit on different devices. A batch with fewer samples than
+pieces leaves pieces empty; those never reach the model
+(`empty_pieces.py`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import tensorflow as tf
+
+from keras_parallel.pipeline import keras_meta
+from keras_parallel.pipeline.empty_pieces import unless_empty
 
 
 def piece_sizes(batch_size, num_microbatches: int) -> tf.Tensor:
     """Sizes of the pieces of a batch; the first `batch_size % M` pieces
-    hold one sample more (only a short last batch is uneven)."""
+    hold one sample more (only a short last batch is uneven), and a batch
+    of fewer than M samples leaves the last pieces empty."""
     base = batch_size // num_microbatches
     extra = tf.cast(
         tf.range(num_microbatches) < batch_size % num_microbatches, tf.int32
@@ -26,11 +33,17 @@ def piece_sizes(batch_size, num_microbatches: int) -> tf.Tensor:
     return base + extra
 
 
+def _batched(inputs) -> list:
+    return [
+        x for x in tf.nest.flatten(inputs) if isinstance(x, tf.Tensor) and x.shape.rank
+    ]
+
+
 def split(inputs, num_microbatches: int) -> list:
     """Cuts every tensor of the nest `inputs` along axis 0 into
     `num_microbatches` pieces; returns one nest per piece."""
     leaves = tf.nest.flatten(inputs)
-    tensors = [x for x in leaves if isinstance(x, tf.Tensor) and x.shape.rank]
+    tensors = _batched(inputs)
     if not tensors:
         return [inputs] * num_microbatches
     sizes = piece_sizes(tf.shape(tensors[0])[0], num_microbatches)
@@ -44,24 +57,62 @@ def split(inputs, num_microbatches: int) -> list:
 
 
 def join(outputs: list):
-    """Concatenates the per-piece outputs (nests of equal structure)."""
-    return tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *outputs)
+    """Concatenates the per-piece outputs (nests of equal structure), with
+    the Keras masks and logits the pieces carry."""
+    if len(outputs) == 1:
+        return outputs[0]
+    joined = tf.nest.map_structure(lambda *parts: tf.concat(parts, axis=0), *outputs)
+    pieces = [tf.nest.flatten(output) for output in outputs]
+    for index, tensor in enumerate(tf.nest.flatten(joined)):
+        found = [keras_meta.metadata(piece[index]) for piece in pieces]
+        keras_meta.attach(
+            tensor,
+            [
+                tf.concat(parts, axis=0) if all(p is not None for p in parts) else None
+                for parts in zip(*found, strict=True)
+            ],
+        )
+    return joined
 
 
-def microbatched(call, num_microbatches: int):
-    """Wraps a model's `call` to run each batch as `num_microbatches` pieces."""
+def microbatched(call, num_microbatches: int, layers: Sequence = ()):
+    """Wraps a model's `call` to run each batch as `num_microbatches` pieces.
+
+    Args:
+        call: The model's own `call`.
+        num_microbatches: Pieces per batch.
+        layers: The model and its sublayers: the losses they add in `call`
+            (activity regularizers) are kept for a piece that may be empty.
+
+    Returns:
+        The wrapped call. The first piece always runs; piece i runs only if
+        the batch has more than i samples (decided while tracing when the
+        batch size is known, else when the step runs).
+    """
 
     @functools.wraps(call)
     def wrapped(inputs, *args, **kwargs):
-        batch = tf.nest.flatten(inputs)[0].shape[0]
-        if batch is not None and batch % num_microbatches:
-            raise ValueError(
-                f"A batch of {batch} samples does not split into "
-                f"num_microbatches={num_microbatches} equal micro-batches. Use "
-                f"a batch_size that is a multiple of {num_microbatches}."
-            )
         pieces = split(inputs, num_microbatches)
-        return join([call(piece, *args, **kwargs) for piece in pieces])
+        tensors = _batched(inputs)
+        batch = tf.shape(tensors[0])[0] if tensors else None
+        known = None if batch is None else tf.get_static_value(batch)
+        outputs = [call(pieces[0], *args, **kwargs)]
+        for i, piece in enumerate(pieces[1:], start=1):
+            if batch is None:
+                has_samples = True  # nothing to cut: every piece is the input
+            elif known is not None:
+                has_samples = bool(known > i)
+            else:
+                has_samples = batch > i
+            output = unless_empty(
+                has_samples,
+                functools.partial(call, piece, *args, **kwargs),
+                layers,
+                like=outputs[0],
+            )
+            if output is not None:
+                outputs.append(output)
+        return join(outputs)
 
     wrapped.__keras_parallel_microbatches__ = num_microbatches
     return wrapped

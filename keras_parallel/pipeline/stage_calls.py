@@ -3,9 +3,10 @@
 While PipelineParallel traces a step, the placed layers answer to a subclass
 of their own class whose `call` runs the user's `call` on the layer's device,
 forward and backward (`placement.run_on`), and the model to one whose `call`
-cuts the batch into micro-batches and checks the stage order on its first
-run. Nothing is set on the instances; `specialize.specialized` gives each
-object its own class back when the trace ends.
+cuts the batch into micro-batches and, on its first run, checks that data
+does not flow around a cycle of stage devices. Nothing is set on the
+instances; `specialize.specialized` gives each object its own class back
+when the trace ends.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import functools
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -12,13 +11,20 @@ import keras
 import tensorflow as tf
 
 from keras_parallel import placement
-from keras_parallel._tf_internal import OneDeviceExtended, UpdateContext
+from keras_parallel._tf_internal import (
+    OneDeviceExtended,
+    UpdateContext,
+    registered_gradient_names,
+    sublayers,
+    unregister_gradients,
+)
 from keras_parallel._validation import check_int
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.pipeline import microbatch
-from keras_parallel.pipeline.order import CallOrder
+from keras_parallel.pipeline.order import StageFlow
 from keras_parallel.pipeline.plan import plan_devices
 from keras_parallel.pipeline.stage_calls import StagedLayer, StagedModel
+from keras_parallel.scope_errors import explained
 from keras_parallel.specialize import captured_model, specialized, step_model
 
 HOST = "/device:CPU:0"
@@ -40,15 +46,21 @@ class PipelineParallel(tf.distribute.Strategy):
             `"/device:CPU:1"`, ...). None means all GPUs, or all logical
             CPUs when there is no GPU.
         num_microbatches: Pieces each batch is cut into. The batch size must
-            be a multiple of it (a short last batch is cut as evenly as
-            possible). BatchNormalization then normalises each piece with
-            its own statistics and updates its moving statistics once per
-            piece, as in GPipe.
+            be a multiple of it; the last batch (or the only one, as in a
+            `predict` on a few samples) is cut as evenly as possible, and
+            pieces left without samples are skipped. BatchNormalization
+            then normalises each piece with its own statistics and updates
+            its moving statistics once per non-empty piece, as in GPipe.
         partition: `"auto"` (contiguous stages balancing the bytes of
-            weights plus optimizer slots), a list with the number of layers
-            of each stage, or a dict from layer name to device (layers not
-            named stay on the device of the layer before them). Layers
+            weights plus optimizer slots, in the order the model's data
+            flows through its layers), a list with the number of layers of
+            each stage (in that order: `model.layers` for Sequential and
+            subclassed models, Keras' call order for a Functional graph),
+            or a dict from layer name to device (layers not named stay on
+            the device of the layer before them in `model.layers`). Layers
             wrapped in `keras_parallel.layers.OnDevice` keep their device.
+            A placement whose data flows around a cycle of devices is
+            refused at the first step.
 
     Example:
 
@@ -74,6 +86,17 @@ class PipelineParallel(tf.distribute.Strategy):
         super().__init__(
             PipelineParallelExtended(self, devices, num_microbatches, partition)
         )
+
+    def scope(self):
+        """`tf.distribute.Strategy.scope`: models and optimizers made in it
+        are placed by this strategy. A model without `call()` trains as on
+        one device, and an optimizer made outside the scope gets an error
+        naming it and the fix (`keras_parallel.scope_errors`).
+
+        Returns:
+            A context manager.
+        """
+        return explained(super().scope())
 
     def place(self, model: keras.Model) -> None:
         """Assigns the model's layers to devices now (otherwise done before
@@ -115,7 +138,8 @@ def _check_partition(partition, devices) -> None:
     if partition == "auto":
         return
     if isinstance(partition, Mapping):
-        resolved = resolve_devices(list(partition.values()) or devices)
+        # One at a time: several layers may name the same device.
+        resolved = [resolve_devices(device)[0] for device in partition.values()]
         unknown = sorted(set(resolved) - set(devices))
         if unknown:
             raise ValueError(
@@ -148,7 +172,9 @@ class PipelineParallelExtended(OneDeviceExtended):
         self.devices = tuple(devices)
         self.num_microbatches = num_microbatches
         self.partition = partition
-        # Placed model -> its CallOrder; placed layer -> (device, model).
+        # Placed model -> its StageFlow; placed layer -> (device, StageFlow).
+        # Neither holds a model: a model must be free to go (see
+        # `_call_for_each_replica`).
         self._placed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._layer_devices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # (slot, the variable it serves) for slots created before placement,
@@ -185,8 +211,20 @@ class PipelineParallelExtended(OneDeviceExtended):
             for layer in placement.stage_layers(model)
             if layer in self._layer_devices
         ]
-        with specialized(layers, StagedLayer), specialized([model], StagedModel):
-            return super()._call_for_each_replica(fn, args, kwargs)
+        # Tracing a step, each placed layer's `tf.custom_gradient`
+        # (`placement.run_on`) registers its gradient function in
+        # TensorFlow's global registry for good, and that function holds the
+        # variables it read, so the variables, the strategy and the traced
+        # graphs (with the native thread pool Keras' traced evaluate step
+        # keeps) would outlive the model. They go when the model goes.
+        registered = registered_gradient_names()
+        try:
+            with specialized(layers, StagedLayer), specialized([model], StagedModel):
+                return super()._call_for_each_replica(fn, args, kwargs)
+        finally:
+            added = registered_gradient_names() - registered
+            if added:
+                weakref.finalize(model, unregister_gradients, added)
 
     def layer_call(self, layer, call):
         """`call` (the layer's own) running on the layer's device, forward
@@ -194,18 +232,17 @@ class PipelineParallelExtended(OneDeviceExtended):
         placed = self._layer_devices.get(layer)
         if placed is None:
             return call
-        device, model = placed
-        return placement.run_on(
-            call, device, functools.partial(self._placed[model].record, layer)
-        )
+        device, flow = placed
+        return flow.recorded(layer, placement.run_on(call, device))
 
     def model_call(self, model, call):
         """`call` (the model's own) with micro-batches and, on its first run,
-        the check that layers run in the order of their stages."""
-        if not isinstance(self.partition, Mapping):
-            call = self._placed[model].checked(call)  # a dict may place in any order
+        the check that data does not flow around a cycle of stage devices."""
+        call = self._placed[model].checked(call)
         if self.num_microbatches > 1:
-            call = microbatch.microbatched(call, self.num_microbatches)
+            call = microbatch.microbatched(
+                call, self.num_microbatches, [model, *sublayers(model)]
+            )
         return call
 
     def _update(self, var, fn, args, kwargs, group):
@@ -224,15 +261,17 @@ class PipelineParallelExtended(OneDeviceExtended):
         slot_bytes: dict[int, int] = collections.Counter()
         for slot, owner in self._slots:
             slot_bytes[id(owner)] += placement.variable_bytes(slot)
-        devices = plan_devices(layers, self.devices, self.partition, slot_bytes)
+        devices = plan_devices(model, layers, self.devices, self.partition, slot_bytes)
         stage_index = {d: i for i, d in enumerate(self.devices)}
         # Layers placing themselves may sit anywhere: only the others are checked.
-        order = CallOrder(
+        flow = StageFlow(
             {
                 id(layer): (stage_index[d], short_device(d))
                 for layer, d in zip(layers, devices, strict=True)
                 if d in stage_index and not placement.places_itself(layer)
-            }
+            },
+            given=f"partition={self.partition!r} over the devices "
+            f"{[short_device(d) for d in self.devices]}",
         )
         device_of = {}
         for layer, device in zip(layers, devices, strict=True):
@@ -241,7 +280,7 @@ class PipelineParallelExtended(OneDeviceExtended):
             for variable in layer.variables:
                 device_of[id(variable.value)] = device
             placement.move_layer(layer, device)
-            self._layer_devices[layer] = (device, model)
+            self._layer_devices[layer] = (device, flow)
         optimizer = getattr(model, "optimizer", None)  # None before compile
         if optimizer is not None:
             moved = {id(slot): id(owner) for slot, owner in self._slots}
@@ -251,15 +290,24 @@ class PipelineParallelExtended(OneDeviceExtended):
                     placement.move_variable(slot, device_of[owner])
         # Slots created from now on are colocated with moved variables.
         self._slots = [(s, o) for s, o in self._slots if id(o) not in device_of]
-        self._placed[model] = order
+        self._placed[model] = flow
 
 
 def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
-    # Later batches may be a shorter remainder, which is cut unevenly.
-    first = next(iter(dataset.take(1)), None)
-    if first is None:
+    """Refuses a first batch whose size is not a multiple of
+    `num_microbatches` when more batches follow. Only the last batch may be
+    uneven: a short remainder, or the whole data when it is one batch (a
+    `predict` on fewer samples than the batch size or than micro-batches);
+    it is cut as evenly as possible and empty pieces are skipped."""
+    count = int(dataset.cardinality())
+    if 0 <= count <= 1:
         return
-    size = int(tf.shape(tf.nest.flatten(first)[0])[0])
+    # With an unknown length, a second batch tells whether the first is last.
+    look = 2 if count == tf.data.UNKNOWN_CARDINALITY else 1
+    batches = list(dataset.take(look))
+    if len(batches) < look:
+        return
+    size = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
     if size % num_microbatches:
         raise ValueError(
             f"The batch size, {size}, is not a multiple of "

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from graph_devices import short, traced_train_step, variable_writes
+from test_functional_graphs import Reversed
 from transparency import devices, max_history_diff, max_weight_diff, train
 
 import keras_parallel
@@ -200,34 +201,6 @@ def test_saved_model_loads_on_one_device_and_repartitioned(tmp_path):
     for slot in loaded.optimizer.variables:
         if slot.shape.rank == 2:
             assert short(slot.value.device) in ("CPU:0", "CPU:1")
-
-
-class Reversed(keras.Model):
-    """Creates its layers in the opposite order to the one it calls them in."""
-
-    def __init__(self):
-        super().__init__()
-        self.last = keras.layers.Dense(3, name="last")
-        self.first = keras.layers.Dense(8, name="first")
-
-    def call(self, x):
-        return self.last(self.first(x))
-
-
-def test_a_model_that_cannot_be_split_in_order():
-    strategy = keras_parallel.PipelineParallel(devices(2))
-    with strategy.scope():
-        model = Reversed()
-        model.compile("sgd", SCE)
-    with pytest.raises(ValueError) as raised:
-        model.fit(DENSE_DATA["x"], DENSE_DATA["y"], batch_size=32, verbose=0)
-    message = str(raised.value)
-    assert (
-        "Layer 'last' (stage 0, CPU:0) runs after layer 'first' (stage 1, CPU:1)"
-        in message
-    )
-    assert "cannot be split into stages in order" in message
-    assert "partition` as a dict" in message
 
 
 def test_a_dict_partition_may_place_layers_in_any_order():
