@@ -19,6 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -e ".[cpu,test]"
+	# tf_keras for the one test of Keras' tf.distribute tests that uses it
+	# (tests/test_keras_distribute_tests.py); --no-deps: it names the
+	# `tensorflow` package, which tensorflow-cpu provides.
+	$(VENV)/bin/python -m pip install -q --no-deps "tf_keras~=$$($(VENV)/bin/python -c 'import tensorflow as tf; print(tf.__version__.rsplit(".", 1)[0])').0"
 	touch $(STAMP)
 
 $(OLDEST_VENV)/.installed: setup.cfg pyproject.toml

@@ -3,7 +3,10 @@ strategy's scope (None: one device) and returns its final weights."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
+import sys
 
 import keras
 import numpy as np
@@ -191,3 +194,108 @@ FEATURES = {
     "custom loop (`strategy.run`, EMA)": custom_loop,
     "BatchNormalization": batch_norm,
 }
+
+
+# keras.io patterns (the models of tests/keras_patterns.py), in float64 so that
+# any difference beyond 1e-5 is a real one; weights and per-batch logs.
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests")
+sys.path.insert(0, TESTS)
+import keras_patterns  # noqa: E402
+
+
+def keras_io(build, batch_size=14, x=keras_patterns.X, y=keras_patterns.Y):
+    def run(strategy):
+        keras.backend.set_floatx("float64")
+        keras.mixed_precision.set_global_policy("float64")
+        model, logs, _ = keras_patterns.fit(build, strategy, batch_size, x, y)
+        return model.get_weights() + [keras_patterns.log_values(logs)]
+
+    return run
+
+
+def on_batch(strategy):
+    """`train_on_batch`, `test_on_batch`, `predict_on_batch` on 40, 7 and 1
+    samples."""
+    keras.utils.set_random_seed(0)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build("adam")
+    results = []
+    for size in (40, 7, 1):
+        results.append(np.array(model.train_on_batch(X[:size], Y[:size])))
+        results.append(np.array(model.test_on_batch(X[:size], Y[:size])))
+        results.append(model.predict_on_batch(X[:size]))
+    return model.get_weights() + results
+
+
+def small_batches(strategy):
+    """A convnet with BatchNormalization on batches of 3 over 2 devices, the
+    last of 1 sample, then `predict(x[:1])`."""
+    images = RNG.rand(7, 6, 6, 2)
+
+    def build_convnet():
+        model = keras.Sequential(
+            [
+                keras.Input((6, 6, 2)),
+                keras.layers.Conv2D(3, 3),
+                keras.layers.BatchNormalization(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10),
+            ]
+        )
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+        return model
+
+    keras.backend.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    weights = fit(strategy, dict(x=images, y=Y[:7], batch_size=3), build_convnet)
+    keras.utils.set_random_seed(0)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_convnet()
+    model.set_weights(weights)
+    return weights + [model.predict(images[:1], verbose=0)]
+
+
+def built_outside(strategy):
+    """A model built outside the scope, compiled inside with Adam."""
+    model = build("adam")
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(True))
+    model.fit(X, Y, batch_size=BATCH, epochs=1, verbose=0)
+    return model.get_weights()
+
+
+FEATURES.update(
+    {
+        "`compute_loss` overridden": keras_io(keras_patterns.loss_override),
+        "custom `train_step`, its loss logged": keras_io(
+            keras_patterns.custom_train_step
+        ),
+        "GAN: two optimizers as attributes, `global_clipnorm`": keras_io(
+            functools.partial(keras_patterns.gan, keras_patterns.CallableGAN),
+            y=None,
+        ),
+        "model without `call()` (keras.io GAN)": keras_io(keras_patterns.gan, y=None),
+        "metrics in per-batch logs (Precision, AUC, counts)": keras_io(
+            keras_patterns.every_metric, y=keras_patterns.LABELS
+        ),
+        "position embedding `range(maxlen)`, Adam": keras_io(
+            functools.partial(
+                keras_patterns.position_embedding,
+                keras_patterns.SPARSE_OPTIMIZERS["adam"],
+            ),
+            batch_size=16,
+            x=keras_patterns.TOKENS,
+        ),
+        "TextVectorization, StringLookup, ... in the model": keras_io(
+            keras_patterns.preprocessing_model,
+            batch_size=None,
+            x=tf.data.Dataset.from_tensor_slices(
+                (keras_patterns.preprocessing_inputs(), keras_patterns.Y)
+            ).batch(14),
+            y=None,
+        ),
+        "`train_on_batch`, `predict_on_batch`": on_batch,
+        "fewer samples than devices (convnet, `predict(x[:1])`)": small_batches,
+        "model built outside the scope, Adam": built_outside,
+    }
+)

@@ -26,6 +26,16 @@ def _float32_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.fixture
+def float64():
+    """Keras computes in float64 during the test (where float32 rounding
+    would hide a real difference or show a false one)."""
+    keras.backend.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    yield
+    keras.backend.set_floatx("float32")
+
+
 def run_python(code: str, timeout: float = 300, env: dict | None = None):
     """Runs `code` in a fresh interpreter; returns the CompletedProcess."""
     full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}

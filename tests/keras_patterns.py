@@ -331,5 +331,11 @@ def max_logs_diff(a: list[dict], b: list[dict]) -> float:
     return max(abs(u[k] - v[k]) for u, v in zip(a, b, strict=True) for k in u)
 
 
+def log_values(logs: list[dict]) -> np.ndarray:
+    """Per-batch logs as one array (batches x metrics, names sorted without
+    the `_1` suffixes), for comparisons that take arrays."""
+    return np.array([[v for _, v in sorted(_unnumbered(d).items())] for d in logs])
+
+
 def _unnumbered(logs: dict) -> dict:
     return {re.sub(r"_\d+$", "", k): v for k, v in logs.items()}

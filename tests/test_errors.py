@@ -18,16 +18,6 @@ def small():
     return model
 
 
-def test_global_batch_smaller_than_replicas():
-    with keras_parallel.DataParallel(devices(4)).scope():
-        model = small()
-    with pytest.raises(ValueError) as raised:
-        model.fit(X, Y, batch_size=3, verbose=0)
-    message = str(raised.value)
-    assert "3 sample(s), fewer than the 4 replicas" in message
-    assert "`batch_size` of at least 4" in message
-
-
 def test_model_built_outside_the_scope_and_fit_inside():
     strategy = keras_parallel.DataParallel(devices(2))
     model = small()

@@ -162,3 +162,35 @@ def test_recreate_with_differently_shaped_models():
             not np.array_equal(a, b)
             for a, b in zip(before, model.get_weights(), strict=True)
         )
+
+
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_on_batch_api_splits_the_batch(num_devices):
+    # keras.io's older GAN loops call these; each replica takes its piece of
+    # the batch, as in `fit`, also for batches smaller than the replicas.
+    keras.utils.set_random_seed(0)
+    reference = regression()
+    keras.utils.set_random_seed(0)
+    with keras_parallel.DataParallel(devices(num_devices)).scope():
+        model = regression()
+    for size in (40, 7, 1):
+        np.testing.assert_allclose(
+            model.train_on_batch(X[:size], Y[:size]),
+            reference.train_on_batch(X[:size], Y[:size]),
+            atol=1e-6,
+        )
+        # Keras' loss tracker counts the samples the replicas computed on.
+        count = {v.name: v for v in model.metrics[0].variables}["count"]
+        assert float(count.numpy()) == size
+    assert max_weight_diff(model, reference) <= 1e-6
+    for size in (40, 3):
+        np.testing.assert_allclose(
+            model.test_on_batch(X[:size], Y[:size]),
+            reference.test_on_batch(X[:size], Y[:size]),
+            atol=1e-6,
+        )
+        predictions = model.predict_on_batch(X[:size])
+        assert predictions.shape == (size, 1)
+        np.testing.assert_allclose(
+            predictions, reference.predict_on_batch(X[:size]), atol=1e-6
+        )

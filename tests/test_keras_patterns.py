@@ -22,13 +22,7 @@ from transparency import devices, max_weight_diff
 
 import keras_parallel
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    keras.backend.set_floatx("float64")
-    keras.mixed_precision.set_global_policy("float64")
-    yield
-    keras.backend.set_floatx("float32")
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.mark.parametrize("num_devices", [2, 4])
@@ -72,3 +66,29 @@ def test_preprocessing_layers_train_and_predict(num_devices):
     inputs = tf.data.Dataset.from_tensor_slices(x).batch(14)
     expected = reference.predict(inputs, verbose=0)
     np.testing.assert_allclose(model.predict(inputs, verbose=0), expected, atol=1e-12)
+
+
+OTHER_STRATEGIES = {
+    # 2 batch pieces x 2 replicas per model group: a group computes its piece
+    # twice, and each piece counts once.
+    "MeshParallel": lambda: keras_parallel.MeshParallel(
+        keras.distribution.LayoutMap(
+            keras.distribution.DeviceMesh(
+                (2, 2), ["batch", "model"], [f"cpu:{i}" for i in range(4)]
+            )
+        )
+    ),
+    "PipelineParallel": lambda: keras_parallel.PipelineParallel(
+        devices(2), num_microbatches=2
+    ),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(OTHER_STRATEGIES))
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_pattern_under_mesh_and_pipeline(pattern, strategy):
+    build, y = PATTERNS[pattern]
+    reference, reference_logs, _ = fit(build, None, 14, y=y)
+    model, logs, _ = fit(build, OTHER_STRATEGIES[strategy](), 14, y=y)
+    assert max_weight_diff(model, reference) <= 1e-12
+    assert max_logs_diff(logs, reference_logs) <= 1e-12

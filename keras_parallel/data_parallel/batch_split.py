@@ -12,6 +12,7 @@ copy to each replica's device. Creating an epoch's iterator costs what a plain
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
@@ -71,6 +72,10 @@ def piece_sizes(args) -> list[tf.Tensor] | None:
         if isinstance(leaf, PerReplica):
             sizes = []
             for part in leaf.values:
+                if part.shape.rank and part.shape[0] is not None:
+                    # Known while tracing: decisions on it are taken then.
+                    sizes.append(tf.constant(part.shape[0], tf.int32))
+                    continue
                 # Read on the piece's own device: a Shape op elsewhere would
                 # copy the whole piece there first.
                 with tf.device(part.device):
@@ -140,6 +145,31 @@ def split_batch(
     return regroup(tuple(per_replica), always_wrap=True)
 
 
+def split_whole_batch(args, host: str, devices, share: tuple):
+    """`args` of a Keras step that holds whole batches (`train_on_batch`,
+    `test_on_batch` and `predict_on_batch` hand the batch to `strategy.run`
+    as it is, so every replica would compute all of it) with each tensor
+    split as `split_batch` splits a dataset's batches; `args` unchanged when
+    it holds per-replica values or no tensor. `share` is
+    `SplitBatchIterator`'s (first replica, replicas, replicas per piece)."""
+    leaves = tf.nest.flatten(args)
+    if any(isinstance(leaf, PerReplica) for leaf in leaves):
+        return args
+    batch = [i for i, leaf in enumerate(leaves) if _is_batch(leaf)]
+    if not batch:
+        return args
+    pieces = split_batch(
+        [tf.convert_to_tensor(leaves[i]) for i in batch], host, devices, *share
+    )
+    for i, piece in zip(batch, pieces, strict=True):
+        leaves[i] = piece
+    return tf.nest.pack_sequence_as(args, leaves)
+
+
+def _is_batch(leaf) -> bool:
+    return isinstance(leaf, (tf.Tensor, np.ndarray)) and len(leaf.shape) > 0
+
+
 def common_samples(value):
     """Makes per-replica values reducible elementwise: those holding
     different numbers of samples are cut to the number all replicas hold, and
@@ -162,8 +192,9 @@ def common_samples(value):
         if not all(s.rank and s.is_fully_defined() for s in shapes):
             return v.values[0] if text else v
         sizes = {s[0] for s in shapes}
-        n = min(sizes)
-        if text:
+        n = min(sizes - {0} or {0})
+        if text or 0 in sizes:
+            # A replica without samples (fewer samples than replicas).
             return v.values[0][:n]
         if len(sizes) == 1:
             return v
@@ -320,20 +351,14 @@ class SplitBatchIterator(tf.distribute.DistributedIterator, CompositeTensor):
 
     def _check_first_batch(self, batch):
         # Keras takes the first batch eagerly before fit, evaluate and predict;
-        # later batches may legitimately be a short remainder.
+        # later batches may legitimately be a short remainder. A batch of
+        # fewer samples than replicas is fine on one machine
+        # (`empty_pieces`).
         if self._first_batch_checked:
             return
         self._first_batch_checked = True
         size = int(tf.shape(tf.nest.flatten(batch)[0])[0])
         replicas = self._share[1] // self._share[2]
-        if size < replicas:
-            raise ValueError(
-                f"The global batch has {size} sample(s), fewer than the "
-                f"{replicas} replicas of DataParallel, so some "
-                "replicas would get no data. Use a `batch_size` of at least "
-                f"{replicas} (a multiple of {replicas} "
-                "gives every replica the same share), or fewer devices."
-            )
         if replicas > len(self._devices) and size % replicas:
             # Keras reduces the first batch across workers to learn its
             # shapes, which needs pieces of one shape everywhere.

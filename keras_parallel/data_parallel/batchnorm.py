@@ -38,6 +38,12 @@ class GlobalStatistics:
         if mask is not None:
             weights = tf.cast(tf.expand_dims(mask, -1), inputs.dtype)
             weights = tf.broadcast_to(weights, tf.shape(inputs))
+        # A padding sample (`empty_pieces`) weighs nothing.
+        has_samples = context.strategy.extended.replica_has_samples()
+        if has_samples is not None:
+            weights = tf.cast(has_samples, inputs.dtype) * (
+                tf.ones_like(inputs) if weights is None else weights
+            )
         rank = len(inputs.shape)
         axes = [i for i in range(rank) if i != self.axis % rank]
         return global_moments(inputs, axes, weights)

@@ -92,6 +92,10 @@ class LocalAccumulators:
             if grad is None:
                 continue
             parts = self._local_results(grad)
+            if len(parts) == 1:
+                # One tensor for all replicas (merge_call regroups a value
+                # every replica passed as that value): each adds it.
+                parts = parts * len(accumulator.values)
             for copy, part in zip(accumulator.values, parts, strict=True):
                 with tf.device(copy.device):
                     if isinstance(part, tf.IndexedSlices):

@@ -40,10 +40,18 @@ class LossWeights:
         self._keras_step = False
         # N * n_i / n per replica (a tensor), or None for equal shares.
         self._shares = None
+        self._counted = None
         self._on_loss = False
 
     @contextlib.contextmanager
-    def step(self, shares: tf.Tensor | None, keras_step: bool, num_replicas: int):
+    def step(
+        self,
+        shares: tf.Tensor | None,
+        keras_step: bool,
+        num_replicas: int,
+        counted: tf.Tensor | None = None,
+        averaged: int | None = None,
+    ):
         """The context of one traced step.
 
         Args:
@@ -52,13 +60,20 @@ class LossWeights:
             keras_step: Whether the step is a Keras model's `train_step`,
                 `test_step` or `predict_step`.
             num_replicas: N, the replicas in sync (across workers).
+            counted: What each local replica's logs and metric values count
+                for: its share of the batch, or 0 for a replica whose
+                samples another replica of its mesh group counts. None: 1/N.
+            averaged: How many replicas' logs Keras averages (N, or the
+                number of mesh groups); None: N.
         """
         self._shares, self._keras_step, self._on_loss = shares, keras_step, False
-        self._num_replicas = num_replicas
+        self._num_replicas, self._counted = num_replicas, counted
+        self._averaged = averaged or num_replicas
         try:
             yield
         finally:
             self._shares, self._keras_step, self._on_loss = None, False, False
+            self._counted = None
 
     def replicas_seen(self, num_replicas: int) -> int:
         """What `num_replicas_in_sync` reads: 1 in a replica of a Keras step,
@@ -79,16 +94,24 @@ class LossWeights:
         return tf.gather(self._shares, replica) * scale
 
     def share(self, replica) -> tf.Tensor | float:
-        """Replica `replica`'s share n_i / n of the batch."""
+        """Replica `replica`'s share n_i / n of the batch (its loss weight)."""
         if self._shares is None:
             return 1 / self._num_replicas
         return tf.gather(self._shares, replica) / self._num_replicas
 
+    def counted(self, replica: int) -> tf.Tensor | float:
+        """What local replica `replica`'s logs and metric values count for
+        (`step`)."""
+        if self._counted is None:
+            return 1 / self._num_replicas
+        return tf.gather(self._counted, replica)
+
     def weigh_logs(self, outputs):
         """A Keras step's `outputs` with each replica's float scalar (a log
-        such as the loss the step computed) times N n_i / n, so that the
-        mean Keras takes over the replicas is weighted by their shares."""
-        if not self._keras_step or self._shares is None:
+        such as the loss the step computed) times what the replica counts
+        for, times the number of values Keras averages, so that their mean is
+        the whole batch's."""
+        if not self._keras_step or self._counted is None:
             return outputs
 
         def weigh(value):
@@ -100,8 +123,8 @@ class LossWeights:
             weighted = []
             for i, part in enumerate(value.values):
                 with tf.device(part.device):
-                    share = tf.gather(self._shares, i)
-                    weighted.append(part * tf.cast(share, part.dtype))
+                    factor = self._averaged * self.counted(i)
+                    weighted.append(part * tf.cast(factor, part.dtype))
             return PerReplica(weighted)
 
         return tf.nest.map_structure(weigh, outputs)

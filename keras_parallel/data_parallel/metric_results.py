@@ -27,15 +27,33 @@ import tensorflow as tf
 class GlobalResult:
     """Put before a metric's class while DataParallel traces a Keras step.
 
-    The strategy's extended must provide `replica_share()` (replica context:
-    this replica's share of the batch).
+    The strategy's extended must provide, in replica context,
+    `replica_share()` (what this replica's values count for) and
+    `replica_counts()` (whether its updates count: None, a bool or a bool
+    tensor).
     """
 
     def update_state(self, *args, **kwargs):
         context = tf.distribute.get_replica_context()
+        if context is None:
+            return super().update_state(*args, **kwargs)
+        # A replica computing on a padding sample (`empty_pieces`), or on a
+        # piece another replica of its mesh group counts, updates nothing.
+        counts = context.strategy.extended.replica_counts()
+        if counts is None:
+            return self._update_replica(context, args, kwargs)
+        if counts is False:
+            return None
+
+        def update():
+            self._update_replica(context, args, kwargs)
+            return tf.constant(True)
+
+        return tf.cond(counts, update, lambda: tf.constant(False))
+
+    def _update_replica(self, context, args, kwargs):
         if (
-            context is not None
-            and isinstance(self, (keras.metrics.Mean, keras.metrics.Sum))
+            isinstance(self, (keras.metrics.Mean, keras.metrics.Sum))
             and len(args) <= 1
             and kwargs.get("sample_weight") is None
         ):

@@ -6,48 +6,38 @@ from __future__ import annotations
 import contextlib
 import weakref
 
+import keras
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
     MirroredVariable,
     PerReplica,
     UpdateContext,
-    in_xla_context,
 )
-from keras_parallel.data_parallel import batch_split, batchnorm
+from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.element_shards import (
     WeightParts,
     splits_by_elements,
 )
+from keras_parallel.data_parallel.empty_pieces import EmptyPieces
 from keras_parallel.data_parallel.local_accumulation import (
     LocalAccumulators,
 )
 from keras_parallel.data_parallel.loss_weights import LossWeights
-from keras_parallel.data_parallel.metric_results import GlobalResult, step_metrics
-from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.data_parallel.ownership import OwnerTable
 from keras_parallel.data_parallel.parameter_shards import (
     GatheredRows,
     require_elementwise,
-    specialize_gathering,
 )
 from keras_parallel.data_parallel.shared_rows import SharedRows
-from keras_parallel.data_parallel.state_placement import (
-    StatePlacement,
-    require_distributed,
-)
+from keras_parallel.data_parallel.state_placement import StatePlacement
+from keras_parallel.data_parallel.step_tracing import StepTracing
 from keras_parallel.reduction.engine import is_dense, local_parts
 from keras_parallel.reduction.rows import join_rows
-from keras_parallel.specialize import (
-    is_inference_step,
-    keras_step_model,
-    reachable,
-    specialized,
-)
 from keras_parallel.split_variable import SplitValue, SplitVariable
 
 
-class ReplicaFeatures(StatePlacement):
+class ReplicaFeatures(StepTracing, StatePlacement):
     """What DataParallel adds to tf.distribute's replica machinery, on one
     machine (`DataParallelExtended`) and across workers (`multi_worker`):
     gradients through our reduction engine, synchronized BatchNormalization,
@@ -71,6 +61,7 @@ class ReplicaFeatures(StatePlacement):
         self._tracing_step = False
         self._warned_unreduced_update = False
         self._loss_weights = LossWeights()
+        self._empty_pieces = EmptyPieces()
         # The optimizers made in the scope (`StatePlacement`): each applies
         # once on the reduced gradients.
         self._optimizers = weakref.WeakSet()
@@ -116,6 +107,13 @@ class ReplicaFeatures(StatePlacement):
         Returns:
             What `apply` returns.
         """
+        if variables is not None and not optimizer.built:
+            # As Keras' `apply` builds it, but before the gradients take
+            # their path: accumulators made inside `apply` would miss the
+            # local accumulation of this first step.
+            with keras.name_scope(optimizer.name, caller=optimizer):
+                optimizer.build(variables)
+            optimizer.built = True
         with self._gradient_reduction.states.owned_by(optimizer):
             return self._apply_reduced(apply, grads, variables, optimizer)
 
@@ -123,6 +121,10 @@ class ReplicaFeatures(StatePlacement):
         if self._averaging is not None:
             return self._apply_locally(apply, grads, variables, optimizer)
         present = [i for i, g in enumerate(grads) if g is not None]
+        if variables is not None:
+            grads = [
+                with_static_shape(g, v) for g, v in zip(grads, variables, strict=True)
+            ]
         gathered = self._reduced_in_backward(variables, present, optimizer)
         grads = self._loss_weights.weigh_gradients(grads, summed=gathered)
         accumulators = (
@@ -307,108 +309,28 @@ class ReplicaFeatures(StatePlacement):
             return value  # one local replica gives a plain tensor
         return value.values[self._owners.owner(variable)]
 
-    def replica_loss_weight(self):
-        """This replica's loss weight in the step being traced, or None
-        (`loss_weights`)."""
-        if self._averaging is not None:
-            # Each replica steps on the mean over its own samples, which a
-            # Keras step's loss is; a custom loop's was divided by N.
-            seen = self._loss_weights.replicas_seen(self._num_replicas_in_sync)
-            return None if seen == 1 else float(seen)
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return self._loss_weights.for_loss(replica)
 
-    def replica_share(self):
-        """This replica's share n_i / n of the batch of the step being traced
-        (replica context)."""
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return self._loss_weights.share(replica)
+def with_static_shape(gradient, variable):
+    """`gradient` of a replicated weight with the weight's static shape.
 
-    def _replica_loss_weights(self, args):
-        """Each replica's loss weight for this step, or None for equal ones."""
-        return None
+    The gradient of a Dense kernel applied to a 3-D input whose batch size is
+    not known while tracing (a dataset's uneven last batch) has an unknown
+    first dimension; the reduction's buckets and the sharded updates, which
+    cut a whole value by its static shape, need it.
+    """
+    weight = getattr(variable, "value", variable)
+    if not isinstance(weight, MirroredVariable) or isinstance(weight, SplitVariable):
+        return gradient
 
-    # Input: every process reads whole global batches and keeps its replicas'
-    # pieces of each.
+    def shaped(part):
+        if isinstance(part, tf.Tensor) and not part.shape.is_fully_defined():
+            with tf.device(part.device):
+                return tf.ensure_shape(part, weight.shape)
+        return part
 
-    def _experimental_distribute_dataset(self, dataset, options):
-        if (
-            options is not None
-            and options.experimental_replication_mode
-            == tf.distribute.InputReplicationMode.PER_REPLICA
-        ):
-            raise NotImplementedError(
-                "InputReplicationMode.PER_REPLICA is only supported by "
-                "`distribute_datasets_from_function`."
-            )
-        return batch_split.SplitBatchDataset(
-            dataset,
-            self._input_workers_devices[0][0],
-            self._devices,
-            first_replica=self._get_replica_id_in_sync_group(0),
-            num_replicas=self._num_replicas_in_sync,
-            replicas_per_piece=self._replicas_per_piece,
-        )
-
-    def _reduce_to(self, reduce_op, value, destinations, options):
-        served = self._local_accumulators.read(value, destinations)
-        if served is not None:
-            return served
-        return super()._reduce_to(
-            reduce_op, batch_split.common_samples(value), destinations, options
-        )
-
-    def _call_for_each_replica(self, fn, args, kwargs):
-        if in_xla_context():
-            raise ValueError(
-                "DataParallel cannot run inside an XLA-compiled function: XLA "
-                "compiles a function for one device, and DataParallel runs one "
-                "replica per device. Compile the model with "
-                "`model.compile(..., jit_compile=False)` (Keras picks "
-                "jit_compile=True by default on machines with a GPU)."
-            )
-        models = reachable(fn, (args, kwargs))
-        for model in models:
-            for variable in model.variables:
-                require_distributed(variable.value)
-        layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
-        keras_step = keras_step_model(fn) is not None
-        metrics = step_metrics(models) if keras_step else []
-        averaging = None if is_inference_step(fn) else self._averaging
-        self._tracing_step = True
-        try:
-            with (
-                self._loss_weights.step(
-                    self._replica_loss_weights(args),
-                    keras_step,
-                    self._num_replicas_in_sync,
-                ),
-                self._gradient_reduction.recording_step(),
-                specialized(layers, batchnorm.GlobalStatistics),
-                specialized(metrics, GlobalResult),
-                specialized(list(self._optimizers), ReplicaStepOptimizer),
-                self._step_layers(models),
-            ):
-                if averaging is None:
-                    return self._loss_weights.weigh_logs(
-                        super()._call_for_each_replica(fn, args, kwargs)
-                    )
-                entries = averaging.tracked(models, self._container_strategy())
-                self._piece_sizes = batch_split.piece_sizes(args)
-                averaging.load_working(entries)
-                result = super()._call_for_each_replica(fn, args, kwargs)
-                self._finish_local_step(entries)
-                return result
-        finally:
-            self._piece_sizes = None
-            self._tracing_step = False
-
-    def _step_layers(self, models):
-        """What else the traced step's layers do differently (a context):
-        under `sharding="parameters"`, gather their weights when called."""
-        if self._sharding != "parameters":
-            return contextlib.nullcontext()
-        return specialize_gathering(models)
+    if isinstance(gradient, PerReplica):
+        return PerReplica(tuple(shaped(part) for part in gradient.values))
+    return shaped(gradient)
 
 
 def has_integers(value) -> bool:

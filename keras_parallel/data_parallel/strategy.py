@@ -13,11 +13,11 @@ from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.periodic_averaging import resolve_averaging
 from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
-from keras_parallel.data_parallel.scope_errors import explained
 from keras_parallel.data_parallel.sharding import resolve_sharding
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression, resolve_compression
 from keras_parallel.reduction.engine import GradientReduction
+from keras_parallel.scope_errors import explained
 
 
 class DataParallel(tf.distribute.Strategy, SavedWithModel):

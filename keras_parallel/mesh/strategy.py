@@ -251,7 +251,12 @@ class MeshParallelExtended(DataParallelExtended):
         full_path = f"{path}/{name}" if path else name
         axis = None
         if not self._layout.has_layout(full_path):
-            kernel_axis = self._kernel_axes.get(owner) if name == "bias" else None
+            # A variable made outside any layer's scope has no owner (None).
+            kernel_axis = (
+                self._kernel_axes.get(owner)
+                if name == "bias" and owner is not None
+                else None
+            )
             if kernel_axis is None:
                 return super()._create_variable(next_creator, **kwargs)
             axis = inferred_bias_axis(owner, kernel_axis)

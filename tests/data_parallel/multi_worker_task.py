@@ -63,6 +63,8 @@ def build(steps_per_execution=1, optimizer_options=False, loss_scale=False):
     model.compile(
         optimizer=optimizer,
         loss="mse",
+        # A count: each worker's replicas hold part of it, the logs the sum.
+        metrics=[keras.metrics.FalseNegatives(thresholds=0.5, name="misses")],
         steps_per_execution=steps_per_execution,
     )
     return model
@@ -105,12 +107,14 @@ class _Record(keras.callbacks.Callback):
         self.epochs: list[int] = []
 
         self.batch_losses: list[float] = []
+        self.batch_misses: list[float] = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epochs.append(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
         self.batch_losses.append(float(logs["loss"]))
+        self.batch_misses.append(float(logs.get("misses", np.nan)))
 
 
 class _Die(keras.callbacks.Callback):
@@ -150,7 +154,8 @@ def train(
     loss_scale=False,
     embedding=False,
 ):
-    """Trains; returns (model, history, epochs run, the loss logged per batch).
+    """Trains; returns (model, history, epochs run, the loss logged per batch,
+    the count of `misses` logged per batch).
 
     `nan_sample`: index of a sample whose target is NaN (its loss and every
     gradient of its batch are NaN).
@@ -177,7 +182,7 @@ def train(
         verbose=0,
         callbacks=[*callbacks, record, *([printer] if print_epochs else [])],
     )
-    return model, history, record.epochs, record.batch_losses
+    return model, history, record.epochs, record.batch_losses, record.batch_misses
 
 
 def main(argv: list[str]) -> int:
@@ -223,7 +228,7 @@ def main(argv: list[str]) -> int:
         worker, epoch, batch = map(int, args.die_at.split(":"))
         if worker == strategy.worker_index:
             callbacks.append(_Die(epoch, batch))
-    model, history, epochs, batch_losses = train(
+    model, history, epochs, batch_losses, batch_misses = train(
         strategy,
         args.epochs,
         callbacks,
@@ -249,6 +254,7 @@ def main(argv: list[str]) -> int:
         loss=np.array(history.history["loss"]),
         epochs=np.array(epochs),
         batch_losses=np.array(batch_losses),
+        batch_misses=np.array(batch_misses),
         bytes_per_step=strategy.communication_stats()["bytes_per_step"],
         num_workers=strategy.num_workers,
     )

@@ -128,3 +128,24 @@ def test_sgd_momentum_unsharded_and_four_devices():
         model, history = train(make, data, strategy)
         assert max_weight_diff(model, reference) <= 1e-5
         np.testing.assert_allclose(history["loss"], ref_history["loss"], atol=1e-5)
+
+
+def test_gradient_accumulation_updates_as_keras_expects():
+    # Keras' optimizer_distribute_test.py::test_gradient_accumulation: every
+    # replica hands the same gradient g (one tensor) in an eager custom loop,
+    # and the optimizer is built inside its first `apply`. The update every 3
+    # steps is Keras' expected one; the accumulator holds the whole batch's
+    # sum, 2 g per step on 2 replicas (MirroredStrategy shows one replica's).
+    strategy = keras_parallel.DataParallel(devices(2))
+    with strategy.scope():
+        v = keras.Variable([[1.0, 2.0], [3.0, 4.0]])
+        g = tf.constant([[1.0, 1.0], [2.0, 2.0]])
+        optimizer = keras.optimizers.SGD(1.0, gradient_accumulation_steps=3)
+        for step in (1, 2):
+            strategy.run(lambda: optimizer.apply_gradients([(g, v)]))
+            np.testing.assert_allclose(v, [[1.0, 2.0], [3.0, 4.0]])
+            [accumulated] = [w for w in optimizer.variables if "accumulator" in w.path]
+            np.testing.assert_allclose(accumulated, 2 * step * g.numpy())
+        strategy.run(lambda: optimizer.apply_gradients([(g, v)]))
+    np.testing.assert_allclose(v, [[-1.0, 0.0], [-1.0, 0.0]])
+    assert int(optimizer.iterations.numpy()) == 1

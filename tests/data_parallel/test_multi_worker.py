@@ -55,9 +55,15 @@ def _max_difference(a, b):
 @pytest.fixture(scope="module")
 def reference():
     """Single-process training with the same global batch."""
-    model, history, _, batch_losses = train(epochs=3)
+    model, history, _, batch_losses, batch_misses = train(epochs=3)
     predictions = model.predict(data()[0][:100], batch_size=32, verbose=0)
-    return model.get_weights(), history.history["loss"], predictions, batch_losses
+    return (
+        model.get_weights(),
+        history.history["loss"],
+        predictions,
+        batch_losses,
+        batch_misses,
+    )
 
 
 def test_two_workers_equal_single_process(tmp_path, reference):
@@ -74,6 +80,9 @@ def test_two_workers_equal_single_process(tmp_path, reference):
     # Every step logs the whole batch's metrics, the same on every worker.
     np.testing.assert_array_equal(first["batch_losses"], second["batch_losses"])
     np.testing.assert_allclose(first["batch_losses"], reference[3], rtol=1e-5)
+    # A count too (each worker holds part of it).
+    np.testing.assert_array_equal(first["batch_misses"], second["batch_misses"])
+    np.testing.assert_array_equal(first["batch_misses"], reference[4])
     # Each worker predicted its share of every batch; Keras gathers them all.
     for result in (first, second):
         assert result["predictions"].shape == (100, 1)
@@ -307,7 +316,7 @@ def test_a_nan_on_one_worker_stops_every_worker_at_the_same_batch(tmp_path):
     first, second = _results(tmp_path)
     # The loss is the global batch's: NaN on both workers at batch 1, where
     # TerminateOnNaN stops each of them, as on one device.
-    _, _, _, batch_losses = train(
+    _, _, _, batch_losses, _ = train(
         nan_sample=NAN_SAMPLE, callbacks=[keras.callbacks.TerminateOnNaN()]
     )
     assert len(batch_losses) == 2 and np.isnan(batch_losses[1])

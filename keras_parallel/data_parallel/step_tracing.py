@@ -1,0 +1,183 @@
+"""`StepTracing`: how DataParallel traces a step, on one machine and across
+workers: its input (global batches split inside the step), the state of the
+step being traced (each replica's loss weight, pieces left empty) and what
+the step's objects do differently while it is traced."""
+
+from __future__ import annotations
+
+import contextlib
+
+import tensorflow as tf
+
+from keras_parallel._tf_internal import in_xla_context
+from keras_parallel.data_parallel import batch_split, batchnorm
+from keras_parallel.data_parallel.metric_results import GlobalResult, step_metrics
+from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
+from keras_parallel.data_parallel.parameter_shards import specialize_gathering
+from keras_parallel.data_parallel.state_placement import require_distributed
+from keras_parallel.specialize import (
+    is_inference_step,
+    keras_step_model,
+    reachable,
+    specialized,
+)
+
+
+class StepTracing:
+    """Mixed into `ReplicaFeatures`, whose `_init_features` sets the state it
+    reads (`_loss_weights`, `_empty_pieces`, `_optimizers`, `_averaging`,
+    ...). Replicas of a step being traced ask it, in replica context, for
+    their loss weight, share of the batch and whether they hold samples.
+    """
+
+    def replica_loss_weight(self):
+        """This replica's loss weight in the step being traced, or None
+        (`loss_weights`)."""
+        if self._averaging is not None:
+            # Each replica steps on the mean over its own samples, which a
+            # Keras step's loss is; a custom loop's was divided by N.
+            seen = self._loss_weights.replicas_seen(self._num_replicas_in_sync)
+            return None if seen == 1 else float(seen)
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return self._loss_weights.for_loss(replica)
+
+    def replica_has_samples(self) -> tf.Tensor | None:
+        """Whether this replica's piece of the step being traced has samples
+        (a bool tensor; replica context), or None when no piece is empty
+        (`empty_pieces`)."""
+        return self._empty_pieces.has_samples(self._local_replica())
+
+    def replica_counts(self) -> tf.Tensor | bool | None:
+        """Whether this replica's metric updates count (replica context):
+        False for a replica whose piece another replica of its mesh group
+        counts, a bool tensor when its piece may be empty, None when it
+        counts."""
+        local = self._local_replica()
+        first, _, per_piece = self._input_share
+        if (first + local) % per_piece:
+            return False
+        return self._empty_pieces.has_samples(local)
+
+    def replica_share(self):
+        """What this replica's logs and metric values count for: its share
+        n_i / n of the batch of the step being traced (replica context)."""
+        return self._loss_weights.counted(self._local_replica())
+
+    def _local_replica(self) -> int:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return tf.get_static_value(replica) - self.first_local_replica
+
+    def _counted_shares(self, sizes) -> tf.Tensor | None:
+        """Each local replica's share of the batch in logs and metrics: n_i /
+        n, counting each piece once (by the first replica of its mesh
+        group); None across workers, where the shares are taken as equal."""
+        if sizes is None or self._num_replicas_in_sync != len(self._devices):
+            return None
+        first, _, per_piece = self._input_share
+        counts = [float((first + i) % per_piece == 0) for i in range(len(sizes))]
+        samples = tf.cast(tf.stack(sizes), tf.float64) * counts
+        return samples / tf.reduce_sum(samples)
+
+    def _replica_loss_weights(self, args):
+        """Each replica's loss weight for this step, or None for equal ones."""
+        return None
+
+    # Input: every process reads whole global batches and keeps its replicas'
+    # pieces of each.
+
+    def _experimental_distribute_dataset(self, dataset, options):
+        if (
+            options is not None
+            and options.experimental_replication_mode
+            == tf.distribute.InputReplicationMode.PER_REPLICA
+        ):
+            raise NotImplementedError(
+                "InputReplicationMode.PER_REPLICA is only supported by "
+                "`distribute_datasets_from_function`."
+            )
+        return batch_split.SplitBatchDataset(
+            dataset, self._input_host, self._devices, *self._input_share
+        )
+
+    @property
+    def _input_host(self) -> str:
+        return self._input_workers_devices[0][0]
+
+    @property
+    def _input_share(self) -> tuple[int, int, int]:
+        """(this process's first replica, all replicas, replicas per piece):
+        which pieces of each global batch this process's replicas take."""
+        return (
+            self._get_replica_id_in_sync_group(0),
+            self._num_replicas_in_sync,
+            self._replicas_per_piece,
+        )
+
+    def _reduce_to(self, reduce_op, value, destinations, options):
+        served = self._local_accumulators.read(value, destinations)
+        if served is not None:
+            return served
+        return super()._reduce_to(
+            reduce_op, batch_split.common_samples(value), destinations, options
+        )
+
+    def _call_for_each_replica(self, fn, args, kwargs):
+        if in_xla_context():
+            raise ValueError(
+                "DataParallel cannot run inside an XLA-compiled function: XLA "
+                "compiles a function for one device, and DataParallel runs one "
+                "replica per device. Compile the model with "
+                "`model.compile(..., jit_compile=False)` (Keras picks "
+                "jit_compile=True by default on machines with a GPU)."
+            )
+        models = reachable(fn, (args, kwargs))
+        for model in models:
+            for variable in model.variables:
+                require_distributed(variable.value)
+        layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
+        keras_step = keras_step_model(fn) is not None
+        metrics = step_metrics(models) if keras_step else []
+        averaging = None if is_inference_step(fn) else self._averaging
+        if keras_step:
+            args = batch_split.split_whole_batch(
+                args, self._input_host, self._devices, self._input_share
+            )
+        sizes = batch_split.piece_sizes(args)
+        self._tracing_step = True
+        try:
+            with (
+                self._loss_weights.step(
+                    self._replica_loss_weights(args),
+                    keras_step,
+                    self._num_replicas_in_sync,
+                    self._counted_shares(sizes),
+                    self._num_replicas_in_sync // self._replicas_per_piece,
+                ),
+                self._empty_pieces.step(sizes if keras_step else None),
+                self._gradient_reduction.recording_step(),
+                specialized(layers, batchnorm.GlobalStatistics),
+                specialized(metrics, GlobalResult),
+                specialized(list(self._optimizers), ReplicaStepOptimizer),
+                self._step_layers(models),
+            ):
+                args = self._empty_pieces.pad(args)
+                if averaging is None:
+                    outputs = super()._call_for_each_replica(fn, args, kwargs)
+                else:
+                    entries = averaging.tracked(models, self._container_strategy())
+                    self._piece_sizes = sizes
+                    averaging.load_working(entries)
+                    outputs = super()._call_for_each_replica(fn, args, kwargs)
+                    self._finish_local_step(entries)
+                outputs = self._empty_pieces.trim(outputs)
+                return self._loss_weights.weigh_logs(outputs)
+        finally:
+            self._piece_sizes = None
+            self._tracing_step = False
+
+    def _step_layers(self, models):
+        """What else the traced step's layers do differently (a context):
+        under `sharding="parameters"`, gather their weights when called."""
+        if self._sharding != "parameters":
+            return contextlib.nullcontext()
+        return specialize_gathering(models)
