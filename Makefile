@@ -11,7 +11,9 @@ OLDEST := tensorflow-cpu==2.16.1 keras==3.14.0
 CORE_TESTS := tests/test_tf_internal.py tests/test_requirements.py \
 	tests/test_optimizer_options.py tests/data_parallel/test_data_parallel.py \
 	tests/pipeline/test_pipeline_parallel.py tests/layers tests/mesh \
-	tests/data_parallel/test_periodic_averaging.py
+	tests/data_parallel/test_periodic_averaging.py tests/test_keras_patterns.py \
+	tests/data_parallel/test_small_batches.py tests/pipeline/test_short_batches.py \
+	tests/test_fit_api.py
 
 .PHONY: demo test test-oldest bench lint clean
 
