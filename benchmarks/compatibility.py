@@ -88,6 +88,9 @@ def cell(feature, make_strategy, reference) -> str:
         else:
             line = text.splitlines()[0] if text else ""
         return f"{type(error).__name__}: {line.strip()[:90]}"
+    for a, b in zip(weights, reference, strict=True):
+        if np.shape(a) != np.shape(b):
+            return f"shape {np.shape(a)} where one device gives {np.shape(b)}"
     diff = max(
         float(np.max(np.abs(a - b))) for a, b in zip(weights, reference, strict=True)
     )
