@@ -227,10 +227,12 @@ def on_batch(strategy):
     return model.get_weights() + results
 
 
+IMAGES = RNG.rand(7, 6, 6, 2)
+
+
 def small_batches(strategy):
     """A convnet with BatchNormalization on batches of 3 over 2 devices, the
     last of 1 sample, then `predict(x[:1])`."""
-    images = RNG.rand(7, 6, 6, 2)
 
     def build_convnet():
         model = keras.Sequential(
@@ -247,12 +249,12 @@ def small_batches(strategy):
 
     keras.backend.set_floatx("float64")
     keras.mixed_precision.set_global_policy("float64")
-    weights = fit(strategy, dict(x=images, y=Y[:7], batch_size=3), build_convnet)
+    weights = fit(strategy, dict(x=IMAGES, y=Y[:7], batch_size=3), build_convnet)
     keras.utils.set_random_seed(0)
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_convnet()
     model.set_weights(weights)
-    return weights + [model.predict(images[:1], verbose=0)]
+    return weights + [model.predict(IMAGES[:1], verbose=0)]
 
 
 def built_outside(strategy):

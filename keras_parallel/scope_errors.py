@@ -91,3 +91,19 @@ def _message(culprit) -> str:
         "(an optimizer given by name, `optimizer=\"adam\"`, is created by "
         "`compile`, so call `compile` inside the scope)."
     )
+
+
+def made_outside(variable, strategy: str) -> str:
+    """The error for a model's `variable` made outside `strategy`'s scope
+    (a class name), with the fix."""
+    return (
+        f"Variable {variable.name!r} was created outside "
+        f"`{strategy}.scope()`, so the strategy does not hold it. Build and "
+        "compile the model inside the scope:\n"
+        "    with strategy.scope():\n"
+        "        model = ...\n"
+        "        model.compile(...)\n"
+        "To move an existing model, rebuild it in the scope and copy its "
+        "weights: `new = keras.models.clone_model(model)` and "
+        "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
+    )

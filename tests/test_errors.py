@@ -27,23 +27,29 @@ def test_model_built_outside_the_scope_and_fit_inside():
     assert "clone_model" in str(raised.value)
 
 
+STRATEGIES = {
+    "DataParallel": lambda: keras_parallel.DataParallel(devices(2)),
+    "PipelineParallel": lambda: keras_parallel.PipelineParallel(devices(2)),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
-def test_model_built_outside_compiled_inside(optimizer):
-    strategy = keras_parallel.DataParallel(devices(2))
+def test_model_built_outside_compiled_inside(optimizer, strategy):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    with strategy.scope():
+    with STRATEGIES[strategy]().scope():
         model.compile(optimizer, "mse")
     with pytest.raises(ValueError) as raised:
         model.fit(X, Y, batch_size=8, verbose=0)
-    assert "was created outside `DataParallel.scope()`" in str(raised.value)
+    assert f"was created outside `{strategy}.scope()`" in str(raised.value)
     assert "clone_model" in str(raised.value)
 
 
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("where", ["compiled outside", "instance made outside"])
-def test_optimizer_made_outside_the_scope(where):
-    strategy = keras_parallel.DataParallel(devices(2))
+def test_optimizer_made_outside_the_scope(where, strategy):
     optimizer = keras.optimizers.Adam(name="my_adam")
-    with strategy.scope():
+    with STRATEGIES[strategy]().scope():
         model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
         if where == "instance made outside":
             model.compile(optimizer, "mse")

@@ -29,6 +29,7 @@ from keras_parallel.data_parallel.parameter_shards import (
     require_elementwise,
     splits,
 )
+from keras_parallel.scope_errors import made_outside
 from keras_parallel.split_variable import SplitVariable
 
 
@@ -216,14 +217,4 @@ class StatePlacement:
 def require_distributed(variable) -> None:
     """Raises, with the fix, for a variable made outside the scope."""
     if not isinstance(variable, DistributedVariable):
-        raise ValueError(
-            f"Variable {variable.name!r} was created outside "
-            "`DataParallel.scope()`, so it lives on one device only. Build and "
-            "compile the model inside the scope:\n"
-            "    with strategy.scope():\n"
-            "        model = ...\n"
-            "        model.compile(...)\n"
-            "To move an existing model, rebuild it in the scope and copy its "
-            "weights: `new = keras.models.clone_model(model)` and "
-            "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
-        )
+        raise ValueError(made_outside(variable, "DataParallel"))

@@ -24,7 +24,7 @@ from keras_parallel.pipeline import microbatch
 from keras_parallel.pipeline.order import StageFlow
 from keras_parallel.pipeline.plan import plan_devices
 from keras_parallel.pipeline.stage_calls import StagedLayer, StagedModel
-from keras_parallel.scope_errors import explained
+from keras_parallel.scope_errors import explained, made_outside
 from keras_parallel.specialize import captured_model, specialized, step_model
 
 HOST = "/device:CPU:0"
@@ -176,6 +176,9 @@ class PipelineParallelExtended(OneDeviceExtended):
         # Neither holds a model: a model must be free to go (see
         # `_call_for_each_replica`).
         self._placed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Every variable made in the scope, by id (variables are not
+        # hashable): an update of another is refused.
+        self._created: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._layer_devices: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # (slot, the variable it serves) for slots created before placement,
         # which move with their variable.
@@ -187,10 +190,12 @@ class PipelineParallelExtended(OneDeviceExtended):
             # In host memory until placement, so that building a model larger
             # than one accelerator does not fill the first one.
             with tf.device(HOST):
-                return next_creator(**kwargs)
-        with tf.device(colocate_with.device):
-            variable = next_creator(**kwargs)
-        self._slots.append((variable, colocate_with))
+                variable = next_creator(**kwargs)
+        else:
+            with tf.device(colocate_with.device):
+                variable = next_creator(**kwargs)
+            self._slots.append((variable, colocate_with))
+        self._created[id(variable)] = variable
         return variable
 
     def _experimental_distribute_dataset(self, dataset, options):
@@ -226,6 +231,14 @@ class PipelineParallelExtended(OneDeviceExtended):
             if added:
                 weakref.finalize(model, unregister_gradients, added)
 
+    def colocate_vars_with(self, colocate_with_variable):
+        # Keras' optimizer builds its slots through this scope of the strategy
+        # it was made in; outside this strategy's scope (a model built outside
+        # it, whose `fit` enters its own) TensorFlow's error names no fix.
+        if tf.distribute.get_strategy() is not self._container_strategy():
+            raise ValueError(made_outside(colocate_with_variable, "PipelineParallel"))
+        return super().colocate_vars_with(colocate_with_variable)
+
     def layer_call(self, layer, call):
         """`call` (the layer's own) running on the layer's device, forward
         and backward."""
@@ -246,6 +259,10 @@ class PipelineParallelExtended(OneDeviceExtended):
         return call
 
     def _update(self, var, fn, args, kwargs, group):
+        if self._created.get(id(var)) is not var:
+            # An optimizer made in the scope updating a model made outside it:
+            # the model would train on one device, unplaced.
+            raise ValueError(made_outside(var, "PipelineParallel"))
         # The optimizer's update runs where the variable and its slots are.
         device = var.device
         with tf.device(device), UpdateContext(device):
@@ -291,6 +308,10 @@ class PipelineParallelExtended(OneDeviceExtended):
         # Slots created from now on are colocated with moved variables.
         self._slots = [(s, o) for s, o in self._slots if id(o) not in device_of]
         self._placed[model] = flow
+        # Moving gave the variables new storage, made outside `_create_variable`.
+        optimizer_variables = [] if optimizer is None else optimizer.variables
+        for variable in [*model.variables, *optimizer_variables]:
+            self._created[id(variable.value)] = variable.value
 
 
 def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
