@@ -216,7 +216,7 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         """Replicas training together (across workers). Inside a replica of a
         Keras `train_step`, `test_step` or `predict_step` it reads 1: each
         replica computes its loss as one device would, and the strategy
-        weighs the replicas by their shares of the batch (README: "How
+        weighs the replicas by their shares of the batch (docs/data_parallel.md: "How
         losses count")."""
         extended = self.extended
         return extended._loss_weights.replicas_seen(extended._num_replicas_in_sync)
