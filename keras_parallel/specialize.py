@@ -157,39 +157,25 @@ def captured_model(fn, depth: int = 4) -> keras.Model | None:
     return found
 
 
-def keras_step_model(step_fn) -> keras.Model | None:
-    """The model whose `train_step`, `test_step` or `predict_step` `step_fn`
-    is (bound, or called by the local function Keras' `predict` runs), seen
-    through the wrappers `Strategy.run` adds; None for other functions (a
-    custom loop's)."""
-    steps = {"train_step", "test_step", "predict_step"}
+_KERAS_STEPS = ("train_step", "test_step", "predict_step")
+
+
+def keras_step(step_fn) -> tuple[keras.Model, str] | None:
+    """The model and the name of its step (`"train_step"`, `"test_step"` or
+    `"predict_step"`) that `step_fn` is, bound or called by the local
+    function Keras' `predict` runs, seen through the wrappers `Strategy.run`
+    adds; None for other functions (a custom loop's)."""
     fn = step_fn
     while fn is not None:
         owner = getattr(fn, "__self__", None)
         if isinstance(owner, keras.Model):
-            return owner if getattr(fn, "__name__", None) in steps else None
+            name = getattr(fn, "__name__", None)
+            return (owner, name) if name in _KERAS_STEPS else None
         code = getattr(fn, "__code__", None)
-        if code is not None and _names(code) & steps:
-            model = captured_model(fn)
+        if code is not None:
+            called = [step for step in _KERAS_STEPS if step in _names(code)]
+            model = captured_model(fn) if called else None
             if model is not None:
-                return model
+                return model, called[0]
         fn = getattr(fn, "__wrapped__", None)
     return None
-
-
-def is_inference_step(step_fn) -> bool:
-    """Whether `step_fn` is a Keras model's `test_step` or `predict_step`
-    (bound, or called by the local function Keras' `predict` runs), seen
-    through the wrappers `Strategy.run` adds."""
-    inference = {"test_step", "predict_step"}
-    fn = step_fn
-    while fn is not None:
-        if isinstance(getattr(fn, "__self__", None), keras.Model):
-            return getattr(fn, "__name__", None) in inference
-        code = getattr(fn, "__code__", None)
-        if code is not None and captured_model(fn) is not None:
-            names = _names(code)
-            if names & inference and "train_step" not in names:
-                return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False

@@ -43,20 +43,18 @@ def replica_batch_sizes(global_size: tf.Tensor, num_replicas: int) -> tf.Tensor:
     return base + extra
 
 
-def replica_loss_weights(args, num_replicas: int) -> tf.Tensor | None:
-    """N * n_i / n for each replica i, from the first per-replica tensor in
-    `args`, or None when `args` holds no per-replica tensor.
+def replica_loss_weights(sizes, num_replicas: int) -> tf.Tensor | None:
+    """N * n_i / n for each replica i, from the pieces' `sizes`
+    (`piece_sizes`), or None when the step has no per-replica input.
 
-    Keras averages each replica's loss over its own samples and scales it by
-    1/N, so summing the replicas' gradients gives the single-device gradient
-    only when every replica holds n/N samples. A global batch that does not
-    split evenly (or a short last batch) breaks that: MirroredStrategy and
-    PyTorch DDP then weight a replica with fewer samples as much as one with
-    more. Scaling replica i's loss by N * n_i / n makes the sum exactly the
-    gradient of the mean over all n samples, also through BatchNormalization's
-    all-reduced statistics.
+    Summing the replicas' gradients of their own mean losses gives the
+    single-device gradient only when every replica holds n/N samples. A
+    global batch that does not split evenly (or a short last batch) breaks
+    that: MirroredStrategy and PyTorch DDP then weight a replica with fewer
+    samples as much as one with more. Weighting replica i by n_i / n (this
+    over N, `loss_weights`) makes the sum exactly the gradient of the mean
+    over all n samples, also through BatchNormalization's global statistics.
     """
-    sizes = piece_sizes(args)
     if sizes is None:
         return None
     # float64: a float32 share would round a float64 model's loss.

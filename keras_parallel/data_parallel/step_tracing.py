@@ -16,8 +16,7 @@ from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
 from keras_parallel.data_parallel.parameter_shards import specialize_gathering
 from keras_parallel.data_parallel.state_placement import require_distributed
 from keras_parallel.specialize import (
-    is_inference_step,
-    keras_step_model,
+    keras_step,
     reachable,
     specialized,
 )
@@ -78,7 +77,7 @@ class StepTracing:
         samples = tf.cast(tf.stack(sizes), tf.float64) * counts
         return samples / tf.reduce_sum(samples)
 
-    def _replica_loss_weights(self, args):
+    def _replica_loss_weights(self, sizes):
         """Each replica's loss weight for this step, or None for equal ones."""
         return None
 
@@ -135,10 +134,12 @@ class StepTracing:
             for variable in model.variables:
                 require_distributed(variable.value)
         layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
-        keras_step = keras_step_model(fn) is not None
-        metrics = step_metrics(models) if keras_step else []
-        averaging = None if is_inference_step(fn) else self._averaging
-        if keras_step:
+        step = keras_step(fn)
+        in_keras = step is not None
+        metrics = step_metrics(models) if in_keras else []
+        inference = in_keras and step[1] != "train_step"
+        averaging = None if inference else self._averaging
+        if in_keras:
             args = batch_split.split_whole_batch(
                 args, self._input_host, self._devices, self._input_share
             )
@@ -147,13 +148,13 @@ class StepTracing:
         try:
             with (
                 self._loss_weights.step(
-                    self._replica_loss_weights(args),
-                    keras_step,
+                    self._replica_loss_weights(sizes),
+                    in_keras,
                     self._num_replicas_in_sync,
                     self._counted_shares(sizes),
                     self._num_replicas_in_sync // self._replicas_per_piece,
                 ),
-                self._empty_pieces.step(sizes if keras_step else None),
+                self._empty_pieces.step(sizes if in_keras else None),
                 self._gradient_reduction.recording_step(),
                 specialized(layers, batchnorm.GlobalStatistics),
                 specialized(metrics, GlobalResult),

@@ -351,5 +351,5 @@ class DataParallelExtended(ReplicaFeatures, MirroredExtended):
         # merge calls are off, as they are while the optimizer applies once.
         return self._cross_device_ops
 
-    def _replica_loss_weights(self, args):
-        return batch_split.replica_loss_weights(args, len(self._devices))
+    def _replica_loss_weights(self, sizes):
+        return batch_split.replica_loss_weights(sizes, len(self._devices))

@@ -303,10 +303,10 @@ class MeshParallelExtended(DataParallelExtended):
             return SplitValue(value.values, variable.join)
         return super()._gradient_for_update(value, variables, index)
 
-    def _replica_loss_weights(self, args):
+    def _replica_loss_weights(self, sizes):
         # The M replicas of a model group see the same piece and compute the
         # same loss; Keras divides each replica's loss by all B * M replicas.
-        weights = batch_split.replica_loss_weights(args, len(self._devices))
+        weights = batch_split.replica_loss_weights(sizes, len(self._devices))
         if weights is None:
             return None
         return weights * self._layout.mesh.model_size
