@@ -1,7 +1,9 @@
-# `make demo` and `make test` each create (or refresh) .venv and install what they need.
+# `make demo` and `make test` each create (or refresh) .venv and install what they need;
+# `make docs` builds the site into site/ (strict: a broken link or reference fails).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 
 # The oldest TensorFlow/Keras pair setup.cfg allows, and the tests of equality
@@ -15,7 +17,7 @@ CORE_TESTS := tests/test_tf_internal.py tests/test_requirements.py \
 	tests/data_parallel/test_small_batches.py tests/pipeline/test_short_batches.py \
 	tests/test_fit_api.py
 
-.PHONY: demo test test-oldest bench lint clean
+.PHONY: demo test test-oldest bench lint docs notebooks clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +33,10 @@ $(OLDEST_VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
 	$(OLDEST_VENV)/bin/python -m pip install -q -e ".[test]" $(OLDEST)
+	touch $@
+
+$(DOCS_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install -q -e ".[docs]"
 	touch $@
 
 demo: $(STAMP)
@@ -53,8 +59,17 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/local_sgd.py
 	$(VENV)/bin/python benchmarks/compatibility.py
 
+# The site shows the notebooks' stored outputs: `make notebooks` runs them again
+# and stores what they print and plot (tests/test_notebooks.py runs them too).
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+notebooks: $(DOCS_STAMP)
+	$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+		--ExecutePreprocessor.timeout=900 notebooks/*.ipynb
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check keras_parallel tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build site *.egg-info

@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     launcher = commands.add_parser(
         "launch",
         help="run a training script as N local TensorFlow workers, each with its "
-        "TF_CONFIG (for MultiWorkerMirroredStrategy)",
+        "TF_CONFIG, so that keras_parallel.DataParallel() in the script trains "
+        "across them",
     )
     launcher.add_argument(
         "-n",

@@ -1,9 +1,9 @@
 """`keras-parallel launch`: one training script as N TensorFlow workers on this host.
 
 Each worker is `python script.py args...` with its own `TF_CONFIG`, so a script
-that builds a `tf.distribute.MultiWorkerMirroredStrategy` can be tried out on one
-machine before it runs on several. Standard library only: the launcher must not
-pay for (or depend on) a TensorFlow import.
+whose `keras_parallel.DataParallel()` reads it (and then trains across the
+workers) can be tried out on one machine before it runs on several. Standard
+library only: the launcher must not pay for (or depend on) a TensorFlow import.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -87,7 +88,7 @@ class PipelineParallel(tf.distribute.Strategy):
             PipelineParallelExtended(self, devices, num_microbatches, partition)
         )
 
-    def scope(self):
+    def scope(self) -> contextlib.AbstractContextManager:
         """`tf.distribute.Strategy.scope`: models and optimizers made in it
         are placed by this strategy. A model without `call()` trains as on
         one device, and an optimizer made outside the scope gets an error

@@ -186,7 +186,9 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             parts = [divide_by_n(p, num_replicas) for p in parts]
         return regroup(parts, wrap_class=Mirrored)
 
-    def reduce_scatter(self, values) -> list[list[tf.Tensor]]:
+    def reduce_scatter(
+        self, values: Sequence[tf.distribute.DistributedValues]
+    ) -> list[list[tf.Tensor]]:
         """Sums dense per-replica values and leaves each replica with its rows
         of each sum (`rows.row_parts`), through the compression's
         reduce-scatter: a replica receives 1/N of what an all-reduce gives it.

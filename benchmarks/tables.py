@@ -1,0 +1,369 @@
+"""The benchmark tables of the README and the docs, rendered from `results/`.
+
+A page shows a table between the markers `<!-- table: NAME -->` and
+`<!-- /table -->`; what stands between them is rendered here from the JSON
+file the benchmark wrote, with a line saying how each ratio was computed, so
+no figure is copied by hand. `tests/test_docs_numbers.py` checks every cell
+shown against its result file.
+
+Usage:
+    python benchmarks/tables.py              # refresh the blocks in README.md and docs/
+    python benchmarks/tables.py --check      # exit 1 when a block differs
+    python benchmarks/tables.py mesh         # print one table
+
+`mkdocs.yml` names this file as a hook: `on_page_markdown` renders every
+page's blocks again when the site is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import re
+import sys
+from collections.abc import Callable
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+BLOCK = re.compile(
+    r"(<!-- table: (?P<name>[a-z_0-9]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """One table: where its rows come from, its columns, how it was measured.
+
+    `columns` maps each header to a function of `(row, rows, settings)` giving
+    the cell's text; `note` is formatted with the JSON's `settings`.
+    """
+
+    source: str
+    columns: dict[str, Callable]
+    note: str
+    rows: Callable = lambda data: data["rows"] if isinstance(data, dict) else data
+    settings: Callable = lambda data: (
+        data.get("settings", {}) if isinstance(data, dict) else {}
+    )
+
+
+def _num(spec: str, key: str, missing: str = "fails") -> Callable:
+    def cell(row, rows, settings):
+        value = row.get(key)
+        return missing if value is None else format(value, spec)
+
+    return cell
+
+
+def _text(key: str, missing: str = "–") -> Callable:
+    def cell(row, rows, settings):
+        value = row.get(key)
+        # A table cell is one line without pipes.
+        return missing if value is None else str(value).strip().replace("|", "\\|")
+
+    return cell
+
+
+def _mb(key: str) -> Callable:
+    def cell(row, rows, settings):
+        value = row.get(key)
+        if value is None:
+            return "–"
+        return "0" if value == 0 else f"{value:.2f} MB"
+
+    return cell
+
+
+def _setup(row, rows, settings) -> str:
+    # "sharding='optimizer', 2 devices" -> "`"optimizer"`, 2 devices"
+    match = re.fullmatch(r"sharding=(.*), (\d+) devices", row["setup"])
+    if not match:
+        return row["setup"]
+    mode = match.group(1).replace("'", '"')
+    return f"`{mode}`, {match.group(2)} devices"
+
+
+def _per_seed(spec: str, relative: bool) -> Callable:
+    def cell(row, rows, settings):
+        base = rows[0]["accuracies"]
+        if relative and row is rows[0]:
+            return "–"
+        values = [
+            a - b if relative else a
+            for a, b in zip(row["accuracies"], base, strict=True)
+        ]
+        return ", ".join(format(v, spec) for v in values)
+
+    return cell
+
+
+def _compatibility_rows(data: dict) -> list[dict]:
+    return [{"feature": feature, **cells} for feature, cells in data.items()]
+
+
+TABLES = {
+    "step_time": Table(
+        source="step_time.json",
+        columns={
+            "model": _text("model"),
+            "devices": _text("devices"),
+            "steps_per_execution": _text("steps_per_execution"),
+            "single ms": _num(".1f", "single_ms"),
+            "MirroredStrategy ms": _num(".1f", "MirroredStrategy_ms"),
+            "DataParallel ms": _num(".1f", "DataParallel_ms"),
+            "DP / single": _num(".2f", "dp_over_single"),
+            "DP / Mirrored": _num(".2f", "dp_over_mirrored"),
+        },
+        note=(
+            "How computed: each row runs in its own process; the three setups take "
+            "turns, one epoch each; a step time is the median epoch time over the "
+            "steps of an epoch, and a ratio divides those two medians. `fails`: "
+            "MirroredStrategy cannot run `steps_per_execution=16` "
+            "(keras-team/keras#19246)."
+        ),
+    ),
+    "bucket_mb": Table(
+        source="step_time_bucket_mb_25.json",
+        columns={
+            "model": _text("model"),
+            "devices": _text("devices"),
+            "single ms": _num(".1f", "single_ms"),
+            "MirroredStrategy ms": _num(".1f", "MirroredStrategy_ms"),
+            "DataParallel ms, `bucket_mb=25`": _num(".1f", "DataParallel_ms"),
+            "DP / single": _num(".2f", "dp_over_single"),
+        },
+        note=(
+            "How computed: as the step-time table (`step_time.py --shapes 2x1024 "
+            "--devices 2 --bucket-mb 25`), a ratio of median epoch times in one "
+            "process; compare with that table's 2x1024 row on 2 devices, measured "
+            "in another run."
+        ),
+    ),
+    "compression": Table(
+        source="compression.json",
+        columns={
+            "task": _text("task"),
+            "compression": _text("compression"),
+            "bytes/step": _num(",", "bytes_per_step"),
+            "of fp32": lambda row, rows, settings: format(
+                row["bytes_per_step"] / row["fp32_bytes_per_step"], ".1%"
+            ),
+            "reductions/step": _text("reductions"),
+            "held-out accuracy": _num(".3f", "accuracy"),
+            "step time / none": _num(".2f", "step_time_ratio"),
+        },
+        note=(
+            "How computed: bytes are what each replica sends per step "
+            "(`communication_stats()`); `step time / none` is the median throughput "
+            "of the uncompressed setting over this setting's, each the median of 5 "
+            "epochs, the settings of a task taking turns."
+        ),
+    ),
+    "model_parallel": Table(
+        source="model_parallel.json",
+        columns={
+            "stages": lambda row, rows, settings: (
+                "single device" if row["stages"] == 1 else str(row["stages"])
+            ),
+            "num_microbatches": _text("num_microbatches"),
+            "median step ms": _num(".1f", "step_ms"),
+            "over single device": _num(".2f", "over_single"),
+            "largest share of bytes on a device": _num(".0%", "largest_device_share"),
+        },
+        note=(
+            "How computed: the setups take turns, one epoch each, for 15 rounds; "
+            "`over single device` is the median over the rounds of each round's "
+            "epoch time over the single device's in that round, so it is not the "
+            "ratio of the two median step times shown (a slow spell moves every "
+            "setup of its round, and cancels in that round's ratio)."
+        ),
+    ),
+    "mesh": Table(
+        source="mesh.json",
+        columns={
+            "setup": _text("setup"),
+            "median step ms": _num(".1f", "step_ms"),
+            "step time / one device": _num(".2f", "over_single"),
+            "weights + optimizer, largest device": _mb("max_device_mb"),
+            "gradient all-reduce / step / device": _mb("allreduce_mb_per_step"),
+            "model-axis exchanges / step / device": _mb("exchange_mb_per_step"),
+        },
+        note=(
+            "How computed: the setups take turns, one epoch each, for {repeats} "
+            "rounds; `step time / one device` is the median over the rounds of "
+            "each round's epoch time over the single device's in that round "
+            "(not the ratio of the median step times). MB are 1e6 bytes."
+        ),
+    ),
+    "sharding": Table(
+        source="sharding.json",
+        columns={
+            "setup": _setup,
+            "step time / one device": _num(".2f", "over_single"),
+            "weights + Adam, largest device": _mb("max_device_mb"),
+            "all-reduce": _mb("all_reduce_mb_per_step"),
+            "reduce-scatter": _mb("reduce_scatter_mb_per_step"),
+            "all-gather": _mb("all_gather_mb_per_step"),
+            "ring traffic / step / replica": _mb("ring_mb_per_step"),
+        },
+        note=(
+            "How computed: the setups take turns, one epoch each, for {repeats} "
+            "rounds; a step time is `ThroughputMonitor`'s (the epoch's steps after "
+            "its first two), and `step time / one device` is the median over the "
+            "rounds of each round's ratio to the single device. Collective columns "
+            "are buffer bytes per step (`communication_stats()`); ring traffic is "
+            "what a replica sends when each collective runs as a ring. MB are 1e6 "
+            "bytes."
+        ),
+    ),
+    "local_sgd": Table(
+        source="local_sgd.json",
+        columns={
+            "setting": _text("setting"),
+            "held-out accuracy per seed": _per_seed(".3f", relative=False),
+            "vs synchronous, per seed": _per_seed("+.3f", relative=True),
+            "MB / step / replica": _num(".4f", "mb_per_step"),
+            "MB over the run": _num(".1f", "mb_total"),
+        },
+        note=(
+            "How computed: {replicas} replicas, {epochs} epochs of global batch "
+            "{global_batch} over {train_samples} samples, the same samples in the "
+            "same order for every setting; accuracy on {held_out_samples} held-out "
+            "samples, one run per seed ({seeds} seeds); `vs synchronous` subtracts "
+            "the synchronous run of the same seed. MB are 1e6 bytes."
+        ),
+    ),
+    "multi_worker": Table(
+        source="multi_worker.json",
+        columns={
+            "model": lambda row, rows, settings: f"{row['model']} MLP",
+            "1 process x 2 threads": _num(",.0f", "one_process_two_threads"),
+            "2 workers x 1 thread": _num(",.0f", "two_workers_one_thread"),
+            "ratio": _num(".2f", "ratio"),
+            "per-round ratios": lambda row, rows, settings: ", ".join(
+                f"{r:.2f}" for r in row["ratios"]
+            ),
+            "2 workers, `sync_every=8`": _num(",.0f", "two_workers_sync_every_8"),
+            "over every step's": _num(".2f", "sync_every_8_over_every_step"),
+            "its per-round ratios": lambda row, rows, settings: ", ".join(
+                f"{r:.2f}" for r in row["sync_every_8_ratios"]
+            ),
+        },
+        note=(
+            "How computed: samples/s, each setup's figure the median of 5 timed "
+            "epochs in a round; the setups take turns for 3 rounds; a ratio is the "
+            "median of the per-round ratios (listed), so it is not the ratio of the "
+            "median samples/s shown. Global batch {batch}, {samples} samples an "
+            "epoch, Adam."
+        ),
+        settings=lambda data: {"batch": data["batch"], "samples": data["samples"]},
+    ),
+    "compatibility": Table(
+        source="compatibility.json",
+        columns={
+            "feature": _text("feature"),
+            "MirroredStrategy": _text("MirroredStrategy"),
+            "DataParallel": _text("DataParallel"),
+            "PipelineParallel": _text("PipelineParallel"),
+        },
+        note=(
+            "How computed: ✔ means weights and every per-batch log agree with one "
+            "device to 1e-5; otherwise the cell gives the largest difference or the "
+            "error (first line), one process per row."
+        ),
+        rows=_compatibility_rows,
+    ),
+}
+
+
+def cells(name: str, results: pathlib.Path = RESULTS) -> list[list[str]]:
+    """The table's header and rows, as the text of each cell.
+
+    Args:
+        name: A key of `TABLES`.
+        results: The folder of the result files.
+
+    Returns:
+        `[header, row, ...]`, each a list of cell texts.
+    """
+    table = TABLES[name]
+    data = json.loads((results / table.source).read_text())
+    rows, settings = table.rows(data), table.settings(data)
+    return [list(table.columns)] + [
+        [column(row, rows, settings) for column in table.columns.values()]
+        for row in rows
+    ]
+
+
+def note(name: str, results: pathlib.Path = RESULTS) -> str:
+    """The sentence under a table saying how its figures were computed."""
+    table = TABLES[name]
+    data = json.loads((results / table.source).read_text())
+    return table.note.format(**table.settings(data))
+
+
+def render(name: str, results: pathlib.Path = RESULTS) -> str:
+    """The markdown of one table and its note, as a block between markers."""
+    header, *rows = cells(name, results)
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + note(name, results)
+        + f" Source: `benchmarks/results/{TABLES[name].source}`.\n"
+    )
+
+
+def refresh(text: str, results: pathlib.Path = RESULTS) -> str:
+    """`text` with every marked block rendered again from `results`."""
+    return BLOCK.sub(
+        lambda m: m.group(1) + render(m.group("name"), results) + m.group(4), text
+    )
+
+
+def pages() -> list[pathlib.Path]:
+    """The README and every docs page, where blocks may stand."""
+    return [
+        ROOT / "README.md",
+        ROOT / "ARCHITECTURE.md",
+        *sorted((ROOT / "docs").rglob("*.md")),
+    ]
+
+
+def on_page_markdown(markdown: str, **kwargs) -> str:
+    """mkdocs hook: a page's tables rendered from the result files at build time."""
+    return refresh(markdown)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("table", nargs="?", choices=sorted(TABLES))
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    if args.table:
+        print(render(args.table), end="")
+        return 0
+    stale = []
+    for path in pages():
+        text = path.read_text()
+        fresh = refresh(text)
+        if fresh != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(fresh)
+    for path in stale:
+        print(
+            ("stale: " if args.check else "refreshed: ") + str(path.relative_to(ROOT))
+        )
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
