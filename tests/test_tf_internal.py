@@ -1,10 +1,17 @@
 """TensorFlow and Keras internals are used in `keras_parallel/_tf_internal.py`
-only, and what it relies on exists in the installed versions."""
+only, and what it relies on exists in the installed versions with the
+signatures our calls and overrides assume (`internal_signatures.py`)."""
 
 import ast
 import functools
 import gc
+import importlib
 import pathlib
+import textwrap
+
+import internal_module
+import internal_overrides
+import internal_signatures
 
 import keras_parallel
 from keras_parallel import _tf_internal
@@ -140,3 +147,221 @@ def test_variable_storage_moves_and_keeps_identity():
     assert optimizer._var_key(variable) == key
     optimizer.apply([np.ones((2, 3), "float32")], [variable])
     assert variable.value.device.endswith("CPU:1")
+
+
+# --- signatures: what we call, override and read, against the installed code --
+
+
+def package_modules() -> list:
+    """(module, AST) of every keras_parallel module but `__main__` (importing
+    it runs the command line)."""
+    found = [(_tf_internal, ast.parse(HOME.read_text()))]
+    for path, tree in sources():
+        if path.is_relative_to(ROOT) and path.name != "__main__.py":
+            name = ".".join(path.relative_to(PROJECT).with_suffix("").parts)
+            found.append(
+                (importlib.import_module(name.removesuffix(".__init__")), tree)
+            )
+    return found
+
+
+def package_classes() -> dict:
+    """Each class keras_parallel defines -> its ClassDef."""
+    return {
+        getattr(module, node.name): node
+        for module, tree in package_modules()
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+def test_calls_of_internal_names_bind_to_their_signatures():
+    problems = {
+        module.__name__: found
+        for module, tree in package_modules()
+        if (found := internal_signatures.internal_call_problems(tree, _tf_internal))
+    }
+    assert not problems, problems
+
+
+def test_internal_module_calls_of_tensorflow_and_keras_bind():
+    tree = ast.parse(HOME.read_text())
+    problems = internal_module.foreign_call_problems(tree, vars(_tf_internal))
+    assert not problems, problems
+
+
+def test_overrides_and_super_calls_match_tensorflow_and_keras():
+    classes = package_classes()
+    assert any(issubclass(cls, _tf_internal.MirroredExtended) for cls in classes)
+    problems = internal_overrides.hierarchy_problems(classes)
+    assert not problems, problems
+
+
+def test_private_attributes_we_read_and_set_exist():
+    tree = ast.parse(HOME.read_text())
+    problems = internal_module.private_attribute_problems(tree, vars(_tf_internal))
+    assert not problems, problems
+    our_reads = {
+        node.attr
+        for _, tree in package_modules()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)
+    }
+    problems = internal_overrides.unread_attribute_problems(
+        package_classes(), our_reads
+    )
+    assert not problems, problems
+
+
+# The checks fail on wrong code: each synthetic source below makes one mistake
+# per line marked `# wrong`, which the check must report by line.
+
+
+def synthetic(source: str) -> tuple[ast.Module, dict]:
+    source = textwrap.dedent(source)
+    namespace = {"__name__": "synthetic"}
+    exec(compile(source, "synthetic", "exec"), namespace)
+    return ast.parse(source), namespace
+
+
+def wrong_lines(source: str) -> set[int]:
+    lines = textwrap.dedent(source).splitlines()
+    return {number for number, line in enumerate(lines, 1) if "# wrong" in line}
+
+
+def reported_lines(problems: list[str]) -> set[int]:
+    return {int(p.split("line ")[1].split(":")[0]) for p in problems}
+
+
+def test_wrong_calls_of_internal_names_are_reported():
+    source = """
+        from keras_parallel._tf_internal import PerReplica, regroup
+        regroup([1], None, False)
+        regroup([1], None, False, 4)  # wrong
+        regroup([1], always_wrap=True)
+        regroup([1], allways_wrap=True)  # wrong
+        PerReplica(values=[1])
+        PerReplica([1], [2])  # wrong
+        PerReplica.experimental_local_results  # an attribute, not a call
+        """
+    problems = internal_signatures.internal_call_problems(
+        ast.parse(textwrap.dedent(source)), _tf_internal
+    )
+    assert reported_lines(problems) == wrong_lines(source), problems
+
+
+def test_wrong_calls_in_the_internal_module_are_reported():
+    source = """
+        import keras
+        import tensorflow as tf
+        from tensorflow.python.distribute import distribute_utils
+
+        def regroups(values):
+            distribute_utils.regroup(values, always_wrap=True)
+            return distribute_utils.regroup(values, wrap=None)  # wrong
+
+        def flattens(model: keras.Model):
+            model._flatten_layers(include_self=False)
+            return model._flatten_layers(include_self=False, deep=True)  # wrong
+
+        def applies(optimizer, grads, variables):
+            optimizer._common_apply(grads, variables)
+            optimizer._common_apply(grads, trainable_variables=variables)
+            optimizer._common_apply(grads, variables=variables)  # wrong
+            optimizer._no_such_private_method()  # wrong
+
+        def gathers(value, destinations):
+            made = tf.distribute.ReductionToOneDevice()
+            made._gather_implementation(value, destinations, 0, None)
+            return made._gather_implementation(value, destinations)  # wrong
+        """
+    tree, namespace = synthetic(source)
+    problems = internal_module.foreign_call_problems(tree, namespace)
+    assert reported_lines(problems) == wrong_lines(source), problems
+
+
+def test_missing_private_attributes_are_reported():
+    source = """
+        import keras
+        from tensorflow.python.framework import ops
+
+        def reads(layer: keras.layers.MultiHeadAttention, variable):
+            parts = [layer._query_dense, layer._key_dense]
+            parts.append(layer._no_such_dense)  # wrong
+            parts.append(getattr(variable, "_no_such_field", None))  # wrong
+            parts.append(ops._gradient_registry)
+            return parts, ops._no_such_registry  # wrong
+
+        def writes(variable, weight):
+            variable._distributed_container = weight
+            variable._tensorflow_never_reads_this = weight  # wrong
+        """
+    tree, namespace = synthetic(source)
+    problems = internal_module.private_attribute_problems(tree, namespace)
+    assert reported_lines(problems) == wrong_lines(source), problems
+
+
+def test_wrong_overrides_and_super_calls_are_reported():
+    source = """
+        from keras_parallel._tf_internal import MirroredExtended
+
+        class Right(MirroredExtended):
+            def _update(self, var, fn, args, kwargs, group):
+                return super()._update(var, fn, args, kwargs, group)
+
+            def _reduce_to(self, reduce_op, value, destinations, options):
+                return super()._reduce_to(reduce_op, value, destinations, options)
+
+            def _use_merge_call(self):
+                return super()._use_merge_call()
+
+        class Wrong(MirroredExtended):
+            def _update(self, var, fn, args, kwargs):
+                return super()._update(var, fn, args, kwargs, group=True, now=1)
+
+            def _reduce_to(self, op, value, destinations, options):
+                return super()._reduce_to(op, value, destinations)
+
+            def _use_merge_call(self, value):
+                return super()._use_merge_call()
+
+        class GlobalMoments:
+            def _moments(self, inputs):
+                return super()._moments(inputs)
+        """
+    tree, namespace = synthetic(source)
+    classes = {
+        namespace[node.name]: node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+    }
+    problems = internal_overrides.hierarchy_problems(classes)
+    assert not [p for p in problems if p.startswith("Right.")], problems
+    expected = [
+        "Wrong._update overrides",  # no `group`
+        "Wrong._update, line",  # super() with `now`
+        "Wrong._reduce_to overrides",  # `op` for `reduce_op`
+        "Wrong._reduce_to, line",  # no `options` passed
+        "Wrong._use_merge_call overrides",  # requires `value`
+        "GlobalMoments._moments overrides",  # no `mask`
+        "GlobalMoments._moments, line",  # no `mask` passed
+    ]
+    for start in expected:
+        assert [p for p in problems if p.startswith(start)], (start, problems)
+
+
+def test_attributes_only_tensorflow_would_read_must_be_read_there():
+    source = """
+        from keras_parallel._tf_internal import MirroredExtended
+
+        class Extended(MirroredExtended):
+            _collective_key_base = 1  # MirroredExtended reads it
+            _read_by_nobody = 1
+            _read_by_us = 1
+        """
+    tree, namespace = synthetic(source)
+    classes = {namespace["Extended"]: tree.body[1]}
+    problems = internal_overrides.unread_attribute_problems(classes, {"_read_by_us"})
+    assert problems == [
+        "Extended._read_by_nobody: neither keras_parallel nor TensorFlow/Keras reads it"
+    ]
