@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+import tables
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -97,24 +99,8 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print()
-    print(format_table(rows))
+    print(tables.render("compression"), end="")
     print(f"\nwrote {path}")
-
-
-def format_table(rows) -> str:
-    lines = [
-        "| task | compression | bytes/step | of fp32 | reductions/step "
-        "| held-out accuracy | step time / none |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['task']} | {row['compression']} | {row['bytes_per_step']:,} "
-            f"| {row['bytes_per_step'] / row['fp32_bytes_per_step']:.1%} "
-            f"| {row['reductions']} | {row['accuracy']:.3f} "
-            f"| {row['step_time_ratio']:.2f} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import json
 import os
 import statistics
 
+import tables
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEATURES, CLASSES, TRAIN, HELD_OUT = 32, 10, 16384, 4096
 BATCH, EPOCHS, REPLICAS = 128, 4, 4
@@ -97,23 +99,6 @@ def main() -> None:
                 "mb_total": runs[0]["bytes_total"] / 1e6,
             }
         )
-    print(
-        "| setting | held-out accuracy per seed | vs synchronous, per seed "
-        "| MB / step / replica | MB over the run | bytes vs synchronous |"
-    )
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        differences = [
-            a - s for a, s in zip(row["accuracies"], rows[0]["accuracies"], strict=True)
-        ]
-        print(
-            f"| {row['setting']} | "
-            + ", ".join(f"{a:.3f}" for a in row["accuracies"])
-            + " | "
-            + ", ".join(f"{d:+.3f}" for d in differences)
-            + f" | {row['mb_per_step']:.4f} | {row['mb_total']:.1f} | "
-            f"{row['mb_per_step'] / rows[0]['mb_per_step']:.4f} |"
-        )
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "local_sgd.json"), "w") as f:
         json.dump(
@@ -132,6 +117,8 @@ def main() -> None:
             f,
             indent=2,
         )
+
+    print(tables.render("local_sgd"), end="")
 
 
 if __name__ == "__main__":

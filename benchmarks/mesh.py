@@ -35,6 +35,8 @@ import os
 import statistics
 import time
 
+import tables
+
 SAMPLES, FEATURES, CLASSES = 4096, 256, 10
 BATCH, BLOCKS, HIDDEN = 256, 2, 2048
 MESHES = ((1, 4), (2, 2), (4, 1))
@@ -198,30 +200,8 @@ def main() -> None:
     path = os.path.join(RESULTS, "mesh.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(format_table(rows))
+    print(tables.render("mesh"), end="")
     print(f"\nwrote {path} ({args.repeats} rounds, {timed_s:.0f} s timed)")
-
-
-def format_table(rows) -> str:
-    def mb(value):
-        return "-" if value is None else f"{value:.2f}"
-
-    lines = [
-        "| setup | median step ms | over single device "
-        "| weights + optimizer MB, max device | min device "
-        "| all-reduce MB/step/device | model-axis exchange MB/step/device |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['setup']} | {row['step_ms']:.1f} | {row['over_single']:.2f} "
-            f"| {row['max_device_mb']:.2f} | {row['min_device_mb']:.2f} "
-            f"| {mb(row['allreduce_mb_per_step'])} "
-            f"| {mb(row['exchange_mb_per_step'])} |"
-        )
-    total = rows[0]["single_device_total_mb"]
-    lines.append(f"\nSingle-device total of weights + optimizer state: {total:.2f} MB.")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

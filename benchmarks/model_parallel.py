@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 
+import tables
 from mlp import SAMPLES, build_mlp, make_data
 
 BATCH, DEPTH, WIDTH = 256, 8, 1024
@@ -77,23 +78,8 @@ def main() -> None:
     path = os.path.join(RESULTS, "model_parallel.json")
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
-    print(format_table(rows))
+    print(tables.render("model_parallel"), end="")
     print(f"\nwrote {path}")
-
-
-def format_table(rows) -> str:
-    lines = [
-        "| stages | num_microbatches | median step ms | over single device "
-        "| largest share of bytes on a device |",
-        "|---|---|---|---|---|",
-    ]
-    for row in rows:
-        name = "single device" if row["stages"] == 1 else str(row["stages"])
-        lines.append(
-            f"| {name} | {row['num_microbatches']} | {row['step_ms']:.1f} "
-            f"| {row['over_single']:.2f} | {row['largest_device_share']:.0%} |"
-        )
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+import tables
 from mlp import SAMPLES, build_mlp, make_data
 
 BATCH = 256
@@ -135,6 +136,7 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "multi_worker.json"), "w") as f:
         json.dump({"batch": BATCH, "samples": SAMPLES, "rows": rows}, f, indent=2)
+    print(tables.render("multi_worker"), end="")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 
+import tables
 from mesh import MB, RESULTS, bytes_per_device
 from mlp import SAMPLES, build_mlp, make_data
 
@@ -101,18 +102,7 @@ def main() -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "sharding.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(
-        "| setup | step time / one device | weights + Adam, largest device (MB) "
-        "| all-reduce | reduce-scatter | all-gather | ring traffic (MB/step/replica) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(
-            f"| {row['setup']} | {row['over_single']:.2f} | "
-            f"{row['max_device_mb']:.2f} | {row['all_reduce_mb_per_step']:.2f} | "
-            f"{row['reduce_scatter_mb_per_step']:.2f} | "
-            f"{row['all_gather_mb_per_step']:.2f} | {row['ring_mb_per_step']:.2f} |"
-        )
+    print(tables.render("sharding"), end="")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ hits them alike; the figure is the median epoch time over `--repeats` epochs
 after a warm-up epoch, divided by the steps per epoch.
 
 Usage:
-    python benchmarks/step_time.py                # full table, writes JSON
-    python benchmarks/step_time.py --shapes 2x16 --devices 2 --repeats 3
+    python benchmarks/step_time.py                # full table: results/step_time.json
+    python benchmarks/step_time.py --shapes 2x16 --devices 2   # step_time_partial.json
     python benchmarks/step_time.py --shapes 2x1024 --devices 2 --bucket-mb 25
 """
 
@@ -137,8 +137,16 @@ def main() -> None:
                 )
                 print(format_row(rows[-1]), flush=True)
     os.makedirs(RESULTS, exist_ok=True)
+    # step_time.json is the full table the docs show: a run of other shapes,
+    # devices or steps per execution must not replace it.
+    full = all(
+        getattr(args, name) == parser.get_default(name)
+        for name in ("shapes", "devices", "steps_per_execution")
+    )
     suffix = "" if args.bucket_mb is None else f"_bucket_mb_{args.bucket_mb:g}"
-    path = os.path.join(RESULTS, f"step_time{suffix}.json")
+    path = os.path.join(
+        RESULTS, f"step_time{suffix}{'' if full or suffix else '_partial'}.json"
+    )
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print()
