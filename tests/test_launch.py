@@ -261,9 +261,9 @@ else:
 def test_a_failing_worker_stops_the_others(tmp_path, fail, code, message):
     script = write_script(tmp_path, STOP_SCRIPT.format(sleep=LONG_SLEEP, fail=fail))
     pid_file = tmp_path / "pid"
-    start = time.monotonic()
+    # Worker 1 sleeps past run_launcher's timeout: the launcher returns only
+    # because it stopped it.
     result = run_launcher("-n", "2", script, str(pid_file))
-    assert time.monotonic() - start < 30
     assert result.returncode == code, result.stderr
     assert (
         f"keras-parallel launch: {message}; stopping the other workers."

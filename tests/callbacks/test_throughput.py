@@ -1,7 +1,7 @@
-"""ThroughputMonitor: samples/s and step time in the logs, warm-up excluded."""
+"""ThroughputMonitor: samples/s and step time in the logs, warm-up excluded,
+timed by a clock the test advances step by step."""
 
 import contextlib
-import time
 
 import keras
 import numpy as np
@@ -22,12 +22,19 @@ def build(strategy=None, steps_per_execution=1):
     return model
 
 
-class SlowStart(keras.callbacks.Callback):
-    """Sleeps before the first two steps of each epoch."""
+class StepClock(keras.callbacks.Callback):
+    """A clock that `fit` advances: each step (or group of steps with
+    `steps_per_execution`) takes `seconds[batch]`, or `default`."""
+
+    def __init__(self, seconds: dict, default: float):
+        super().__init__()
+        self.seconds, self.default, self.now = seconds, default, 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
     def on_train_batch_begin(self, batch, logs=None):
-        if batch < 2:
-            time.sleep(0.25)
+        self.now += self.seconds.get(batch, self.default)
 
 
 @pytest.mark.parametrize("strategy", [None, "data_parallel"])
@@ -36,35 +43,37 @@ def test_warm_up_steps_are_not_timed(strategy):
     runs = {}
     for warmup in (0, 2):
         model = build(strategy)
+        # 8 steps per epoch: two of 250 ms, then six of 10 ms.
+        clock = StepClock({0: 0.25, 1: 0.25}, default=0.01)
         history = model.fit(
             X,
             Y,
             batch_size=32,
             epochs=2,
             verbose=0,
-            callbacks=[SlowStart(), ThroughputMonitor(32, warmup_steps=warmup)],
+            callbacks=[clock, ThroughputMonitor(32, warmup_steps=warmup, clock=clock)],
         )
         runs[warmup] = history.history
-    # 8 steps per epoch; with no warm-up the two sleeps are in the figure.
-    assert min(runs[0]["step_time_ms"]) >= 500 / 8
-    assert max(runs[2]["step_time_ms"]) < 500 / 8
-    for logs in runs.values():
-        for rate, ms in zip(
-            logs["samples_per_second"], logs["step_time_ms"], strict=True
-        ):
-            assert rate * ms / 1000 == pytest.approx(32)
+    assert runs[0]["step_time_ms"] == pytest.approx([1000 * 0.56 / 8] * 2)
+    assert runs[0]["samples_per_second"] == pytest.approx([8 * 32 / 0.56] * 2)
+    assert runs[2]["step_time_ms"] == pytest.approx([10.0] * 2)
+    assert runs[2]["samples_per_second"] == pytest.approx([3200.0] * 2)
 
 
 def test_steps_per_execution_counts_every_step():
+    # Keras reports once per 4 steps; each report is 4 steps of 10 ms.
     model = build(steps_per_execution=4)
+    clock = StepClock({}, default=0.04)
     history = model.fit(
-        X, Y, batch_size=32, epochs=1, verbose=0, callbacks=[ThroughputMonitor(32, 4)]
+        X,
+        Y,
+        batch_size=32,
+        epochs=1,
+        verbose=0,
+        callbacks=[clock, ThroughputMonitor(32, 4, clock=clock)],
     )
-    (rate,), (ms,) = (
-        history.history["samples_per_second"],
-        history.history["step_time_ms"],
-    )
-    assert rate * ms / 1000 == pytest.approx(32)
+    assert history.history["step_time_ms"] == pytest.approx([10.0])
+    assert history.history["samples_per_second"] == pytest.approx([3200.0])
 
 
 def test_an_epoch_within_the_warm_up_reports_nothing():
