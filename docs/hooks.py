@@ -15,7 +15,11 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 INCLUDE = re.compile(r"<!-- include: ([A-Za-z_.]+) -->")
-LINKS = {"](docs/": "](", "](ARCHITECTURE.md": "](architecture.md", "](README.md": "](index.md"}
+LINKS = {
+    "](docs/": "](",
+    "](ARCHITECTURE.md": "](architecture.md",
+    "](README.md": "](index.md",
+}
 
 
 # Issue 29 restructures these packages (DataParallel's modes as policies, one
