@@ -22,7 +22,6 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import (
     CollectiveAllReduceExtended,
-    CollectiveAllReduceStrategy,
     PerReplica,
     num_workers,
     wait_for_all_workers,
@@ -30,7 +29,6 @@ from keras_parallel._tf_internal import (
 )
 from keras_parallel.data_parallel.engine import DataParallelEngine
 from keras_parallel.data_parallel.lost_workers import report_lost_workers
-from keras_parallel.data_parallel.strategy import DataParallel
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.specialize import step_model
@@ -47,10 +45,10 @@ _CREATIONS = itertools.count()
 STRATEGY_TIMEOUT_SECONDS = 600
 
 
-class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
-    """What `DataParallel(...)` returns when it finds a cluster of two or more
-    workers. It is also a `tf.distribute.MultiWorkerMirroredStrategy`, so that
-    Keras gathers `predict` outputs from all workers."""
+class OnCluster:
+    """What a DataParallel on a cluster of two or more workers does
+    differently from one on one machine (`strategy.MultiWorkerDataParallel`
+    puts it first)."""
 
     @property
     def num_workers(self) -> int:
@@ -102,9 +100,6 @@ class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
             f"DataParallel(worker {self.worker_index} of {self.num_workers}, "
             f"{self.num_replicas_in_sync} replicas)"
         )
-
-
-DataParallel._on_cluster = MultiWorkerDataParallel
 
 
 class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):

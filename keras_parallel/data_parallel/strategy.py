@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from keras_parallel._tf_internal import MirroredExtended
+from keras_parallel._tf_internal import CollectiveAllReduceStrategy, MirroredExtended
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.engine import DataParallelEngine, has_integers
 from keras_parallel.data_parallel.modes import choose_mode
+from keras_parallel.data_parallel.multi_worker import OnCluster
 from keras_parallel.data_parallel.replica_strategy import ReplicaStrategy
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression, resolve_compression
@@ -135,11 +136,6 @@ class DataParallel(ReplicaStrategy):
     ```
     """
 
-    # What `DataParallel(...)` makes on a cluster of two or more workers:
-    # `multi_worker.py` names its subclass here (the package imports both), so
-    # that this module does not import the one that derives from it.
-    _on_cluster: type[DataParallel] | None = None
-
     def __init__(
         self,
         devices: str | Sequence[str] | None = None,
@@ -192,7 +188,7 @@ class DataParallel(ReplicaStrategy):
         # __init__: TF_CONFIG is parsed and this task's port probed once.
         cluster = resolve_cluster(cluster_resolver)
         if cls is DataParallel and cluster is not None:
-            cls = DataParallel._on_cluster
+            cls = MultiWorkerDataParallel
         strategy = super().__new__(cls)
         strategy._cluster = cluster
         return strategy
@@ -200,6 +196,12 @@ class DataParallel(ReplicaStrategy):
     def __repr__(self) -> str:
         devices = ", ".join(short_device(d) for d in self.extended.worker_devices)
         return f"DataParallel(devices=[{devices}])"
+
+
+class MultiWorkerDataParallel(OnCluster, DataParallel, CollectiveAllReduceStrategy):
+    """What `DataParallel(...)` returns when it finds a cluster of two or more
+    workers. It is also a `tf.distribute.MultiWorkerMirroredStrategy`, so that
+    Keras gathers `predict` outputs from all workers."""
 
 
 class DataParallelExtended(DataParallelEngine, MirroredExtended):
