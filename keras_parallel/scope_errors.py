@@ -19,6 +19,8 @@ import contextlib
 
 import keras
 
+from keras_parallel._tf_internal import DistributedVariable
+
 _MIXING = "Mixing different tf.distribute.Strategy objects"
 
 
@@ -107,3 +109,10 @@ def made_outside(variable, strategy: str) -> str:
         "weights: `new = keras.models.clone_model(model)` and "
         "`new.set_weights(model.get_weights())` inside `strategy.scope()`."
     )
+
+
+def require_distributed(variable, strategy: str) -> None:
+    """Raises, with the fix, for a variable made outside `strategy`'s scope
+    (a class name)."""
+    if not isinstance(variable, DistributedVariable):
+        raise ValueError(made_outside(variable, strategy))

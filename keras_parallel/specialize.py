@@ -6,9 +6,10 @@ clipping, nor between a BatchNormalization layer and its statistics
 follow). DataParallel therefore has, while it traces a step, the optimizers
 and layers the step reaches answer to a subclass of their own class: the
 subclass puts one method first (the reduction the strategy needs) and defers
-to the user's class for everything else. Nothing is set on the instances,
-and each object's own class is back when the trace ends, also after an
-error; the traced graph keeps the subclass's behaviour.
+to the user's class for everything else, and says so in its name
+(`Adam[ReplicaStepOptimizer]`, `Dense[SplitDense]`). Nothing is set on the
+instances, and each object's own class is back when the trace ends, also
+after an error; the traced graph keeps the subclass's behaviour.
 """
 
 from __future__ import annotations
@@ -27,13 +28,18 @@ _MADE_FROM: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 def subclass(cls: type, mixin: type) -> type:
     """`cls` with `mixin` first in its method order (made once per pair),
-    named as `cls`, so that error messages and reprs read as the user's."""
+    named `Cls[Mixin]` (as PyTorch's FSDP2 names `FSDPLinear`), so that
+    reprs and tracebacks say what runs in the user's class's place."""
     made = _SUBCLASSES.setdefault(cls, {})
     if mixin not in made:
+        name = f"{cls.__name__}[{mixin.__name__}]"
         made[mixin] = type(
-            cls.__name__,
+            name,
             (mixin, cls),
-            {"__module__": cls.__module__, "__qualname__": cls.__qualname__},
+            {
+                "__module__": mixin.__module__,
+                "__qualname__": f"{cls.__qualname__}[{mixin.__qualname__}]",
+            },
         )
         _MADE_FROM[made[mixin]] = cls
     return made[mixin]

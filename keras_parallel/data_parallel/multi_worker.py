@@ -16,22 +16,19 @@ rejects (keras-team/keras#20585).
 
 from __future__ import annotations
 
-import functools
 import itertools
-import re
 
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
     CollectiveAllReduceExtended,
-    CollectiveAllReduceStrategy,
     PerReplica,
     num_workers,
     wait_for_all_workers,
     worker_id,
 )
-from keras_parallel.data_parallel.replica_features import ReplicaFeatures
-from keras_parallel.data_parallel.strategy import DataParallel
+from keras_parallel.data_parallel.engine import DataParallelEngine
+from keras_parallel.data_parallel.lost_workers import report_lost_workers
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.specialize import step_model
@@ -42,29 +39,16 @@ IMPLEMENTATIONS = {
 }
 
 
-# What a collective step raises when a peer is gone: the coordination
-# service's heartbeat check aborts every collective of the survivors.
-PEER_ERRORS = (
-    tf.errors.UnavailableError,
-    tf.errors.AbortedError,
-    tf.errors.DeadlineExceededError,
-)
-
-
 # Strategies made in this process, counted alike on every worker (they make
 # them in the same order), and how long one waits for the others to make its.
 _CREATIONS = itertools.count()
 STRATEGY_TIMEOUT_SECONDS = 600
 
 
-class WorkerFailedError(RuntimeError):
-    """Another worker of the cluster stopped, so training cannot go on."""
-
-
-class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
-    """What `DataParallel(...)` returns when it finds a cluster of two or more
-    workers. It is also a `tf.distribute.MultiWorkerMirroredStrategy`, so that
-    Keras gathers `predict` outputs from all workers."""
+class OnCluster:
+    """What a DataParallel on a cluster of two or more workers does
+    differently from one on one machine (`strategy.MultiWorkerDataParallel`
+    puts it first)."""
 
     @property
     def num_workers(self) -> int:
@@ -118,10 +102,7 @@ class MultiWorkerDataParallel(DataParallel, CollectiveAllReduceStrategy):
         )
 
 
-DataParallel._on_cluster = MultiWorkerDataParallel
-
-
-class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
+class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
     """Strategy internals across workers: the collective engine's cluster and
     variable initialisation, with DataParallel's input, reduction,
     BatchNormalization and update placement."""
@@ -134,9 +115,8 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         reduction,
         bucket_mb,
         compression,
-        sharding,
+        mode,
         sync_batch_norm,
-        averaging,
     ):
         if devices is not None:
             raise ValueError(
@@ -180,11 +160,12 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
         wait_for_all_workers(
             f"keras_parallel/strategy/{next(_CREATIONS)}", STRATEGY_TIMEOUT_SECONDS
         )
+        report_lost_workers()
         algorithm = CollectiveAllReduce(self._cross_device_ops, num_workers(self))
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops
         )
-        self._init_features(gradients, sharding, sync_batch_norm, averaging)
+        self._init_engine(gradients, mode, sync_batch_norm)
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn)
@@ -200,7 +181,6 @@ class MultiWorkerExtended(ReplicaFeatures, CollectiveAllReduceExtended):
                     "`steps_per_execution=1` (on one machine DataParallel "
                     "supports any value)."
                 )
-            _report_lost_workers(model)
         return super()._call_for_each_replica(fn, args, kwargs)
 
     def _reduce_to(self, reduce_op, value, destinations, options):
@@ -219,42 +199,4 @@ def _all_scalars(value) -> bool:
         part.shape.rank == 0
         for leaf in tf.nest.flatten(value)
         for part in getattr(leaf, "values", (leaf,))
-    )
-
-
-def _report_lost_workers(model) -> None:
-    """Makes the model's compiled step functions raise `WorkerFailedError`,
-    naming the lost worker, instead of a collective's error from deep inside
-    TensorFlow. Keras calls them through these attributes at every step."""
-    for name in ("train_function", "test_function", "predict_function"):
-        function = getattr(model, name, None)
-        if function is not None and not hasattr(function, "reports_lost_workers"):
-            setattr(model, name, _reporting(function))
-
-
-def _reporting(function):
-    @functools.wraps(function)
-    def call(*args, **kwargs):
-        try:
-            return function(*args, **kwargs)
-        except PEER_ERRORS as error:
-            raise WorkerFailedError(_describe(error)) from None
-
-    call.reports_lost_workers = True
-    return call
-
-
-def _describe(error: tf.errors.OpError) -> str:
-    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", error.message)))
-    lines = [line.strip() for line in error.message.splitlines()]
-    reason = next(
-        (line for line in lines if "unhealthy" in line or "aborted" in line.lower()),
-        lines[0] if lines else type(error).__name__,
-    )
-    return (
-        f"A worker of the cluster is gone ({', '.join(tasks) or 'unknown task'}); "
-        f"TensorFlow reports: {reason!r}. Training cannot continue without it: "
-        "restart all workers (`keras-parallel launch` stops and starts them "
-        "together); with keras.callbacks.BackupAndRestore they resume from the "
-        "last finished epoch."
     )

@@ -36,7 +36,6 @@ import keras
 import tensorflow as tf
 
 from keras_parallel._tf_internal import Mirrored, UpdateContext
-from keras_parallel._validation import check_int
 from keras_parallel.data_parallel.batch_split import if_has_samples
 
 
@@ -245,61 +244,6 @@ def _copy_each(source, targets) -> None:
             value = copy.read_value()
             for target in targets:
                 target.values[i].assign(value)
-
-
-def resolve_averaging(
-    sync_every, outer_optimizer, sharding, sync_batch_norm
-) -> tuple[PeriodicAveraging | None, str | None, bool]:
-    """`DataParallel`'s `sync_every` and `outer_optimizer`, and what they
-    make of `sharding="auto"` and `sync_batch_norm=None`.
-
-    Returns:
-        (the averaging, or None for synchronous training; `sharding`;
-        `sync_batch_norm`).
-
-    Raises:
-        ValueError: for a `sync_every` that is not an integer >= 1, an outer
-            optimizer without `sync_every` > 1, or a sharding mode or
-            synchronized BatchNormalization with `sync_every` > 1.
-        TypeError: for an `outer_optimizer` that is not a Keras optimizer.
-    """
-    check_int("sync_every", sync_every, 1)
-    make_outer = outer_maker(outer_optimizer)
-    if sync_batch_norm is not None and not isinstance(sync_batch_norm, bool):
-        raise TypeError(
-            "`sync_batch_norm` must be True or False. Received: "
-            f"sync_batch_norm={sync_batch_norm!r}. Leave it unset for the "
-            "default: True, or False with `sync_every` > 1."
-        )
-    if sync_every == 1:
-        if outer_optimizer is not None:
-            raise ValueError(
-                "`outer_optimizer` is applied when the replicas synchronize "
-                "after training alone, so it needs `sync_every` > 1. Received: "
-                f"sync_every=1, outer_optimizer={outer_optimizer!r}. Pass "
-                "`sync_every=H` (e.g. 8), or drop `outer_optimizer`."
-            )
-        return (
-            None,
-            "optimizer" if sharding == "auto" else sharding,
-            sync_batch_norm is not False,
-        )
-    if sharding in ("optimizer", "gradients", "parameters"):
-        raise ValueError(
-            f"sync_every={sync_every} gives every replica its own weights and "
-            "whole optimizer state between synchronizations, so nothing can be "
-            f"split over the devices. Received: sharding={sharding!r}. Leave "
-            "`sharding` unset (or None) with `sync_every` > 1."
-        )
-    if sync_batch_norm:
-        raise ValueError(
-            "sync_batch_norm=True exchanges BatchNormalization statistics every "
-            f"step, which sync_every={sync_every} is meant to avoid: between "
-            "synchronizations each replica normalises with its own batch, and "
-            "the moving statistics are averaged when the replicas meet. Leave "
-            "`sync_batch_norm` unset (or False) with `sync_every` > 1."
-        )
-    return PeriodicAveraging(sync_every, make_outer), None, False
 
 
 def outer_maker(identifier):

@@ -13,8 +13,7 @@ from keras_parallel._tf_internal import in_xla_context
 from keras_parallel.data_parallel import batch_split, batchnorm
 from keras_parallel.data_parallel.metric_results import GlobalResult, step_metrics
 from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
-from keras_parallel.data_parallel.parameter_shards import specialize_gathering
-from keras_parallel.data_parallel.state_placement import require_distributed
+from keras_parallel.scope_errors import require_distributed
 from keras_parallel.specialize import (
     keras_step,
     reachable,
@@ -23,28 +22,24 @@ from keras_parallel.specialize import (
 
 
 class StepTracing:
-    """Mixed into `ReplicaFeatures`, whose `_init_features` sets the state it
-    reads (`_loss_weights`, `_empty_pieces`, `_optimizers`, `_averaging`,
-    ...). Replicas of a step being traced ask it, in replica context, for
-    their loss weight, share of the batch and whether they hold samples.
+    """The step-tracing half of `engine.DataParallelEngine`, whose
+    `_init_engine` sets the state it reads (`loss_weights`, `empty_pieces`,
+    `optimizers`, `mode`, ...). Replicas of a step being traced ask it, in
+    replica context, for their loss weight, share of the batch and whether
+    they hold samples.
     """
 
     def replica_loss_weight(self):
         """This replica's loss weight in the step being traced, or None
         (`loss_weights`)."""
-        if self._averaging is not None:
-            # Each replica steps on the mean over its own samples, which a
-            # Keras step's loss is; a custom loop's was divided by N.
-            seen = self._loss_weights.replicas_seen(self._num_replicas_in_sync)
-            return None if seen == 1 else float(seen)
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return self._loss_weights.for_loss(replica)
+        return self.mode.replica_loss_weight(self, replica)
 
     def replica_has_samples(self) -> tf.Tensor | None:
         """Whether this replica's piece of the step being traced has samples
         (a bool tensor; replica context), or None when no piece is empty
         (`empty_pieces`)."""
-        return self._empty_pieces.has_samples(self._local_replica())
+        return self.empty_pieces.has_samples(self._local_replica())
 
     def replica_counts(self) -> tf.Tensor | bool | None:
         """Whether this replica's metric updates count (replica context):
@@ -55,12 +50,12 @@ class StepTracing:
         first, _, per_piece = self._input_share
         if (first + local) % per_piece:
             return False
-        return self._empty_pieces.has_samples(local)
+        return self.empty_pieces.has_samples(local)
 
     def replica_share(self):
         """What this replica's logs and metric values count for: its share
         n_i / n of the batch of the step being traced (replica context)."""
-        return self._loss_weights.counted(self._local_replica())
+        return self.loss_weights.counted(self._local_replica())
 
     def _local_replica(self) -> int:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -109,11 +104,11 @@ class StepTracing:
         return (
             self._get_replica_id_in_sync_group(0),
             self._num_replicas_in_sync,
-            self._replicas_per_piece,
+            self.replicas_per_piece,
         )
 
     def _reduce_to(self, reduce_op, value, destinations, options):
-        served = self._local_accumulators.read(value, destinations)
+        served = self.local_accumulators.read(value, destinations)
         if served is not None:
             return served
         return super()._reduce_to(
@@ -132,53 +127,43 @@ class StepTracing:
         models = reachable(fn, (args, kwargs))
         for model in models:
             for variable in model.variables:
-                require_distributed(variable.value)
-        layers = batchnorm.batch_norm_layers(models) if self._sync_batch_norm else []
+                require_distributed(variable.value, "DataParallel")
+        layers = batchnorm.batch_norm_layers(models) if self.sync_batch_norm else []
         step = keras_step(fn)
         in_keras = step is not None
         metrics = step_metrics(models) if in_keras else []
-        inference = in_keras and step[1] != "train_step"
-        averaging = None if inference else self._averaging
+        training = not in_keras or step[1] == "train_step"
         if in_keras:
             args = batch_split.split_whole_batch(
                 args, self._input_host, self._devices, self._input_share
             )
         sizes = batch_split.piece_sizes(args)
-        self._tracing_step = True
+        self.tracing = True
         try:
             with (
-                self._loss_weights.step(
+                self.loss_weights.step(
                     self._replica_loss_weights(sizes),
                     in_keras,
                     self._num_replicas_in_sync,
                     self._counted_shares(sizes),
-                    self._num_replicas_in_sync // self._replicas_per_piece,
+                    self._num_replicas_in_sync // self.replicas_per_piece,
                 ),
-                self._empty_pieces.step(sizes if in_keras else None),
-                self._gradient_reduction.recording_step(),
+                self.empty_pieces.step(sizes if in_keras else None),
+                self.gradient_reduction.recording_step(),
                 specialized(layers, batchnorm.GlobalStatistics),
                 specialized(metrics, GlobalResult),
-                specialized(list(self._optimizers), ReplicaStepOptimizer),
+                specialized(list(self.optimizers), ReplicaStepOptimizer),
                 self._step_layers(models),
             ):
-                args = self._empty_pieces.pad(args)
-                if averaging is None:
+                args = self.empty_pieces.pad(args)
+                with self.mode.step(self, models, sizes, training):
                     outputs = super()._call_for_each_replica(fn, args, kwargs)
-                else:
-                    entries = averaging.tracked(models, self._container_strategy())
-                    self._piece_sizes = sizes
-                    averaging.load_working(entries)
-                    outputs = super()._call_for_each_replica(fn, args, kwargs)
-                    self._finish_local_step(entries)
-                outputs = self._empty_pieces.trim(outputs)
-                return self._loss_weights.weigh_logs(outputs)
+                outputs = self.empty_pieces.trim(outputs)
+                return self.loss_weights.weigh_logs(outputs)
         finally:
-            self._piece_sizes = None
-            self._tracing_step = False
+            self.tracing = False
 
     def _step_layers(self, models):
-        """What else the traced step's layers do differently (a context):
-        under `sharding="parameters"`, gather their weights when called."""
-        if self._sharding != "parameters":
-            return contextlib.nullcontext()
-        return specialize_gathering(models)
+        """What else the traced step's layers do differently (a context)."""
+        del models
+        return contextlib.nullcontext()

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_parallel._tf_internal import MirroredExtended, SavedWithModel
+from keras_parallel._tf_internal import CollectiveAllReduceStrategy, MirroredExtended
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
-from keras_parallel.data_parallel.periodic_averaging import resolve_averaging
-from keras_parallel.data_parallel.replica_features import ReplicaFeatures, has_integers
-from keras_parallel.data_parallel.sharding import resolve_sharding
+from keras_parallel.data_parallel.engine import DataParallelEngine, has_integers
+from keras_parallel.data_parallel.modes import choose_mode
+from keras_parallel.data_parallel.multi_worker import OnCluster
+from keras_parallel.data_parallel.replica_strategy import ReplicaStrategy
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression, resolve_compression
 from keras_parallel.reduction.engine import GradientReduction
-from keras_parallel.scope_errors import explained
 
 
-class DataParallel(tf.distribute.Strategy, SavedWithModel):
+class DataParallel(ReplicaStrategy):
     """Splits each global batch across devices; one model copy per device.
 
     A drop-in replacement for `tf.distribute.MirroredStrategy` under Keras:
@@ -136,15 +136,6 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
     ```
     """
 
-    # Read by MirroredExtended, and by the multi-worker engine as its first
-    # collective group key; on one machine no collective ops are launched.
-    _collective_key_base = 0
-
-    # What `DataParallel(...)` makes on a cluster of two or more workers:
-    # `multi_worker.py` names its subclass here (the package imports both), so
-    # that this module does not import the one that derives from it.
-    _on_cluster: type[DataParallel] | None = None
-
     def __init__(
         self,
         devices: str | Sequence[str] | None = None,
@@ -160,20 +151,21 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         outer_optimizer: keras.optimizers.Optimizer | None = None,
     ):
         del cluster_resolver  # __new__ resolved it into self._cluster
-        averaging, sharding, sync_batch_norm = resolve_averaging(
-            sync_every, outer_optimizer, sharding, sync_batch_norm
-        )
-        sharding = resolve_sharding(
-            sharding, shard_optimizer, resolve_compression(compression)
+        mode, sync_batch_norm = choose_mode(
+            sharding=sharding,
+            shard_optimizer=shard_optimizer,
+            compression=resolve_compression(compression),
+            sync_every=sync_every,
+            outer_optimizer=outer_optimizer,
+            sync_batch_norm=sync_batch_norm,
         )
         extended = self._make_extended(
             devices,
             reduction=reduction,
             bucket_mb=bucket_mb,
             compression=compression,
-            sharding=sharding,
+            mode=mode,
             sync_batch_norm=sync_batch_norm,
-            averaging=averaging,
         )
         # Not super(): a multi-worker DataParallel also derives from
         # MultiWorkerMirroredStrategy, whose constructor builds its own engine.
@@ -181,7 +173,7 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
 
     def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
         """The extended for this machine's devices; the arguments are
-        `__init__`'s (`updates`: sharding, sync_batch_norm, averaging)."""
+        `__init__`'s (`updates`: the mode and sync_batch_norm)."""
         devices = resolve_devices(devices)
         return DataParallelExtended(
             self,
@@ -196,131 +188,23 @@ class DataParallel(tf.distribute.Strategy, SavedWithModel):
         # __init__: TF_CONFIG is parsed and this task's port probed once.
         cluster = resolve_cluster(cluster_resolver)
         if cls is DataParallel and cluster is not None:
-            cls = DataParallel._on_cluster
+            cls = MultiWorkerDataParallel
         strategy = super().__new__(cls)
         strategy._cluster = cluster
         return strategy
-
-    def scope(self):
-        """`tf.distribute.Strategy.scope`: models, optimizers and metrics
-        made in it are distributed. An optimizer made outside the scope and
-        used by a model made in it gets an error naming it and the fix.
-
-        Returns:
-            A context manager.
-        """
-        return explained(super().scope())
-
-    @property
-    def num_replicas_in_sync(self) -> int:
-        """Replicas training together (across workers). Inside a replica of a
-        Keras `train_step`, `test_step` or `predict_step` it reads 1: each
-        replica computes its loss as one device would, and the strategy
-        weighs the replicas by their shares of the batch (docs/data_parallel.md: "How
-        losses count")."""
-        extended = self.extended
-        return extended._loss_weights.replicas_seen(extended._num_replicas_in_sync)
-
-    @property
-    def num_workers(self) -> int:
-        """Number of worker processes training together (1 on one machine)."""
-        return 1
-
-    @property
-    def worker_index(self) -> int:
-        """This process's index among the workers (0 on one machine)."""
-        return 0
-
-    @property
-    def is_chief(self) -> bool:
-        """Whether this worker writes checkpoints and logs (worker 0)."""
-        return True
-
-    def communication_stats(self) -> dict:
-        """Bytes the gradient reduction and the weight gathers move per
-        replica, per training step and per optimizer update.
-
-        Read after `fit` has run (or traced) a step; before, the counts are 0.
-        With `gradient_accumulation_steps=k` in the optimizer, replicas
-        accumulate locally and reduce once per update, so a step sends 1/k of
-        an update's bytes.
-
-        Returns:
-            A dict with `bytes_per_step` (gradient bytes each replica puts
-            into all-reduces and reduce-scatters, averaged over the steps of
-            an update), `bytes_per_update`, `steps_per_update`,
-            `all_reduce_bytes_per_step`, `reduce_scatter_bytes_per_step` and
-            `all_gather_bytes_per_step` (the buffers of each kind of
-            collective; the sharding modes gather weights),
-            `ring_bytes_per_step` (what a replica sends when each collective
-            runs as a ring: the traffic to compare between modes),
-            `fp32_bytes_per_step` (what plain float32 gradients would send),
-            `warmup_bytes_per_step`, `reductions` (all-reduces and
-            reduce-scatters per update), `reduction`, `compression` and
-            `buckets` (one dict per collective: label, tensors, elements,
-            dtype, bytes, phase, kind).
-
-        Example:
-
-        ```python
-        strategy = keras_parallel.DataParallel(compression="bf16")
-        ...  # build and compile in strategy.scope()
-        model.fit(x, y, epochs=1)
-        stats = strategy.communication_stats()
-        stats["bytes_per_step"] / stats["fp32_bytes_per_step"]  # 0.5
-        ```
-        """
-        stats = self.extended._gradient_reduction.communication_stats()
-        steps = self.extended.steps_per_update
-        per_update = stats["bytes_per_step"]
-        if steps > 1:
-            for key in (
-                "bytes_per_step",
-                "fp32_bytes_per_step",
-                "warmup_bytes_per_step",
-                "all_reduce_bytes_per_step",
-                "reduce_scatter_bytes_per_step",
-                "all_gather_bytes_per_step",
-                "ring_bytes_per_step",
-            ):
-                stats[key] /= steps
-        return dict(stats, bytes_per_update=per_update, steps_per_update=steps)
-
-    def save_own_variables(self, store) -> None:
-        """Keras' saving hook: what the gradient compression keeps between
-        steps (PowerSGD's error memory, warm start and step count), one
-        entry per optimizer, goes into the checkpoint of every model built in
-        this scope (`save_weights`, `ModelCheckpoint`, `BackupAndRestore`).
-
-        Args:
-            store: Keras' weights store of this object (a dict of arrays).
-        """
-        states = self.extended._gradient_reduction.states
-        for index, arrays in enumerate(states.save()):
-            for name, array in arrays.items():
-                store[f"{index}:{name}"] = array
-
-    def load_own_variables(self, store) -> None:
-        """Keras' loading hook: restores what `save_own_variables` saved.
-
-        Args:
-            store: Keras' weights store of this object (empty for a file saved
-                without compression state).
-        """
-        saved: dict[int, dict[str, np.ndarray]] = {}
-        for key in store.keys():
-            index, name = key.split(":", 1)
-            saved.setdefault(int(index), {})[name] = np.asarray(store[key])
-        self.extended._gradient_reduction.states.restore(
-            [saved[index] for index in sorted(saved)]
-        )
 
     def __repr__(self) -> str:
         devices = ", ".join(short_device(d) for d in self.extended.worker_devices)
         return f"DataParallel(devices=[{devices}])"
 
 
-class DataParallelExtended(ReplicaFeatures, MirroredExtended):
+class MultiWorkerDataParallel(OnCluster, DataParallel, CollectiveAllReduceStrategy):
+    """What `DataParallel(...)` returns when it finds a cluster of two or more
+    workers. It is also a `tf.distribute.MultiWorkerMirroredStrategy`, so that
+    Keras gathers `predict` outputs from all workers."""
+
+
+class DataParallelExtended(DataParallelEngine, MirroredExtended):
     """Strategy internals on one machine: MirroredStrategy's replica machinery
     with our own input splitting, reduction and update placement."""
 
@@ -330,26 +214,55 @@ class DataParallelExtended(ReplicaFeatures, MirroredExtended):
         devices,
         exact,
         gradients,
-        sharding,
+        mode,
         sync_batch_norm,
-        averaging,
     ):
         super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
-        self._init_features(gradients, sharding, sync_batch_norm, averaging)
+        self._init_engine(gradients, mode, sync_batch_norm)
+
+    def _initialize_single_worker(self, devices):
+        # MirroredStrategy's setup logs "Using MirroredStrategy with devices";
+        # a DataParallel user was never using MirroredStrategy.
+        with _without_records(_MIRRORED_LOG):
+            super()._initialize_single_worker(devices)
+        tf.get_logger().info(
+            "Using %s with devices %s",
+            type(self._container_strategy()).__name__,
+            ", ".join(short_device(d) for d in devices),
+        )
 
     def _use_merge_call(self):
         # Every cross-replica exchange goes through our reduction engine;
         # collective ops (the other branch) break re-created strategies.
-        return not self._applying_once
+        return not self.applying
 
     def _get_cross_device_ops(self, value):
         if has_integers(value):
             return tf.distribute.ReductionToOneDevice()
         if self._reducing_gradients:
-            return self._gradient_reduction
+            return self.gradient_reduction
         # Not MirroredExtended's choice: it turns to collective ops whenever
         # merge calls are off, as they are while the optimizer applies once.
         return self._cross_device_ops
 
     def _replica_loss_weights(self, sizes):
         return batch_split.replica_loss_weights(sizes, len(self._devices))
+
+
+_MIRRORED_LOG = "Using MirroredStrategy"
+
+
+@contextlib.contextmanager
+def _without_records(prefix: str):
+    """TensorFlow's logger drops records whose message starts with
+    `prefix` while the context is open."""
+
+    def keep(record) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger = tf.get_logger()
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)

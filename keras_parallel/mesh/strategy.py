@@ -16,7 +16,9 @@ from keras_parallel._tf_internal import (
 from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.local_accumulation import is_accumulator
-from keras_parallel.data_parallel.strategy import DataParallel, DataParallelExtended
+from keras_parallel.data_parallel.modes import choose_mode
+from keras_parallel.data_parallel.replica_strategy import ReplicaStrategy
+from keras_parallel.data_parallel.strategy import DataParallelExtended
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.mesh import layer_calls
 from keras_parallel.mesh.collectives import MeshExchanges
@@ -26,10 +28,9 @@ from keras_parallel.mesh.sharded_variable import (
     ShardedVariable,
     create_sharded,
 )
-from keras_parallel.reduction.compression import Compression
+from keras_parallel.reduction.compression import Compression, resolve_compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.specialize import specialized
-from keras_parallel.split_variable import SplitValue
 
 # Keras class -> the mixin computing its call on shards.
 _SPLIT_CALLS = {
@@ -40,7 +41,7 @@ _SPLIT_CALLS = {
 }
 
 
-class MeshParallel(DataParallel):
+class MeshParallel(ReplicaStrategy):
     """Data and tensor parallelism on a device mesh described with Keras'
     `keras.distribution` objects, as a JAX user writes them.
 
@@ -112,9 +113,7 @@ class MeshParallel(DataParallel):
                 "names a cluster of several workers. Unset TF_CONFIG, or use "
                 "keras_parallel.DataParallel across workers."
             )
-        strategy = tf.distribute.Strategy.__new__(cls)
-        strategy._cluster = None
-        return strategy
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -128,22 +127,31 @@ class MeshParallel(DataParallel):
         shard_optimizer: bool | None = None,
         sync_batch_norm: bool = True,
     ):
-        if sharding not in ("optimizer", None):
+        mode, sync_batch_norm = choose_mode(
+            sharding=sharding,
+            shard_optimizer=shard_optimizer,
+            compression=resolve_compression(compression),
+            sync_every=1,
+            outer_optimizer=None,
+            sync_batch_norm=sync_batch_norm,
+        )
+        if not mode.serves_mesh:
             raise ValueError(
                 f"MeshParallel takes sharding='optimizer' or None. Received: "
                 f"sharding={sharding!r}. Reduce-scattered gradients "
-                "('gradients') are DataParallel's."
+                "('gradients') and split weights ('parameters') are "
+                "DataParallel's: on a mesh, split weights with the layout map."
             )
         self._layout = MeshLayout(layout, batch_dim_name)
-        super().__init__(
+        extended = self._make_extended(
             list(self._layout.mesh.devices),
             reduction=reduction,
             bucket_mb=bucket_mb,
             compression=compression,
-            sharding=sharding,
-            shard_optimizer=shard_optimizer,
+            mode=mode,
             sync_batch_norm=sync_batch_norm,
         )
+        super().__init__(extended)
 
     def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
         try:
@@ -206,14 +214,14 @@ class MeshParallelExtended(DataParallelExtended):
         super().__init__(container_strategy, devices, exact, gradients, **updates)
         self._layout = layout
         self.mesh_exchanges = MeshExchanges(
-            layout.mesh, lambda: self._gradient_reduction.algorithm
+            layout.mesh, lambda: self.gradient_reduction.algorithm
         )
         self._roles: dict[int, tuple] = {}
         # Layer -> the axis its kernel was split along, for its bias (made
         # next, while the layer is not yet built).
         self._kernel_axes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # The M replicas of a model group take the same piece of each batch.
-        self._replicas_per_piece = layout.mesh.model_size
+        self.replicas_per_piece = layout.mesh.model_size
 
     def layer_role(self, layer):
         """The role of `layer` in the step being traced, or None."""
@@ -294,14 +302,6 @@ class MeshParallelExtended(DataParallelExtended):
             reference.sharding,
             kwargs,
         )
-
-    def _gradient_for_update(self, value, variables, index):
-        variable = None if variables is None else variables[index]
-        variable = getattr(variable, "value", variable)
-        if isinstance(variable, ShardedVariable):
-            # Each copy takes its own replica's sum; read whole elsewhere.
-            return SplitValue(value.values, variable.join)
-        return super()._gradient_for_update(value, variables, index)
 
     def _replica_loss_weights(self, sizes):
         # The M replicas of a model group see the same piece and compute the

@@ -85,8 +85,8 @@ def test_backup_and_restore_resumes_powersgd_exactly(
     # PowerSGD's result depends on the replicas' summed error only, so it
     # continues on another device count too.
     assert max_weight_diff(resumed, reference) <= 1e-5
-    (state,) = resumed_strategy.extended._gradient_reduction.states.all()
-    (expected,) = reference_strategy.extended._gradient_reduction.states.all()
+    (state,) = resumed_strategy.extended.gradient_reduction.states.all()
+    (expected,) = reference_strategy.extended.gradient_reduction.states.all()
     saved, wanted = state.arrays(), expected.arrays()
     assert saved["step"] == wanted["step"] == EPOCHS * 4
     np.testing.assert_allclose(saved["error_0_0"], wanted["error_0_0"], atol=1e-5)
@@ -136,7 +136,7 @@ def test_one_powersgd_object_keeps_separate_state_per_strategy_and_model(
     fit(third)  # a notebook re-run: new strategy, same compression object
     for model in (first, second, third):
         assert max_weight_diff(model, uninterrupted[0]) <= 1e-6
-    assert len(first_strategy.extended._gradient_reduction.states.all()) == 2
+    assert len(first_strategy.extended.gradient_reduction.states.all()) == 2
 
 
 def test_a_restored_state_of_another_model_is_refused(tmp_path):
@@ -158,7 +158,7 @@ def test_the_state_lives_on_the_devices_of_the_strategy_using_it():
         with parallel.scope():
             model = build()
         fit(model, epochs=1)
-        (state,) = parallel.extended._gradient_reduction.states.all()
+        (state,) = parallel.extended.gradient_reduction.states.all()
         (group,) = state._groups.values()
         placements.append(
             {

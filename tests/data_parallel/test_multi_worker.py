@@ -209,7 +209,7 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
     assert waited < 60
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith(
-        "keras_parallel.data_parallel.multi_worker.WorkerFailedError: A worker of "
+        "keras_parallel.data_parallel.lost_workers.WorkerFailedError: A worker of "
         "the cluster is gone"
     ), stderr[-3000:]
     assert "/job:worker/replica:0/task:1" in last_line

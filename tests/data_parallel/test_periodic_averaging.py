@@ -289,7 +289,7 @@ def test_a_cell_run_again_trains_a_new_model_and_frees_the_old_copies():
     )
     assert_close(model.get_weights(), reference.synchronized)
     gc.collect()
-    averaging = strategy.extended._averaging
+    averaging = strategy.extended.mode.averaging
     assert len(averaging._copies) == len(model.weights)  # the first model's: gone
 
 

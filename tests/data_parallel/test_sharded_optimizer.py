@@ -25,7 +25,7 @@ def four_equal_layers():
 
 def owner_device(strategy, variable):
     mirrored = variable.value
-    return mirrored.values[strategy.extended._owners.owner(mirrored)].device
+    return mirrored.values[strategy.extended.mode.owners.owner(mirrored)].device
 
 
 def test_owner_table_balances_bytes_greedily():

@@ -256,7 +256,7 @@ def test_compression_applies_along_the_batch_axis(compression):
         assert max_weight_diff(model, reference) < 2e-2
         return
     assert max_weight_diff(model, reference) <= TOLERANCE
-    states = strategy.extended._gradient_reduction.states.all()
+    states = strategy.extended.gradient_reduction.states.all()
     assert len(states) == 2  # one per batch group
     for group, state in enumerate(states):
         devices = {

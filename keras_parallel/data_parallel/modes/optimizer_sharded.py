@@ -1,0 +1,126 @@
+"""`OptimizerSharded` (`sharding="optimizer"`, ZeRO stage 1): the optimizer
+state split over the replicas.
+
+The slots of an elementwise optimizer (`element_shards.ELEMENTWISE`) are cut
+by rows into one part per replica; each replica updates its part of every
+weight with the summed gradient, and the updated parts are gathered into
+every copy of the weight (`element_shards.WeightParts`). Other optimizers'
+slots live whole on one owner device per weight, chosen to balance bytes
+(`ownership.OwnerTable`); the owner updates its copy and the others take
+its value.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from keras_parallel._tf_internal import (
+    MirroredVariable,
+    UpdateContext,
+    keras_scope,
+    select_replica,
+    update_regroup,
+)
+from keras_parallel.data_parallel.element_shards import (
+    WeightParts,
+    create_row_shards,
+    splits_by_elements,
+)
+from keras_parallel.data_parallel.modes.replicated import Replicated
+from keras_parallel.data_parallel.ownership import OwnerTable
+from keras_parallel.split_variable import SplitVariable
+
+
+class OptimizerSharded(Replicated):
+    """Optimizer state split over the replicas; weights whole on each."""
+
+    sharding = "optimizer"
+
+    def attach(self, engine) -> None:
+        self.owners = OwnerTable(len(engine.devices))
+        self.weight_parts = WeightParts()
+
+    def create_other(self, engine, next_creator, kwargs):
+        colocate_with = kwargs.get("colocate_with")
+        if isinstance(colocate_with, MirroredVariable) and not isinstance(
+            colocate_with, SplitVariable
+        ):
+            if splits_by_elements(keras_scope()[1]):
+                # A slot of an elementwise optimizer: split evenly by rows.
+                self.weight_parts.add(colocate_with)
+                return create_row_shards(
+                    engine.container_strategy(), next_creator, engine.devices, kwargs
+                )
+            # Another optimizer's slot: one copy, on the owner of its variable.
+            kwargs = dict(kwargs)
+            kwargs.pop("colocate_with")
+            with tf.device(
+                colocate_with.values[self.owners.owner(colocate_with)].device
+            ):
+                return next_creator(**kwargs)
+        variable = super().create_other(engine, next_creator, kwargs)
+        if isinstance(variable, MirroredVariable):
+            self.owners.assign(variable)
+        return variable
+
+    def for_update(self, total, variable):
+        # Only the owner's copy of a sum is read; a weight updated in parts
+        # reads each replica's own.
+        weight = getattr(variable, "value", variable)
+        if (
+            variable is None
+            or isinstance(weight, SplitVariable)
+            or self.weight_parts.of(weight) is not None
+            or not isinstance(weight, MirroredVariable)
+            or not isinstance(total, tf.distribute.DistributedValues)
+        ):
+            # (One local replica gives a plain tensor.)
+            return super().for_update(total, variable)
+        return total.values[self.owners.owner(weight)]
+
+    def update_mirrored(self, engine, var, fn, args, kwargs, group):
+        if self.weight_parts.of(var) is not None:
+            results = self.weight_parts.update(
+                var,
+                fn,
+                args,
+                kwargs,
+                select_replica,
+                UpdateContext,
+                engine.gradient_reduction.all_gather_rows,
+            )
+            return update_regroup(engine, results, group)
+        if not isinstance(var, MirroredVariable):
+            return super().update_mirrored(engine, var, fn, args, kwargs, group)
+        return update_regroup(
+            engine, self._update_on_owner(var, fn, args, kwargs), group
+        )
+
+    def _update_on_owner(self, var, fn, args, kwargs) -> list:
+        """The owner's copy updated by `fn`, the other copies assigned its new
+        value; each copy's result."""
+        owner = self.owners.owner(var)
+        components = var.values
+        with (
+            tf.device(components[owner].device),
+            UpdateContext(owner),
+            tf.name_scope(f"update_{owner}"),
+        ):
+            result = fn(
+                components[owner],
+                *select_replica(owner, args),
+                **select_replica(owner, kwargs),
+            )
+            new_value = components[owner].read_value()
+        # Non-owners return what the owner's update returned (nothing, an op,
+        # or the variable), so that callers see MirroredStrategy's result.
+        wants_value = result is not None and not isinstance(result, tf.Operation)
+        updates = []
+        for i, component in enumerate(components):
+            if i == owner:
+                updates.append(result)
+                continue
+            with tf.device(component.device), tf.name_scope(f"update_{i}"):
+                assign = component.assign(new_value, read_value=wants_value)
+            updates.append(None if result is None else assign)
+        return updates

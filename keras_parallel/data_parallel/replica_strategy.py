@@ -1,0 +1,135 @@
+"""`ReplicaStrategy`: what the strategies run by `engine.DataParallelEngine`
+(`DataParallel`, `MeshParallel`) offer beyond `tf.distribute.Strategy`."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from keras_parallel._tf_internal import SavedWithModel
+from keras_parallel.scope_errors import explained
+
+
+class ReplicaStrategy(tf.distribute.Strategy, SavedWithModel):
+    """A strategy whose replicas each take a piece of every batch and whose
+    extended is a `DataParallelEngine`: its scope's errors name the fix, it
+    reports the bytes it communicates, and the gradient compression's state
+    is saved with every model built in its scope."""
+
+    # Read by MirroredExtended, and by the multi-worker engine as its first
+    # collective group key; on one machine no collective ops are launched.
+    _collective_key_base = 0
+
+    def scope(self):
+        """`tf.distribute.Strategy.scope`: models, optimizers and metrics
+        made in it are distributed. An optimizer made outside the scope and
+        used by a model made in it gets an error naming it and the fix.
+
+        Returns:
+            A context manager.
+        """
+        return explained(super().scope())
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        """Replicas training together (across workers). Inside a replica of a
+        Keras `train_step`, `test_step` or `predict_step` it reads 1: each
+        replica computes its loss as one device would, and the strategy
+        weighs the replicas by their shares of the batch (docs/data_parallel.md: "How
+        losses count")."""
+        extended = self.extended
+        return extended.loss_weights.replicas_seen(extended._num_replicas_in_sync)
+
+    @property
+    def num_workers(self) -> int:
+        """Number of worker processes training together (1 on one machine)."""
+        return 1
+
+    @property
+    def worker_index(self) -> int:
+        """This process's index among the workers (0 on one machine)."""
+        return 0
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this worker writes checkpoints and logs (worker 0)."""
+        return True
+
+    def communication_stats(self) -> dict:
+        """Bytes the gradient reduction and the weight gathers move per
+        replica, per training step and per optimizer update.
+
+        Read after `fit` has run (or traced) a step; before, the counts are 0.
+        With `gradient_accumulation_steps=k` in the optimizer, replicas
+        accumulate locally and reduce once per update, so a step sends 1/k of
+        an update's bytes.
+
+        Returns:
+            A dict with `bytes_per_step` (gradient bytes each replica puts
+            into all-reduces and reduce-scatters, averaged over the steps of
+            an update), `bytes_per_update`, `steps_per_update`,
+            `all_reduce_bytes_per_step`, `reduce_scatter_bytes_per_step` and
+            `all_gather_bytes_per_step` (the buffers of each kind of
+            collective; the sharding modes gather weights),
+            `ring_bytes_per_step` (what a replica sends when each collective
+            runs as a ring: the traffic to compare between modes),
+            `fp32_bytes_per_step` (what plain float32 gradients would send),
+            `warmup_bytes_per_step`, `reductions` (all-reduces and
+            reduce-scatters per update), `reduction`, `compression` and
+            `buckets` (one dict per collective: label, tensors, elements,
+            dtype, bytes, phase, kind).
+
+        Example:
+
+        ```python
+        strategy = keras_parallel.DataParallel(compression="bf16")
+        ...  # build and compile in strategy.scope()
+        model.fit(x, y, epochs=1)
+        stats = strategy.communication_stats()
+        stats["bytes_per_step"] / stats["fp32_bytes_per_step"]  # 0.5
+        ```
+        """
+        stats = self.extended.gradient_reduction.communication_stats()
+        steps = self.extended.steps_per_update
+        per_update = stats["bytes_per_step"]
+        if steps > 1:
+            for key in (
+                "bytes_per_step",
+                "fp32_bytes_per_step",
+                "warmup_bytes_per_step",
+                "all_reduce_bytes_per_step",
+                "reduce_scatter_bytes_per_step",
+                "all_gather_bytes_per_step",
+                "ring_bytes_per_step",
+            ):
+                stats[key] /= steps
+        return dict(stats, bytes_per_update=per_update, steps_per_update=steps)
+
+    def save_own_variables(self, store) -> None:
+        """Keras' saving hook: what the gradient compression keeps between
+        steps (PowerSGD's error memory, warm start and step count), one
+        entry per optimizer, goes into the checkpoint of every model built in
+        this scope (`save_weights`, `ModelCheckpoint`, `BackupAndRestore`).
+
+        Args:
+            store: Keras' weights store of this object (a dict of arrays).
+        """
+        states = self.extended.gradient_reduction.states
+        for index, arrays in enumerate(states.save()):
+            for name, array in arrays.items():
+                store[f"{index}:{name}"] = array
+
+    def load_own_variables(self, store) -> None:
+        """Keras' loading hook: restores what `save_own_variables` saved.
+
+        Args:
+            store: Keras' weights store of this object (empty for a file saved
+                without compression state).
+        """
+        saved: dict[int, dict[str, np.ndarray]] = {}
+        for key in store.keys():
+            index, name = key.split(":", 1)
+            saved.setdefault(int(index), {})[name] = np.asarray(store[key])
+        self.extended.gradient_reduction.states.restore(
+            [saved[index] for index in sorted(saved)]
+        )
