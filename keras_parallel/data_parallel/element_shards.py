@@ -25,8 +25,8 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import local_variable, update_as
 from keras_parallel.reduction.rows import join_rows, row_part, row_parts
+from keras_parallel.sharded_variable import ShardedVariable, make_sharded_variable
 from keras_parallel.specialize import own_class
-from keras_parallel.split_variable import SplitVariable, make_split_variable
 
 ELEMENTWISE = (
     keras.optimizers.SGD,
@@ -48,14 +48,14 @@ def splits_by_elements(optimizer) -> bool:
     return own_class(optimizer) in ELEMENTWISE
 
 
-class RowShards(SplitVariable):
+class RowShards(ShardedVariable):
     """Copy r holds rows [r * k, (r + 1) * k) of the whole (its first axis;
     a scalar is one row), the last ones zero-padded to N * k rows."""
 
     def join(self, parts):
         return join_rows(parts, self.full_shape)
 
-    def part_of(self, value, replica: int):
+    def shard_of(self, value, replica: int):
         return row_part(value, len(self.values), replica)
 
 
@@ -63,7 +63,7 @@ def create_row_shards(
     strategy, next_creator, devices, kwargs, cls: type[RowShards] = RowShards
 ) -> RowShards:
     """A `cls` (a `RowShards`) made from a variable creator's arguments."""
-    return make_split_variable(
+    return make_sharded_variable(
         cls,
         strategy,
         next_creator,

@@ -34,7 +34,7 @@ from keras_parallel.data_parallel.state_placement import StatePlacement
 from keras_parallel.data_parallel.step_tracing import StepTracing
 from keras_parallel.reduction.engine import is_dense, local_parts
 from keras_parallel.reduction.rows import join_rows
-from keras_parallel.split_variable import SplitValue, SplitVariable
+from keras_parallel.sharded_variable import ShardedValue, ShardedVariable
 
 
 class ReplicaFeatures(StepTracing, StatePlacement):
@@ -165,12 +165,12 @@ class ReplicaFeatures(StepTracing, StatePlacement):
                 )
                 for i, parts in zip(scattered, rows, strict=True):
                     shape = grads[i].values[0].shape
-                    handed[i] = SplitValue(
+                    handed[i] = ShardedValue(
                         parts, lambda parts, shape=shape: join_rows(parts, shape)
                     )
             for i in gathered:
                 weight = variables[i].value
-                handed[i] = SplitValue(local_parts(grads[i]), weight.join)
+                handed[i] = ShardedValue(local_parts(grads[i]), weight.join)
             self.steps_per_update = 1
             reading = contextlib.nullcontext()
         self._applying_once = True
@@ -245,7 +245,7 @@ class ReplicaFeatures(StepTracing, StatePlacement):
             if (
                 isinstance(grads[i], tf.distribute.DistributedValues)
                 and isinstance(variable, MirroredVariable)
-                and not isinstance(variable, SplitVariable)
+                and not isinstance(variable, ShardedVariable)
                 and is_dense(grads[i].values)
             ):
                 self._weight_parts.add(variable)
@@ -319,7 +319,7 @@ def with_static_shape(gradient, variable):
     cut a whole value by its static shape, need it.
     """
     weight = getattr(variable, "value", variable)
-    if not isinstance(weight, MirroredVariable) or isinstance(weight, SplitVariable):
+    if not isinstance(weight, MirroredVariable) or isinstance(weight, ShardedVariable):
         return gradient
 
     def shaped(part):

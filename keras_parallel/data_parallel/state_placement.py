@@ -30,7 +30,7 @@ from keras_parallel.data_parallel.parameter_shards import (
     splits,
 )
 from keras_parallel.scope_errors import made_outside
-from keras_parallel.split_variable import SplitVariable
+from keras_parallel.sharded_variable import ShardedVariable
 
 
 class StatePlacement:
@@ -94,7 +94,7 @@ class StatePlacement:
         if (
             self._sharding is not None
             and isinstance(colocate_with, MirroredVariable)
-            and not isinstance(colocate_with, SplitVariable)
+            and not isinstance(colocate_with, ShardedVariable)
         ):
             if splits_by_elements(keras_scope()[1]):
                 # A slot of an elementwise optimizer: split evenly by elements.
@@ -136,7 +136,7 @@ class StatePlacement:
             copy = var.values[0]
             with tf.device(copy.device), UpdateContext(0):
                 return fn(copy, *args, **kwargs)
-        if isinstance(var, SplitVariable):
+        if isinstance(var, ShardedVariable):
             return update_regroup(
                 self, self._update_parts(var, fn, args, kwargs), group
             )
@@ -208,7 +208,7 @@ class StatePlacement:
                         select_replica(i, args),
                         select_replica(i, kwargs),
                         shape,
-                        functools.partial(var.part_of, replica=i),
+                        functools.partial(var.shard_of, replica=i),
                     )
                 )
         return results

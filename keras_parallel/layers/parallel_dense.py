@@ -19,6 +19,8 @@ import tensorflow as tf
 
 from keras_parallel._validation import check_int
 from keras_parallel.layers import sharding
+from keras_parallel.mesh.collectives import sum_on
+from keras_parallel.mesh.shards import Sharding
 from keras_parallel.placement import move_variable, run_on
 
 
@@ -193,7 +195,7 @@ class ColumnParallelDense(_ShardedDense):
 
     def call(self, inputs):
         pieces = [shard_call(inputs) for shard_call in self._shard_calls]
-        return tf.concat(pieces, axis=-1) if self.gather_output else pieces
+        return Sharding(-1, len(pieces)).join(pieces) if self.gather_output else pieces
 
     def compute_output_shape(self, input_shape):
         if self.gather_output:
@@ -283,13 +285,13 @@ class RowParallelDense(_ShardedDense):
                     "on the same devices."
                 )
         else:
-            pieces = tf.split(inputs, len(self.devices), axis=-1)
+            pieces = Sharding(-1, len(self.devices)).cut(inputs)
         partials = [
             shard_call(piece)
             for shard_call, piece in zip(self._shard_calls, pieces, strict=True)
         ]
+        outputs = sum_on(partials, self.devices[0])
         with tf.device(self.devices[0]):
-            outputs = tf.add_n(partials)
             if self.use_bias:
                 outputs = outputs + self.bias
             return self.activation(outputs)

@@ -9,6 +9,8 @@ import keras
 import tensorflow as tf
 
 from keras_parallel.layers import sharding
+from keras_parallel.mesh.collectives import sum_on
+from keras_parallel.mesh.shard_compute import vocabulary_rows
 from keras_parallel.placement import run_on
 
 
@@ -54,7 +56,7 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         self.output_dim = output_dim
         self._devices_argument = devices
         self.devices = sharding.shard_devices(devices)
-        self.rows = sharding.even_split(input_dim, len(self.devices), "input_dim")
+        sharding.even_split(input_dim, len(self.devices), "input_dim")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.mask_zero = mask_zero
         self._shard_calls = [
@@ -73,16 +75,12 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         )
 
     def _shard_call(self, i, ids):
-        local = ids - i * self.rows
-        inside = (local >= 0) & (local < self.rows)
-        rows = tf.gather(self.tables[i], tf.where(inside, local, 0))
-        return rows * tf.cast(inside, rows.dtype)[..., None]
+        return vocabulary_rows(self.tables[i], ids, i)
 
     def call(self, inputs):
         ids = tf.cast(inputs, "int32")
         pieces = [shard_call(ids) for shard_call in self._shard_calls]
-        with tf.device(self.devices[0]):
-            return tf.add_n(pieces)
+        return sum_on(pieces, self.devices[0])
 
     def compute_mask(self, inputs, mask=None):
         return keras.ops.not_equal(inputs, 0) if self.mask_zero else None

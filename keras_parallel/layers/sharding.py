@@ -1,5 +1,6 @@
-"""What tensor-parallel layers share: their devices, even splits, and
-sharded weights created on their devices."""
+"""What tensor-parallel layers share: their devices, even splits, and a
+weight's shards (cut as `keras_parallel.mesh.shards.Sharding` says) created
+on their devices, one Keras variable per shard."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel.devices import resolve_devices
+from keras_parallel.mesh.shards import Sharding
 from keras_parallel.placement import move_variable
 
 
@@ -48,14 +50,15 @@ def add_shards(
     on it), as in the plain layer.
     """
     initializer = keras.initializers.get(initializer)
-    full = np.asarray(initializer(tuple(full_shape), dtype=layer.variable_dtype))
-    pieces = np.split(full, len(devices), axis=axis)
+    full = initializer(tuple(full_shape), dtype=layer.variable_dtype)
+    cut = Sharding(axis, len(devices)).cut(full)
     shards = []
-    for i, (piece, device) in enumerate(zip(pieces, devices, strict=True)):
+    for i, (shard, device) in enumerate(zip(cut, devices, strict=True)):
+        shard = np.asarray(shard)
         with tf.device(device):
             variable = layer.add_weight(
-                shape=piece.shape,
-                initializer=lambda shape, dtype=None, piece=piece: piece,
+                shape=shard.shape,
+                initializer=lambda shape, dtype=None, shard=shard: shard,
                 name=f"{name}_{i}",
             )
         # A strategy's variable creator may have put it elsewhere.
@@ -66,15 +69,15 @@ def add_shards(
 
 def assign_shards(shards: Sequence[keras.Variable], full, axis: int) -> None:
     """Sets shards from the whole weight's value."""
-    for shard, piece in zip(
-        shards, np.split(np.asarray(full), len(shards), axis=axis), strict=True
-    ):
-        shard.assign(piece)
+    cut = Sharding(axis, len(shards)).cut(np.asarray(full))
+    for shard, value in zip(shards, cut, strict=True):
+        shard.assign(value)
 
 
 def gather(shards: Sequence[keras.Variable], axis: int) -> np.ndarray:
     """The whole weight's value."""
-    return np.concatenate([np.asarray(s) for s in shards], axis=axis)
+    values = [np.asarray(s) for s in shards]
+    return np.asarray(Sharding(axis, len(shards)).join(values))
 
 
 class SavesWholeWeights:

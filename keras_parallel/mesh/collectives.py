@@ -1,13 +1,19 @@
-"""Exchanges inside a model group, as differentiable ops for replica context.
+"""Exchanges of per-device tensors, for both forms of tensor parallelism.
 
-Megatron-LM (Shoeybi et al., 2019) writes tensor parallelism with two
-conjugate operators: `f` is the identity forward and an all-reduce of the
-input's gradient backward (before a layer whose weight is split on its output
-axis), `g` an all-reduce forward and the identity backward (after a layer
-split on its input axis). A column-parallel layer followed by a row-parallel
-one thus costs one all-reduce forward and one backward. `gather_shards` and
-`split_shards` join and cut a tensor split along an axis, for layers whose
-neighbours need the whole tensor.
+The layers of `keras_parallel.layers` hold every device's tensor in one
+program: `sum_on` adds their partial results on one device (TensorFlow's
+gradient of it hands each device the same gradient back), and
+`Sharding.cut`/`Sharding.join` cut and join split features.
+
+Under MeshParallel each replica holds its own tensor, and the exchanges are
+differentiable ops for replica context. Megatron-LM (Shoeybi et al., 2019)
+writes tensor parallelism with two conjugate operators: `f` is the identity
+forward and an all-reduce of the input's gradient backward (before a layer
+whose weight is split on its output axis), `g` an all-reduce forward and the
+identity backward (after a layer split on its input axis). A column-parallel
+layer followed by a row-parallel one thus costs one all-reduce forward and
+one backward. `gather_shards` and `split_shards` join and cut a tensor split
+along an axis, for layers whose neighbours need the whole tensor.
 
 Each op exchanges only among the replicas of one model group (one batch
 index); its ops are named `mesh_<kind>_<model axis>_<batch index>` so the
@@ -17,11 +23,13 @@ traced graph shows which group ran them. `MeshExchanges` records each one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import tensorflow as tf
 
 from keras_parallel._tf_internal import regroup
 from keras_parallel.mesh.layout import Mesh
+from keras_parallel.mesh.shards import Sharding
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm
 
 
@@ -85,11 +93,26 @@ class MeshExchanges:
         out = [None] * len(parts)
         self._record("all_gather", phase, parts[0])
         for b, group in enumerate(self.mesh.model_groups()):
+            sharding = Sharding(axis, len(group))
             with tf.name_scope(f"mesh_all_gather_{self.mesh.model_axis}_{b}"):
                 for r in group:
                     with tf.device(parts[r].device):
-                        out[r] = tf.concat([parts[q] for q in group], axis=axis)
+                        out[r] = sharding.join([parts[q] for q in group])
         return regroup(out)
+
+
+def sum_on(partials: Sequence[tf.Tensor], device: str) -> tf.Tensor:
+    """The sum of per-device partial results, computed on `device`.
+
+    Args:
+        partials: One partial result per device, of one shape.
+        device: Where the sum is computed (and its gradient handed out).
+
+    Returns:
+        The sum, on `device`.
+    """
+    with tf.device(device):
+        return tf.add_n(list(partials))
 
 
 def _exchanges() -> MeshExchanges:
@@ -113,8 +136,7 @@ def model_index() -> int:
 
 
 def _own_slice(x, axis: int):
-    pieces = _exchanges().mesh.model_size
-    return tf.split(x, pieces, axis=axis)[model_index()]
+    return Sharding(axis, _exchanges().mesh.model_size).cut(x)[model_index()]
 
 
 def enter_model_parallel(x):

@@ -20,6 +20,7 @@ from keras_parallel.mesh.collectives import (
     sum_partials,
 )
 from keras_parallel.mesh.plan import Role
+from keras_parallel.mesh.shard_compute import SCORES_HEADS_AXIS, vocabulary_rows
 
 
 def _role(layer) -> Role | None:
@@ -100,12 +101,7 @@ class SplitEmbedding:
         if role.kind == "width":
             outputs = gather_shards(ops.take(table, inputs, axis=0), -1)
         else:
-            rows = ops.shape(table)[0]
-            local = inputs - ops.cast(model_index() * rows, inputs.dtype)
-            held = ops.logical_and(local >= 0, local < rows)
-            found = ops.take(table, ops.where(held, local, 0), axis=0)
-            found = found * ops.expand_dims(ops.cast(held, found.dtype), -1)
-            outputs = sum_partials(found)
+            outputs = sum_partials(vocabulary_rows(table, inputs, model_index()))
         return ops.cast(outputs, self.compute_dtype)
 
 
@@ -131,6 +127,5 @@ class SplitAttention:
         outputs = super().call(enter(query), enter(value), enter(key), **kwargs)
         if kwargs.get("return_attention_scores"):
             output, scores = outputs
-            # Scores are [batch, heads, target, source]: join the heads.
-            return output, gather_shards(scores, 1)
+            return output, gather_shards(scores, SCORES_HEADS_AXIS)
         return outputs

@@ -23,7 +23,7 @@ from keras_parallel._tf_internal import (
     own_weights,
     sublayers,
 )
-from keras_parallel.mesh.sharded_variable import ShardedVariable
+from keras_parallel.mesh.shards import AxisShards
 
 # The Keras classes whose own `call` MeshParallel knows how to split.
 SPLITTABLE = (
@@ -144,12 +144,12 @@ def _split_weights(layer) -> dict:
     return {
         v.path: v.value.sharding
         for v in own_weights(layer)
-        if isinstance(v.value, ShardedVariable)
+        if isinstance(v.value, AxisShards)
     }
 
 
 def _check_bias(layer, bias, axis) -> None:
-    sharded = isinstance(bias, ShardedVariable)
+    sharded = isinstance(bias, AxisShards)
     if bias is None or (axis is None and not sharded):
         return
     if sharded and axis is not None and bias.sharding.axis == axis:

@@ -22,14 +22,11 @@ from keras_parallel.mesh import layer_calls
 from keras_parallel.mesh.collectives import MeshExchanges
 from keras_parallel.mesh.layout import MeshLayout
 from keras_parallel.mesh.plan import inferred_bias_axis, plan_layers
-from keras_parallel.mesh.sharded_variable import (
-    ShardedVariable,
-    create_sharded,
-)
+from keras_parallel.mesh.shards import AxisShards, create_axis_shards
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
+from keras_parallel.sharded_variable import ShardedValue
 from keras_parallel.specialize import specialized
-from keras_parallel.split_variable import SplitValue
 
 # Keras class -> the mixin computing its call on shards.
 _SPLIT_CALLS = {
@@ -235,7 +232,7 @@ class MeshParallelExtended(DataParallelExtended):
     def _create_variable(self, next_creator, **kwargs):
         mesh = self._layout.mesh
         colocate_with = kwargs.get("colocate_with")
-        if isinstance(colocate_with, ShardedVariable):
+        if isinstance(colocate_with, AxisShards):
             if is_accumulator(kwargs):
                 raise ValueError(
                     "MeshParallel does not accumulate gradients of split "
@@ -272,8 +269,13 @@ class MeshParallelExtended(DataParallelExtended):
             return super()._create_variable(next_creator, **kwargs)
         if name == "kernel" and owner is not None:
             self._kernel_axes[owner] = sharding.axis
-        return create_sharded(
-            self._container_strategy(), next_creator, mesh, sharding, kwargs
+        return create_axis_shards(
+            self._container_strategy(),
+            next_creator,
+            mesh.devices,
+            sharding,
+            mesh.model_index,
+            kwargs,
         )
 
     def _create_slot(self, next_creator, reference, kwargs):
@@ -287,20 +289,22 @@ class MeshParallelExtended(DataParallelExtended):
                 "RMSprop, Lion, ...), not factored state (Adafactor)."
             )
         kwargs = dict(kwargs, initial_value=whole)
-        return create_sharded(
+        mesh = self._layout.mesh
+        return create_axis_shards(
             self._container_strategy(),
             next_creator,
-            self._layout.mesh,
+            mesh.devices,
             reference.sharding,
+            mesh.model_index,
             kwargs,
         )
 
     def _gradient_for_update(self, value, variables, index):
         variable = None if variables is None else variables[index]
         variable = getattr(variable, "value", variable)
-        if isinstance(variable, ShardedVariable):
+        if isinstance(variable, AxisShards):
             # Each copy takes its own replica's sum; read whole elsewhere.
-            return SplitValue(value.values, variable.join)
+            return ShardedValue(value.values, variable.join)
         return super()._gradient_for_update(value, variables, index)
 
     def _replica_loss_weights(self, sizes):
