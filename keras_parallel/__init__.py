@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # Public name -> module defining it (a module's own name for subpackages).
 _EXPORTS = {
     "DataParallel": "keras_parallel.data_parallel",
-    "MeshParallel": "keras_parallel.mesh.strategy",
+    "MeshParallel": "keras_parallel.mesh",
     "ModelParallel": "keras_parallel.pipeline",
     "PipelineParallel": "keras_parallel.pipeline",
     "PowerSGD": "keras_parallel.reduction.powersgd",

@@ -8,9 +8,8 @@ import keras_parallel
 
 ROOT = pathlib.Path(keras_parallel.__file__).parent
 STRATEGIES = ("keras_parallel.data_parallel", "keras_parallel.pipeline")
-# MeshParallel extends DataParallel (the same replicas, with split weights);
-# the rest of mesh/ is the tensor-parallel mechanism the layers build on.
-EXTENSIONS = {"keras_parallel.mesh.strategy": "keras_parallel.data_parallel"}
+# MeshParallel extends DataParallel (the same replicas, with split weights).
+EXTENSIONS = {"keras_parallel.mesh": "keras_parallel.data_parallel"}
 
 
 def module_name(path: pathlib.Path) -> str:

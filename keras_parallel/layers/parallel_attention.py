@@ -11,10 +11,10 @@ import tensorflow as tf
 # Keras' own mask bookkeeping, as keras.layers.MultiHeadAttention uses it.
 from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
 from keras_parallel.layers import sharding
-from keras_parallel.mesh.collectives import sum_on
-from keras_parallel.mesh.shard_compute import SCORES_HEADS_AXIS
-from keras_parallel.mesh.shards import Sharding
 from keras_parallel.placement import move_variable, run_on
+from keras_parallel.tensor_parallel.collectives import sum_on
+from keras_parallel.tensor_parallel.shard_compute import SCORES_HEADS_AXIS
+from keras_parallel.tensor_parallel.shards import Sharding
 
 # Per head-sharded weight: (name, axis of the heads).
 _HEAD_WEIGHTS = (

@@ -19,9 +19,9 @@ import tensorflow as tf
 
 from keras_parallel._validation import check_int
 from keras_parallel.layers import sharding
-from keras_parallel.mesh.collectives import sum_on
-from keras_parallel.mesh.shards import Sharding
 from keras_parallel.placement import move_variable, run_on
+from keras_parallel.tensor_parallel.collectives import sum_on
+from keras_parallel.tensor_parallel.shards import Sharding
 
 
 class _ShardedDense(sharding.SavesWholeWeights, keras.layers.Layer):

@@ -9,9 +9,9 @@ import keras
 import tensorflow as tf
 
 from keras_parallel.layers import sharding
-from keras_parallel.mesh.collectives import sum_on
-from keras_parallel.mesh.shard_compute import vocabulary_rows
 from keras_parallel.placement import run_on
+from keras_parallel.tensor_parallel.collectives import sum_on
+from keras_parallel.tensor_parallel.shard_compute import vocabulary_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")

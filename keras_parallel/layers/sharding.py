@@ -11,8 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel.devices import resolve_devices
-from keras_parallel.mesh.shards import Sharding
 from keras_parallel.placement import move_variable
+from keras_parallel.tensor_parallel.shards import Sharding
 
 
 def shard_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:

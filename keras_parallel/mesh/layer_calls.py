@@ -12,15 +12,18 @@ import tensorflow as tf
 from keras import ops
 
 from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
-from keras_parallel.mesh.collectives import (
+from keras_parallel.mesh.plan import Role
+from keras_parallel.tensor_parallel.collectives import (
     enter_model_parallel,
     gather_shards,
-    model_index,
+    shard_index,
     split_shards,
     sum_partials,
 )
-from keras_parallel.mesh.plan import Role
-from keras_parallel.mesh.shard_compute import SCORES_HEADS_AXIS, vocabulary_rows
+from keras_parallel.tensor_parallel.shard_compute import (
+    SCORES_HEADS_AXIS,
+    vocabulary_rows,
+)
 
 
 def _role(layer) -> Role | None:
@@ -101,7 +104,7 @@ class SplitEmbedding:
         if role.kind == "width":
             outputs = gather_shards(ops.take(table, inputs, axis=0), -1)
         else:
-            outputs = sum_partials(vocabulary_rows(table, inputs, model_index()))
+            outputs = sum_partials(vocabulary_rows(table, inputs, shard_index()))
         return ops.cast(outputs, self.compute_dtype)
 
 

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from keras_parallel._tf_internal import distribution_layout_map
-from keras_parallel.mesh.shards import Sharding
+from keras_parallel.tensor_parallel.shards import Sharding
 
 # What `MeshParallel` takes: Keras' distribution objects that carry a mesh.
 MESH_SOURCES = (

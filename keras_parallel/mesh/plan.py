@@ -23,7 +23,7 @@ from keras_parallel._tf_internal import (
     own_weights,
     sublayers,
 )
-from keras_parallel.mesh.shards import AxisShards
+from keras_parallel.tensor_parallel.shards import AxisShards
 
 # The Keras classes whose own `call` MeshParallel knows how to split.
 SPLITTABLE = (

@@ -19,14 +19,14 @@ from keras_parallel.data_parallel.local_accumulation import is_accumulator
 from keras_parallel.data_parallel.strategy import DataParallel, DataParallelExtended
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.mesh import layer_calls
-from keras_parallel.mesh.collectives import MeshExchanges
 from keras_parallel.mesh.layout import MeshLayout
 from keras_parallel.mesh.plan import inferred_bias_axis, plan_layers
-from keras_parallel.mesh.shards import AxisShards, create_axis_shards
 from keras_parallel.reduction.compression import Compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.sharded_variable import ShardedValue
 from keras_parallel.specialize import specialized
+from keras_parallel.tensor_parallel.collectives import MeshExchanges
+from keras_parallel.tensor_parallel.shards import AxisShards, create_axis_shards
 
 # Keras class -> the mixin computing its call on shards.
 _SPLIT_CALLS = {
@@ -203,7 +203,9 @@ class MeshParallelExtended(DataParallelExtended):
         super().__init__(container_strategy, devices, exact, gradients, **updates)
         self._layout = layout
         self.mesh_exchanges = MeshExchanges(
-            layout.mesh, lambda: self._gradient_reduction.algorithm
+            layout.mesh.model_groups(),
+            layout.mesh.model_axis,
+            lambda: self._gradient_reduction.algorithm,
         )
         self._roles: dict[int, tuple] = {}
         # Layer -> the axis its kernel was split along, for its bias (made

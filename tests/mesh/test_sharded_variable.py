@@ -9,7 +9,7 @@ import tensorflow as tf
 from mesh_models import mesh
 
 import keras_parallel
-from keras_parallel.mesh.shards import AxisShards
+from keras_parallel.tensor_parallel.shards import AxisShards
 
 
 def _dense():

@@ -23,14 +23,13 @@ traced graph shows which group ran them. `MeshExchanges` records each one.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
 from keras_parallel._tf_internal import regroup
-from keras_parallel.mesh.layout import Mesh
-from keras_parallel.mesh.shards import Sharding
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm
+from keras_parallel.tensor_parallel.shards import Sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,48 +55,59 @@ class MeshExchanges:
     """Sums and gathers among the replicas of each model group.
 
     Args:
-        mesh: The mesh.
+        groups: The replicas of each model group (one list per batch index),
+            in shard order.
+        axis: The name of the mesh axis the groups run along.
         algorithm: Returns the all-reduce algorithm (resolved lazily by the
             reduction engine).
     """
 
-    def __init__(self, mesh: Mesh, algorithm):
-        self.mesh = mesh
+    def __init__(
+        self,
+        groups: Sequence[Sequence[int]],
+        axis: str,
+        algorithm: Callable[[], AllReduceAlgorithm],
+    ):
+        self.groups = [list(group) for group in groups]
+        self.axis = axis
         self._algorithm = algorithm
+        self._shard_index = {r: i for group in self.groups for i, r in enumerate(group)}
         self.log: list[Exchange] = []
 
-    def _record(self, kind, phase, part):
-        elements = part.shape.num_elements() or 0
+    def shard_index(self, replica: int) -> int:
+        """The index of `replica` in its model group: the shard it holds."""
+        return self._shard_index[replica]
+
+    def _record(self, kind, phase, value):
+        elements = value.shape.num_elements() or 0
         self.log.append(
-            Exchange(
-                kind, self.mesh.model_axis, phase, elements, elements * part.dtype.size
-            )
+            Exchange(kind, self.axis, phase, elements, elements * value.dtype.size)
         )
 
     def all_reduce(self, value, phase: str):
         """Cross-replica: sums `value` (per replica) within each model group."""
-        algorithm: AllReduceAlgorithm = self._algorithm()
-        parts = list(value.values)
-        out = [None] * len(parts)
-        self._record("all_reduce", phase, parts[0])
-        for b, group in enumerate(self.mesh.model_groups()):
-            with tf.name_scope(f"mesh_all_reduce_{self.mesh.model_axis}_{b}"):
-                sums = algorithm.all_reduce([parts[r] for r in group])
+        algorithm = self._algorithm()
+        values = list(value.values)
+        out = [None] * len(values)
+        self._record("all_reduce", phase, values[0])
+        for b, group in enumerate(self.groups):
+            with tf.name_scope(f"mesh_all_reduce_{self.axis}_{b}"):
+                sums = algorithm.all_reduce([values[r] for r in group])
             for r, total in zip(group, sums, strict=True):
                 out[r] = total
         return regroup(out)
 
     def all_gather(self, value, axis: int, phase: str):
-        """Cross-replica: joins the parts of each model group along `axis`."""
-        parts = list(value.values)
-        out = [None] * len(parts)
-        self._record("all_gather", phase, parts[0])
-        for b, group in enumerate(self.mesh.model_groups()):
+        """Cross-replica: joins the shards of each model group along `axis`."""
+        values = list(value.values)
+        out = [None] * len(values)
+        self._record("all_gather", phase, values[0])
+        for b, group in enumerate(self.groups):
             sharding = Sharding(axis, len(group))
-            with tf.name_scope(f"mesh_all_gather_{self.mesh.model_axis}_{b}"):
+            with tf.name_scope(f"mesh_all_gather_{self.axis}_{b}"):
                 for r in group:
-                    with tf.device(parts[r].device):
-                        out[r] = sharding.join([parts[q] for q in group])
+                    with tf.device(values[r].device):
+                        out[r] = sharding.join([values[q] for q in group])
         return regroup(out)
 
 
@@ -128,15 +138,17 @@ def _merge(method, value, *args):
     )
 
 
-def model_index() -> int:
-    """This replica's index along the model axis (replica context)."""
+def shard_index() -> int:
+    """The shard this replica holds: its index along the model axis (replica
+    context)."""
     context = tf.distribute.get_replica_context()
     replica = tf.get_static_value(context.replica_id_in_sync_group)
-    return _exchanges().mesh.model_index(int(replica))
+    return _exchanges().shard_index(int(replica))
 
 
-def _own_slice(x, axis: int):
-    return Sharding(axis, _exchanges().mesh.model_size).cut(x)[model_index()]
+def _own_shard(x, axis: int):
+    shards = len(_exchanges().groups[0])
+    return Sharding(axis, shards).cut(x)[shard_index()]
 
 
 def enter_model_parallel(x):
@@ -167,12 +179,12 @@ def sum_partials(x):
 
 def gather_shards(x, axis: int):
     """Joins a tensor split over the model group along `axis`; backward, each
-    replica keeps its slice of the (replicated) gradient."""
+    replica keeps its shard of the (replicated) gradient."""
 
     @tf.custom_gradient
     def gather(x):
         def grad(dy):
-            return _own_slice(dy, axis)
+            return _own_shard(dy, axis)
 
         return _merge(MeshExchanges.all_gather, x, axis, "forward"), grad
 
@@ -180,14 +192,14 @@ def gather_shards(x, axis: int):
 
 
 def split_shards(x, axis: int):
-    """Each replica keeps its slice of a replicated tensor along `axis`;
-    backward, the slices' gradients are joined again."""
+    """Each replica keeps its shard of a replicated tensor along `axis`;
+    backward, the shards' gradients are joined again."""
 
     @tf.custom_gradient
     def split(x):
         def grad(dy):
             return _merge(MeshExchanges.all_gather, dy, axis, "backward")
 
-        return _own_slice(x, axis), grad
+        return _own_shard(x, axis), grad
 
     return split(x)
