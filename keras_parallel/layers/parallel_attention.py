@@ -188,24 +188,9 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
         return (*query_shape[:-1], self.output_features or query_shape[-1])
 
-    def full_weights(self) -> list:
-        """The weights in `keras.layers.MultiHeadAttention.get_weights()` order."""
-        weights = [
-            sharding.gather(self.shards[name], axis)
-            for name, axis in _HEAD_WEIGHTS
-            if name in self.shards
-        ]
-        if self.use_bias:
-            weights.append(keras.ops.convert_to_numpy(self.output_bias))
-        return weights
-
-    def set_full_weights(self, weights: Sequence) -> None:
-        """Sets the shards from `keras.layers.MultiHeadAttention.get_weights()`."""
-        present = [(n, a) for n, a in _HEAD_WEIGHTS if n in self.shards]
-        for (name, axis), value in zip(present, weights[: len(present)], strict=True):
-            sharding.assign_shards(self.shards[name], value, axis)
-        if self.use_bias:
-            self.output_bias.assign(weights[-1])
+    def _weight_shards(self):
+        shards = [(self.shards[n], a) for n, a in _HEAD_WEIGHTS if n in self.shards]
+        return shards + ([([self.output_bias], 0)] if self.use_bias else [])
 
     def _plain_config(self) -> dict:
         return dict(

@@ -54,19 +54,6 @@ class _ShardedDense(sharding.SavesWholeWeights, keras.layers.Layer):
             for i, device in enumerate(self.devices)
         ]
 
-    def full_weights(self) -> list:
-        """`[kernel, bias]` (or `[kernel]`) as the plain Dense holds them."""
-        weights = [sharding.gather(self.kernels, self.split_axis)]
-        if self.use_bias:
-            weights.append(self._full_bias())
-        return weights
-
-    def set_full_weights(self, weights: Sequence) -> None:
-        """Sets the shards from a plain Dense's `[kernel, bias]`."""
-        sharding.assign_shards(self.kernels, weights[0], self.split_axis)
-        if self.use_bias:
-            self._assign_full_bias(weights[1])
-
     @classmethod
     def from_layer(
         cls,
@@ -169,7 +156,7 @@ class ColumnParallelDense(_ShardedDense):
             self,
             "kernel",
             (input_shape[-1], self.units),
-            1,
+            self.split_axis,
             self.devices,
             self.kernel_initializer,
         )
@@ -181,11 +168,9 @@ class ColumnParallelDense(_ShardedDense):
             else []
         )
 
-    def _full_bias(self):
-        return sharding.gather(self.biases, 0)
-
-    def _assign_full_bias(self, bias):
-        sharding.assign_shards(self.biases, bias, 0)
+    def _weight_shards(self):
+        bias = [(self.biases, 0)] if self.use_bias else []
+        return [(self.kernels, self.split_axis), *bias]
 
     def _shard_call(self, i, inputs):
         outputs = keras.ops.matmul(inputs, self.kernels[i])
@@ -252,7 +237,7 @@ class RowParallelDense(_ShardedDense):
             self,
             "kernel",
             (input_dim, self.units),
-            0,
+            self.split_axis,
             self.devices,
             self.kernel_initializer,
         )
@@ -264,11 +249,9 @@ class RowParallelDense(_ShardedDense):
                 )
             move_variable(self.bias, self.devices[0])
 
-    def _full_bias(self):
-        return keras.ops.convert_to_numpy(self.bias)
-
-    def _assign_full_bias(self, bias):
-        self.bias.assign(bias)
+    def _weight_shards(self):
+        bias = [([self.bias], 0)] if self.use_bias else []
+        return [(self.kernels, self.split_axis), *bias]
 
     def _shard_call(self, i, inputs):
         return keras.ops.matmul(inputs, self.kernels[i])

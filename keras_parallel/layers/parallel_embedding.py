@@ -121,13 +121,8 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         layer.set_weights(self.full_weights())
         return layer
 
-    def full_weights(self) -> list:
-        """`[table]` as `keras.layers.Embedding` holds it."""
-        return [sharding.gather(self.tables, 0)]
-
-    def set_full_weights(self, weights) -> None:
-        """Sets the shards from `keras.layers.Embedding.get_weights()`."""
-        sharding.assign_shards(self.tables, weights[0], 0)
+    def _weight_shards(self):
+        return [(self.tables, 0)]
 
     def get_config(self) -> dict:
         return {

@@ -81,9 +81,25 @@ def gather(shards: Sequence[keras.Variable], axis: int) -> np.ndarray:
 
 
 class SavesWholeWeights:
-    """Saves a sharded layer's `full_weights()` and loads them through
-    `set_full_weights`, so that a model saved on N devices loads on any
-    number. Mixed into the tensor-parallel layers, before `Layer`."""
+    """What a sharded layer shares with the plain Keras layer it splits: its
+    weights whole, in that layer's `get_weights()` order (`full_weights`,
+    `set_full_weights`), and saved so, so that a model saved on N devices
+    loads on any number. Mixed into the tensor-parallel layers, before
+    `Layer`; each lists its weights in `_weight_shards`."""
+
+    def _weight_shards(self) -> list[tuple[list[keras.Variable], int]]:
+        """(shards, axis) per weight of the plain layer, in its order; a
+        weight held whole on one device is one shard."""
+        raise NotImplementedError
+
+    def full_weights(self) -> list[np.ndarray]:
+        """The weights as the plain Keras layer holds them."""
+        return [gather(shards, axis) for shards, axis in self._weight_shards()]
+
+    def set_full_weights(self, weights: Sequence) -> None:
+        """Sets the shards from the plain Keras layer's `get_weights()`."""
+        for (shards, axis), value in zip(self._weight_shards(), weights, strict=True):
+            assign_shards(shards, value, axis)
 
     def save_own_variables(self, store) -> None:
         for i, value in enumerate(self.full_weights()):
