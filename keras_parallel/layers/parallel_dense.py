@@ -125,12 +125,13 @@ class ColumnParallelDense(_ShardedDense):
         devices: Devices to shard over; default: those of the enclosing
             `PipelineParallel` strategy, else all local devices.
         gather_output: If True, the outputs are concatenated into one tensor;
-            if False, the layer returns the list of per-device pieces, for a
-            `RowParallelDense(input_is_parallel=True)`. (A Functional model
-            records each piece, so it loads on as many devices as it was
+            if False, the layer returns the list of per-device shards of its
+            output, for a `RowParallelDense(input_is_parallel=True)`. (A
+            Functional model records each shard, so it loads on as many
+            devices as it was
             saved with; a Sequential model loads on any number.)
         activation, use_bias, kernel_initializer, bias_initializer: As for
-            `keras.layers.Dense` (the activation is applied per piece).
+            `keras.layers.Dense` (the activation is applied per shard).
 
     Example:
 
@@ -179,8 +180,8 @@ class ColumnParallelDense(_ShardedDense):
         return self.activation(outputs)
 
     def call(self, inputs):
-        pieces = [shard_call(inputs) for shard_call in self._shard_calls]
-        return Sharding(-1, len(pieces)).join(pieces) if self.gather_output else pieces
+        shards = [shard_call(inputs) for shard_call in self._shard_calls]
+        return Sharding(-1, len(shards)).join(shards) if self.gather_output else shards
 
     def compute_output_shape(self, input_shape):
         if self.gather_output:
@@ -204,7 +205,7 @@ class RowParallelDense(_ShardedDense):
         units: Output features.
         devices: As for `ColumnParallelDense`.
         input_is_parallel: If True, the input is the list of per-device
-            pieces a `ColumnParallelDense(gather_output=False)` returns; if
+            shards a `ColumnParallelDense(gather_output=False)` returns; if
             False, one tensor whose features are a multiple of the number of
             devices, split here.
         activation, use_bias, kernel_initializer, bias_initializer: As for
@@ -227,8 +228,8 @@ class RowParallelDense(_ShardedDense):
 
     def build(self, input_shape):
         if self.input_is_parallel:
-            # Any number of pieces: a saved model's build config records the
-            # pieces of the device count it was saved with.
+            # Any number of shards: a saved model's build config records the
+            # shards of the device count it was saved with.
             input_dim = sum(shape[-1] for shape in input_shape)
         else:
             input_dim = input_shape[-1]
@@ -258,20 +259,20 @@ class RowParallelDense(_ShardedDense):
 
     def call(self, inputs):
         if self.input_is_parallel:
-            pieces = list(inputs)
-            if len(pieces) != len(self.devices):
+            shards = list(inputs)
+            if len(shards) != len(self.devices):
                 raise ValueError(
                     "RowParallelDense(input_is_parallel=True) over "
                     f"{len(self.devices)} devices needs a list of "
-                    f"{len(self.devices)} pieces; received {len(pieces)}. Feed "
+                    f"{len(self.devices)} shards; received {len(shards)}. Feed "
                     "it the output of a ColumnParallelDense(gather_output=False) "
                     "on the same devices."
                 )
         else:
-            pieces = Sharding(-1, len(self.devices)).cut(inputs)
+            shards = Sharding(-1, len(self.devices)).cut(inputs)
         partials = [
-            shard_call(piece)
-            for shard_call, piece in zip(self._shard_calls, pieces, strict=True)
+            shard_call(shard)
+            for shard_call, shard in zip(self._shard_calls, shards, strict=True)
         ]
         outputs = sum_on(partials, self.devices[0])
         with tf.device(self.devices[0]):

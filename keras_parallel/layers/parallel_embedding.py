@@ -20,8 +20,8 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
 
     Device i holds rows `[i*V/N, (i+1)*V/N)` of the table (and their
     optimizer slots) and looks up the ids that fall in its range, giving
-    zeros for the others; the pieces are summed on the first device (the
-    layer's one reduction). Outputs and gradients equal
+    zeros for the others; the partial results are summed on the first device
+    (the layer's one reduction). Outputs and gradients equal
     `keras.layers.Embedding` with the same table.
 
     Args:
@@ -79,8 +79,8 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
 
     def call(self, inputs):
         ids = tf.cast(inputs, "int32")
-        pieces = [shard_call(ids) for shard_call in self._shard_calls]
-        return sum_on(pieces, self.devices[0])
+        partials = [shard_call(ids) for shard_call in self._shard_calls]
+        return sum_on(partials, self.devices[0])
 
     def compute_mask(self, inputs, mask=None):
         return keras.ops.not_equal(inputs, 0) if self.mask_zero else None

@@ -43,7 +43,7 @@ def add_shards(
     devices: Sequence[str],
     initializer,
 ) -> list[keras.Variable]:
-    """Creates a weight split along `axis`, one piece per device.
+    """Creates a weight split along `axis`, one shard per device.
 
     The whole weight is initialised once and cut, so that its values follow
     the initializer's distribution for the full shape (Glorot's scale depends

@@ -50,9 +50,9 @@ def _linear(layer, role: Role, inputs, product):
     return y
 
 
-class _TakesSlices:
-    """A row layer fed by a column layer that kept its slices receives those
-    slices, narrower than the layer's `input_spec` says; the call checks
+class _TakesShards:
+    """A row layer fed by a column layer that kept its shards receives those
+    shards, narrower than the layer's `input_spec` says; the call checks
     shapes itself."""
 
     @property
@@ -67,7 +67,7 @@ class _TakesSlices:
         keras.layers.Layer.input_spec.fset(self, value)
 
 
-class SplitDense(_TakesSlices):
+class SplitDense(_TakesShards):
     """`keras.layers.Dense.call` on a column or row shard of its kernel."""
 
     def call(self, inputs, training=None):
@@ -77,7 +77,7 @@ class SplitDense(_TakesSlices):
         return _linear(self, role, inputs, lambda x: ops.matmul(x, self.kernel))
 
 
-class SplitEinsumDense(_TakesSlices):
+class SplitEinsumDense(_TakesShards):
     """`keras.layers.EinsumDense.call` on a shard of its kernel."""
 
     def call(self, inputs, training=None):

@@ -5,7 +5,7 @@ use it. The layers of `keras_parallel.layers` hold one Keras variable per
 shard, each on its device. Under MeshParallel a weight is one `AxisShards`,
 the `ShardedVariable` whose copy on replica (b, m) is shard m: inside
 `strategy.run` a replica reads its own shard, so a plain Keras layer computes
-its part of the output by itself and the tape gives each replica its shard's
+with its shard by itself and the tape gives each replica its shard's
 gradient; outside, the weight reads whole.
 """
 
