@@ -128,8 +128,13 @@ HOOKS = {
         "_get_cross_replica",
     ),
     keras.layers.BatchNormalization: ("_moments",),
-    # Keras' own attention-mask logic, reused by ParallelMultiHeadAttention.
-    keras.layers.MultiHeadAttention: ("_compute_attention_mask",),
+    # Keras' own attention-mask logic and attention, which
+    # ParallelMultiHeadAttention runs on each device's heads.
+    keras.layers.MultiHeadAttention: (
+        "_build_attention",
+        "_compute_attention",
+        "_compute_attention_mask",
+    ),
     keras.optimizers.LossScaleOptimizer: ("_common_apply",),
     keras.Model: ("_flatten_layers",),
     KerasSaveable: ("_obj_type",),
@@ -285,9 +290,7 @@ def distribution_layout_map(distribution) -> keras.distribution.LayoutMap:
 def consumers(layer) -> tuple[int, list]:
     """How many times `layer` was called symbolically (in Functional and
     Sequential models) and the layers that take its outputs."""
-    return len(layer._inbound_nodes), [
-        node.operation for node in layer._outbound_nodes
-    ]
+    return len(layer._inbound_nodes), [node.operation for node in layer._outbound_nodes]
 
 
 def attention_parts(layer: keras.layers.MultiHeadAttention) -> tuple[list, object]:

@@ -8,7 +8,7 @@ import tensorflow as tf
 from absl import logging
 
 from keras_parallel._validation import check_int
-from keras_parallel.split_variable import SplitVariable
+from keras_parallel.sharded_variable import ShardedVariable
 
 
 class ReplicaDivergenceError(RuntimeError):
@@ -50,7 +50,7 @@ class ReplicaConsistencyCheck(keras.callbacks.Callback):
             for v in list(self.model.variables) + list(self.model.optimizer.variables)
             if len(getattr(v.value, "values", ())) > 1
             # Copies of split state hold different parts by design.
-            and not isinstance(v.value, SplitVariable)
+            and not isinstance(v.value, ShardedVariable)
         ]
         if not self._variables:
             logging.warning(

@@ -1,15 +1,15 @@
 """Optimizer state split evenly over the replicas (ZeRO stage 1).
 
 Each slot of a mirrored weight (Adam's moments, SGD's momentum, the EMA
-average) is a `RowShards`: cut along its first axis into N parts of equal row
-counts, part r on replica r's device, so one large weight (an embedding
+average) is a `RowShards`: cut along its first axis into N shards of equal
+row counts, shard r on replica r's device, so one large weight (an embedding
 table) spreads its state over every device (Rajbhandari et al., 2020,
 partition flat elements; rows keep sparse gradients sparse, so an optimizer's
 sparse update adds repeated rows as it does on one device).
-The weight's update then runs once per replica on its part: `WeightParts`
-keeps, per weight, a variable on each device holding that replica's part of
+The weight's update then runs once per replica on its shard: `WeightShards`
+keeps, per weight, a variable on each device holding that replica's shard of
 the weight, which the optimizer's own update code updates in the weight's
-place; the updated parts are joined into every copy of the weight.
+place; the updated shards are joined into every copy of the weight.
 
 Only optimizers whose update is elementwise are split so (`ELEMENTWISE`);
 others (LAMB's and Adafactor's whole-variable norms, Muon's matrices, a
@@ -25,8 +25,8 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import local_variable, update_as
 from keras_parallel.reduction.rows import join_rows, row_part, row_parts
+from keras_parallel.sharded_variable import ShardedVariable, make_sharded_variable
 from keras_parallel.specialize import own_class
-from keras_parallel.split_variable import SplitVariable, make_split_variable
 
 ELEMENTWISE = (
     keras.optimizers.SGD,
@@ -48,14 +48,14 @@ def splits_by_elements(optimizer) -> bool:
     return own_class(optimizer) in ELEMENTWISE
 
 
-class RowShards(SplitVariable):
+class RowShards(ShardedVariable):
     """Copy r holds rows [r * k, (r + 1) * k) of the whole (its first axis;
     a scalar is one row), the last ones zero-padded to N * k rows."""
 
     def join(self, parts):
         return join_rows(parts, self.full_shape)
 
-    def part_of(self, value, replica: int):
+    def shard_of(self, value, replica: int):
         return row_part(value, len(self.values), replica)
 
 
@@ -63,7 +63,7 @@ def create_row_shards(
     strategy, next_creator, devices, kwargs, cls: type[RowShards] = RowShards
 ) -> RowShards:
     """A `cls` (a `RowShards`) made from a variable creator's arguments."""
-    return make_split_variable(
+    return make_sharded_variable(
         cls,
         strategy,
         next_creator,
@@ -81,23 +81,23 @@ def is_whole(value, shape: tf.TensorShape) -> bool:
     return isinstance(value, (tf.Tensor, tf.Variable)) and value.shape == shape
 
 
-def update_part(fn, part, args, kwargs, shape: tf.TensorShape, part_of):
-    """`fn(part, *args, **kwargs)`, with the whole values of a variable of
+def update_shard(fn, shard, args, kwargs, shape: tf.TensorShape, shard_of):
+    """`fn(shard, *args, **kwargs)`, with the whole values of a variable of
     `shape` among the arguments (an assigned weight, a clipped gradient) cut
-    to the part by `part_of(value)`; parts (state, split gradients) pass as
+    to the shard by `shard_of(value)`; shards (state, split gradients) pass as
     they are."""
 
     def cut(value):
-        return part_of(value) if is_whole(value, shape) else value
+        return shard_of(value) if is_whole(value, shape) else value
 
     return fn(
-        part, *tf.nest.map_structure(cut, args), **tf.nest.map_structure(cut, kwargs)
+        shard, *tf.nest.map_structure(cut, args), **tf.nest.map_structure(cut, kwargs)
     )
 
 
-class WeightParts:
+class WeightShards:
     """Per mirrored weight whose state is split by elements, one variable per
-    replica device holding that replica's part of the weight."""
+    replica device holding that replica's shard of the weight."""
 
     def __init__(self):
         # id -> (the weight, weakly; its parts): an id a collected weight
@@ -143,7 +143,7 @@ class WeightParts:
         for replica, (copy, part) in enumerate(zip(weight.values, parts, strict=True)):
             with tf.device(copy.device), context(replica):
                 part.assign(row_part(copy.read_value(), len(parts), replica))
-                update_part(
+                update_shard(
                     fn,
                     part,
                     select(replica, args),

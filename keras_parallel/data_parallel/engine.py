@@ -22,14 +22,14 @@ from keras_parallel._tf_internal import (
     keras_scope,
     select_replica,
 )
-from keras_parallel.data_parallel.element_shards import update_part
+from keras_parallel.data_parallel.element_shards import update_shard
 from keras_parallel.data_parallel.empty_pieces import EmptyPieces
 from keras_parallel.data_parallel.local_accumulation import LocalAccumulators
 from keras_parallel.data_parallel.loss_weights import LossWeights
 from keras_parallel.data_parallel.step_tracing import StepTracing
 from keras_parallel.reduction.engine import local_parts
 from keras_parallel.scope_errors import require_distributed
-from keras_parallel.split_variable import SplitVariable
+from keras_parallel.sharded_variable import ShardedVariable
 
 
 class DataParallelEngine(StepTracing):
@@ -187,13 +187,13 @@ class DataParallelEngine(StepTracing):
         for i, copy in enumerate(var.values):
             with tf.device(copy.device), UpdateContext(i), tf.name_scope(f"update_{i}"):
                 results.append(
-                    update_part(
+                    update_shard(
                         fn,
                         copy,
                         select_replica(i, args),
                         select_replica(i, kwargs),
                         shape,
-                        lambda value, i=i: var.part_of(value, replica=i),
+                        lambda value, i=i: var.shard_of(value, replica=i),
                     )
                 )
         return results
@@ -243,7 +243,7 @@ class DataParallelEngine(StepTracing):
         """
         weight = getattr(variable, "value", variable)
         if not isinstance(weight, MirroredVariable) or isinstance(
-            weight, SplitVariable
+            weight, ShardedVariable
         ):
             return gradient
 

@@ -8,7 +8,7 @@ of the weight gives the whole weight, gathered from every replica's part; its
 gradient is reduce-scattered on the way back, so each replica receives the
 sum of its rows' gradients and updates only its part. Outside replicas (saving,
 `get_weights`, Keras' optimizer reading state) the weight reads whole, as
-every `SplitVariable`.
+every `ShardedVariable`.
 
 A layer's weights are gathered once its call begins and its inputs exist,
 and dropped when it returns (`GathersWeights`): reads inside the layer (an

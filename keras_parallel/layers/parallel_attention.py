@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
 
-from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
-
 # Keras' own mask bookkeeping, as keras.layers.MultiHeadAttention uses it.
+from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
 from keras_parallel.layers import sharding
 from keras_parallel.placement import move_variable, run_on
+from keras_parallel.tensor_parallel.collectives import sum_on
+from keras_parallel.tensor_parallel.shard_compute import SCORES_HEADS_AXIS
+from keras_parallel.tensor_parallel.shards import Sharding
 
 # Per head-sharded weight: (name, axis of the heads).
 _HEAD_WEIGHTS = (
@@ -32,9 +33,10 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
     """`keras.layers.MultiHeadAttention` with its heads split across devices.
 
     Device i holds the query, key and value projections of its heads and the
-    rows of the output projection that read them, and computes attention for
-    those heads, forward and backward; the per-device outputs are summed on
-    the first device (the layer's one reduction), where the output bias is.
+    rows of the output projection that read them, and computes Keras' own
+    attention for those heads, forward and backward; the per-device outputs
+    are summed on the first device (the layer's one reduction), where the
+    output bias is.
     Inputs of shape (batch, length, features), attention over the length.
 
     Args:
@@ -80,10 +82,12 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
         self.local_heads = sharding.even_split(
             num_heads, len(self.devices), "num_heads"
         )
-        # Computes the combined attention mask exactly as Keras does; it has
-        # no weights of its own.
-        self._masks = keras.layers.MultiHeadAttention(num_heads, key_dim)
-        self._dropout = keras.layers.Dropout(dropout)
+        # Keras' attention of one device's heads (and the combined mask),
+        # with no weights of its own: its projections are never built.
+        self._attention = keras.layers.MultiHeadAttention(
+            self.local_heads, key_dim, self.value_dim, dropout=dropout
+        )
+        self._attention._build_attention(rank=4)  # (batch, length, heads, dim)
         self._shard_calls = [
             run_on(functools.partial(self._shard_call, i), device)
             for i, device in enumerate(self.devices)
@@ -127,19 +131,17 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
             projected = projected + self.shards[f"{name}_bias"][i]
         return projected
 
-    def _shard_call(self, i, query, key, value, mask, training):
-        q = self._project(i, query, "query") * (1.0 / math.sqrt(self.key_dim))
-        k = self._project(i, key, "key")
-        v = self._project(i, value, "value")
-        scores = tf.einsum("aecd,abcd->acbe", k, q)  # (batch, heads, T, S)
-        if mask is not None:
-            # As keras.layers.Softmax with a mask.
-            scores += (1.0 - tf.cast(mask[:, None], scores.dtype)) * -1e9
-        probabilities = tf.nn.softmax(scores, axis=-1)
-        dropped = self._dropout(probabilities, training=training)
-        attended = tf.einsum("acbe,aecd->abcd", dropped, v)
+    def _shard_call(self, i, query, key, value, mask, training, return_scores):
+        attended, scores = self._attention._compute_attention(
+            self._project(i, query, "query"),
+            self._project(i, key, "key"),
+            self._project(i, value, "value"),
+            mask,
+            training,
+            return_scores,
+        )
         output = tf.einsum("abcd,cde->abe", attended, self.shards["output_kernel"][i])
-        return output, probabilities
+        return (output, scores) if return_scores else output
 
     def call(
         self,
@@ -158,7 +160,7 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
         query_mask = get_keras_mask(query)
         for tensor in (query, value, key):
             set_keras_mask(tensor, None)
-        mask = self._masks._compute_attention_mask(
+        mask = self._attention._compute_attention_mask(
             query,
             value,
             query_mask=query_mask,
@@ -168,40 +170,27 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
             use_causal_mask=use_causal_mask,
         )
         results = [
-            shard_call(query, key, value, mask, training)
+            shard_call(query, key, value, mask, training, return_attention_scores)
             for shard_call in self._shard_calls
         ]
-        with tf.device(self.devices[0]):
-            output = tf.add_n([r[0] for r in results])
-            if self.use_bias:
+        outputs = [r[0] for r in results] if return_attention_scores else results
+        output = sum_on(outputs, self.devices[0])
+        if self.use_bias:
+            with tf.device(self.devices[0]):
                 output = output + self.output_bias
         if query_mask is not None:
             set_keras_mask(output, query_mask)
         if return_attention_scores:
-            return output, tf.concat([r[1] for r in results], axis=1)
+            scores = [r[1] for r in results]
+            return output, Sharding(SCORES_HEADS_AXIS, len(scores)).join(scores)
         return output
 
     def compute_output_shape(self, query_shape, value_shape, key_shape=None):
         return (*query_shape[:-1], self.output_features or query_shape[-1])
 
-    def full_weights(self) -> list:
-        """The weights in `keras.layers.MultiHeadAttention.get_weights()` order."""
-        weights = [
-            sharding.gather(self.shards[name], axis)
-            for name, axis in _HEAD_WEIGHTS
-            if name in self.shards
-        ]
-        if self.use_bias:
-            weights.append(keras.ops.convert_to_numpy(self.output_bias))
-        return weights
-
-    def set_full_weights(self, weights: Sequence) -> None:
-        """Sets the shards from `keras.layers.MultiHeadAttention.get_weights()`."""
-        present = [(n, a) for n, a in _HEAD_WEIGHTS if n in self.shards]
-        for (name, axis), value in zip(present, weights[: len(present)], strict=True):
-            sharding.assign_shards(self.shards[name], value, axis)
-        if self.use_bias:
-            self.output_bias.assign(weights[-1])
+    def _weight_shards(self):
+        shards = [(self.shards[n], a) for n, a in _HEAD_WEIGHTS if n in self.shards]
+        return shards + ([([self.output_bias], 0)] if self.use_bias else [])
 
     def _plain_config(self) -> dict:
         return dict(

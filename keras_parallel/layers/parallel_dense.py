@@ -20,6 +20,8 @@ import tensorflow as tf
 from keras_parallel._validation import check_int
 from keras_parallel.layers import sharding
 from keras_parallel.placement import move_variable, run_on
+from keras_parallel.tensor_parallel.collectives import sum_on
+from keras_parallel.tensor_parallel.shards import Sharding
 
 
 class _ShardedDense(sharding.SavesWholeWeights, keras.layers.Layer):
@@ -51,19 +53,6 @@ class _ShardedDense(sharding.SavesWholeWeights, keras.layers.Layer):
             run_on(functools.partial(self._shard_call, i), device)
             for i, device in enumerate(self.devices)
         ]
-
-    def full_weights(self) -> list:
-        """`[kernel, bias]` (or `[kernel]`) as the plain Dense holds them."""
-        weights = [sharding.gather(self.kernels, self.split_axis)]
-        if self.use_bias:
-            weights.append(self._full_bias())
-        return weights
-
-    def set_full_weights(self, weights: Sequence) -> None:
-        """Sets the shards from a plain Dense's `[kernel, bias]`."""
-        sharding.assign_shards(self.kernels, weights[0], self.split_axis)
-        if self.use_bias:
-            self._assign_full_bias(weights[1])
 
     @classmethod
     def from_layer(
@@ -136,12 +125,13 @@ class ColumnParallelDense(_ShardedDense):
         devices: Devices to shard over; default: those of the enclosing
             `PipelineParallel` strategy, else all local devices.
         gather_output: If True, the outputs are concatenated into one tensor;
-            if False, the layer returns the list of per-device pieces, for a
-            `RowParallelDense(input_is_parallel=True)`. (A Functional model
-            records each piece, so it loads on as many devices as it was
+            if False, the layer returns the list of per-device shards of its
+            output, for a `RowParallelDense(input_is_parallel=True)`. (A
+            Functional model records each shard, so it loads on as many
+            devices as it was
             saved with; a Sequential model loads on any number.)
         activation, use_bias, kernel_initializer, bias_initializer: As for
-            `keras.layers.Dense` (the activation is applied per piece).
+            `keras.layers.Dense` (the activation is applied per shard).
 
     Example:
 
@@ -167,7 +157,7 @@ class ColumnParallelDense(_ShardedDense):
             self,
             "kernel",
             (input_shape[-1], self.units),
-            1,
+            self.split_axis,
             self.devices,
             self.kernel_initializer,
         )
@@ -179,11 +169,9 @@ class ColumnParallelDense(_ShardedDense):
             else []
         )
 
-    def _full_bias(self):
-        return sharding.gather(self.biases, 0)
-
-    def _assign_full_bias(self, bias):
-        sharding.assign_shards(self.biases, bias, 0)
+    def _weight_shards(self):
+        bias = [(self.biases, 0)] if self.use_bias else []
+        return [(self.kernels, self.split_axis), *bias]
 
     def _shard_call(self, i, inputs):
         outputs = keras.ops.matmul(inputs, self.kernels[i])
@@ -192,8 +180,8 @@ class ColumnParallelDense(_ShardedDense):
         return self.activation(outputs)
 
     def call(self, inputs):
-        pieces = [shard_call(inputs) for shard_call in self._shard_calls]
-        return tf.concat(pieces, axis=-1) if self.gather_output else pieces
+        shards = [shard_call(inputs) for shard_call in self._shard_calls]
+        return Sharding(-1, len(shards)).join(shards) if self.gather_output else shards
 
     def compute_output_shape(self, input_shape):
         if self.gather_output:
@@ -217,7 +205,7 @@ class RowParallelDense(_ShardedDense):
         units: Output features.
         devices: As for `ColumnParallelDense`.
         input_is_parallel: If True, the input is the list of per-device
-            pieces a `ColumnParallelDense(gather_output=False)` returns; if
+            shards a `ColumnParallelDense(gather_output=False)` returns; if
             False, one tensor whose features are a multiple of the number of
             devices, split here.
         activation, use_bias, kernel_initializer, bias_initializer: As for
@@ -240,8 +228,8 @@ class RowParallelDense(_ShardedDense):
 
     def build(self, input_shape):
         if self.input_is_parallel:
-            # Any number of pieces: a saved model's build config records the
-            # pieces of the device count it was saved with.
+            # Any number of shards: a saved model's build config records the
+            # shards of the device count it was saved with.
             input_dim = sum(shape[-1] for shape in input_shape)
         else:
             input_dim = input_shape[-1]
@@ -250,7 +238,7 @@ class RowParallelDense(_ShardedDense):
             self,
             "kernel",
             (input_dim, self.units),
-            0,
+            self.split_axis,
             self.devices,
             self.kernel_initializer,
         )
@@ -262,34 +250,32 @@ class RowParallelDense(_ShardedDense):
                 )
             move_variable(self.bias, self.devices[0])
 
-    def _full_bias(self):
-        return keras.ops.convert_to_numpy(self.bias)
-
-    def _assign_full_bias(self, bias):
-        self.bias.assign(bias)
+    def _weight_shards(self):
+        bias = [([self.bias], 0)] if self.use_bias else []
+        return [(self.kernels, self.split_axis), *bias]
 
     def _shard_call(self, i, inputs):
         return keras.ops.matmul(inputs, self.kernels[i])
 
     def call(self, inputs):
         if self.input_is_parallel:
-            pieces = list(inputs)
-            if len(pieces) != len(self.devices):
+            shards = list(inputs)
+            if len(shards) != len(self.devices):
                 raise ValueError(
                     "RowParallelDense(input_is_parallel=True) over "
                     f"{len(self.devices)} devices needs a list of "
-                    f"{len(self.devices)} pieces; received {len(pieces)}. Feed "
+                    f"{len(self.devices)} shards; received {len(shards)}. Feed "
                     "it the output of a ColumnParallelDense(gather_output=False) "
                     "on the same devices."
                 )
         else:
-            pieces = tf.split(inputs, len(self.devices), axis=-1)
+            shards = Sharding(-1, len(self.devices)).cut(inputs)
         partials = [
-            shard_call(piece)
-            for shard_call, piece in zip(self._shard_calls, pieces, strict=True)
+            shard_call(shard)
+            for shard_call, shard in zip(self._shard_calls, shards, strict=True)
         ]
+        outputs = sum_on(partials, self.devices[0])
         with tf.device(self.devices[0]):
-            outputs = tf.add_n(partials)
             if self.use_bias:
                 outputs = outputs + self.bias
             return self.activation(outputs)

@@ -10,6 +10,8 @@ import tensorflow as tf
 
 from keras_parallel.layers import sharding
 from keras_parallel.placement import run_on
+from keras_parallel.tensor_parallel.collectives import sum_on
+from keras_parallel.tensor_parallel.shard_compute import vocabulary_rows
 
 
 @keras.saving.register_keras_serializable(package="keras_parallel")
@@ -18,8 +20,8 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
 
     Device i holds rows `[i*V/N, (i+1)*V/N)` of the table (and their
     optimizer slots) and looks up the ids that fall in its range, giving
-    zeros for the others; the pieces are summed on the first device (the
-    layer's one reduction). Outputs and gradients equal
+    zeros for the others; the partial results are summed on the first device
+    (the layer's one reduction). Outputs and gradients equal
     `keras.layers.Embedding` with the same table.
 
     Args:
@@ -54,7 +56,7 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         self.output_dim = output_dim
         self._devices_argument = devices
         self.devices = sharding.shard_devices(devices)
-        self.rows = sharding.even_split(input_dim, len(self.devices), "input_dim")
+        sharding.even_split(input_dim, len(self.devices), "input_dim")
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.mask_zero = mask_zero
         self._shard_calls = [
@@ -73,16 +75,12 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         )
 
     def _shard_call(self, i, ids):
-        local = ids - i * self.rows
-        inside = (local >= 0) & (local < self.rows)
-        rows = tf.gather(self.tables[i], tf.where(inside, local, 0))
-        return rows * tf.cast(inside, rows.dtype)[..., None]
+        return vocabulary_rows(self.tables[i], ids, i)
 
     def call(self, inputs):
         ids = tf.cast(inputs, "int32")
-        pieces = [shard_call(ids) for shard_call in self._shard_calls]
-        with tf.device(self.devices[0]):
-            return tf.add_n(pieces)
+        partials = [shard_call(ids) for shard_call in self._shard_calls]
+        return sum_on(partials, self.devices[0])
 
     def compute_mask(self, inputs, mask=None):
         return keras.ops.not_equal(inputs, 0) if self.mask_zero else None
@@ -123,13 +121,8 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         layer.set_weights(self.full_weights())
         return layer
 
-    def full_weights(self) -> list:
-        """`[table]` as `keras.layers.Embedding` holds it."""
-        return [sharding.gather(self.tables, 0)]
-
-    def set_full_weights(self, weights) -> None:
-        """Sets the shards from `keras.layers.Embedding.get_weights()`."""
-        sharding.assign_shards(self.tables, weights[0], 0)
+    def _weight_shards(self):
+        return [(self.tables, 0)]
 
     def get_config(self) -> dict:
         return {

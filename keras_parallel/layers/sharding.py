@@ -1,5 +1,6 @@
-"""What tensor-parallel layers share: their devices, even splits, and
-sharded weights created on their devices."""
+"""What tensor-parallel layers share: their devices, even splits, and a
+weight's shards (cut as `keras_parallel.mesh.shards.Sharding` says) created
+on their devices, one Keras variable per shard."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tensorflow as tf
 
 from keras_parallel.devices import resolve_devices
 from keras_parallel.placement import move_variable
+from keras_parallel.tensor_parallel.shards import Sharding
 
 
 def shard_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -41,21 +43,22 @@ def add_shards(
     devices: Sequence[str],
     initializer,
 ) -> list[keras.Variable]:
-    """Creates a weight split along `axis`, one piece per device.
+    """Creates a weight split along `axis`, one shard per device.
 
     The whole weight is initialised once and cut, so that its values follow
     the initializer's distribution for the full shape (Glorot's scale depends
     on it), as in the plain layer.
     """
     initializer = keras.initializers.get(initializer)
-    full = np.asarray(initializer(tuple(full_shape), dtype=layer.variable_dtype))
-    pieces = np.split(full, len(devices), axis=axis)
+    full = initializer(tuple(full_shape), dtype=layer.variable_dtype)
+    cut = Sharding(axis, len(devices)).cut(full)
     shards = []
-    for i, (piece, device) in enumerate(zip(pieces, devices, strict=True)):
+    for i, (shard, device) in enumerate(zip(cut, devices, strict=True)):
+        shard = np.asarray(shard)
         with tf.device(device):
             variable = layer.add_weight(
-                shape=piece.shape,
-                initializer=lambda shape, dtype=None, piece=piece: piece,
+                shape=shard.shape,
+                initializer=lambda shape, dtype=None, shard=shard: shard,
                 name=f"{name}_{i}",
             )
         # A strategy's variable creator may have put it elsewhere.
@@ -66,21 +69,37 @@ def add_shards(
 
 def assign_shards(shards: Sequence[keras.Variable], full, axis: int) -> None:
     """Sets shards from the whole weight's value."""
-    for shard, piece in zip(
-        shards, np.split(np.asarray(full), len(shards), axis=axis), strict=True
-    ):
-        shard.assign(piece)
+    cut = Sharding(axis, len(shards)).cut(np.asarray(full))
+    for shard, value in zip(shards, cut, strict=True):
+        shard.assign(value)
 
 
 def gather(shards: Sequence[keras.Variable], axis: int) -> np.ndarray:
     """The whole weight's value."""
-    return np.concatenate([np.asarray(s) for s in shards], axis=axis)
+    values = [np.asarray(s) for s in shards]
+    return np.asarray(Sharding(axis, len(shards)).join(values))
 
 
 class SavesWholeWeights:
-    """Saves a sharded layer's `full_weights()` and loads them through
-    `set_full_weights`, so that a model saved on N devices loads on any
-    number. Mixed into the tensor-parallel layers, before `Layer`."""
+    """What a sharded layer shares with the plain Keras layer it splits: its
+    weights whole, in that layer's `get_weights()` order (`full_weights`,
+    `set_full_weights`), and saved so, so that a model saved on N devices
+    loads on any number. Mixed into the tensor-parallel layers, before
+    `Layer`; each lists its weights in `_weight_shards`."""
+
+    def _weight_shards(self) -> list[tuple[list[keras.Variable], int]]:
+        """(shards, axis) per weight of the plain layer, in its order; a
+        weight held whole on one device is one shard."""
+        raise NotImplementedError
+
+    def full_weights(self) -> list[np.ndarray]:
+        """The weights as the plain Keras layer holds them."""
+        return [gather(shards, axis) for shards, axis in self._weight_shards()]
+
+    def set_full_weights(self, weights: Sequence) -> None:
+        """Sets the shards from the plain Keras layer's `get_weights()`."""
+        for (shards, axis), value in zip(self._weight_shards(), weights, strict=True):
+            assign_shards(shards, value, axis)
 
     def save_own_variables(self, store) -> None:
         for i, value in enumerate(self.full_weights()):

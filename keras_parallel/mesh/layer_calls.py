@@ -12,14 +12,18 @@ import tensorflow as tf
 from keras import ops
 
 from keras_parallel._tf_internal import get_keras_mask, set_keras_mask
-from keras_parallel.mesh.collectives import (
+from keras_parallel.mesh.plan import Role
+from keras_parallel.tensor_parallel.collectives import (
     enter_model_parallel,
     gather_shards,
-    model_index,
+    shard_index,
     split_shards,
     sum_partials,
 )
-from keras_parallel.mesh.plan import Role
+from keras_parallel.tensor_parallel.shard_compute import (
+    SCORES_HEADS_AXIS,
+    vocabulary_rows,
+)
 
 
 def _role(layer) -> Role | None:
@@ -46,9 +50,9 @@ def _linear(layer, role: Role, inputs, product):
     return y
 
 
-class _TakesSlices:
-    """A row layer fed by a column layer that kept its slices receives those
-    slices, narrower than the layer's `input_spec` says; the call checks
+class _TakesShards:
+    """A row layer fed by a column layer that kept its shards receives those
+    shards, narrower than the layer's `input_spec` says; the call checks
     shapes itself."""
 
     @property
@@ -63,7 +67,7 @@ class _TakesSlices:
         keras.layers.Layer.input_spec.fset(self, value)
 
 
-class SplitDense(_TakesSlices):
+class SplitDense(_TakesShards):
     """`keras.layers.Dense.call` on a column or row shard of its kernel."""
 
     def call(self, inputs, training=None):
@@ -73,7 +77,7 @@ class SplitDense(_TakesSlices):
         return _linear(self, role, inputs, lambda x: ops.matmul(x, self.kernel))
 
 
-class SplitEinsumDense(_TakesSlices):
+class SplitEinsumDense(_TakesShards):
     """`keras.layers.EinsumDense.call` on a shard of its kernel."""
 
     def call(self, inputs, training=None):
@@ -100,12 +104,7 @@ class SplitEmbedding:
         if role.kind == "width":
             outputs = gather_shards(ops.take(table, inputs, axis=0), -1)
         else:
-            rows = ops.shape(table)[0]
-            local = inputs - ops.cast(model_index() * rows, inputs.dtype)
-            held = ops.logical_and(local >= 0, local < rows)
-            found = ops.take(table, ops.where(held, local, 0), axis=0)
-            found = found * ops.expand_dims(ops.cast(held, found.dtype), -1)
-            outputs = sum_partials(found)
+            outputs = sum_partials(vocabulary_rows(table, inputs, shard_index()))
         return ops.cast(outputs, self.compute_dtype)
 
 
@@ -131,6 +130,5 @@ class SplitAttention:
         outputs = super().call(enter(query), enter(value), enter(key), **kwargs)
         if kwargs.get("return_attention_scores"):
             output, scores = outputs
-            # Scores are [batch, heads, target, source]: join the heads.
-            return output, gather_shards(scores, 1)
+            return output, gather_shards(scores, SCORES_HEADS_AXIS)
         return outputs

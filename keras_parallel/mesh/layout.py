@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from keras_parallel._tf_internal import distribution_layout_map
+from keras_parallel.tensor_parallel.shards import Sharding
 
 # What `MeshParallel` takes: Keras' distribution objects that carry a mesh.
 MESH_SOURCES = (
@@ -57,14 +58,6 @@ class Mesh:
         """Replicas holding the same shard: one list per model index."""
         m = self.model_size
         return [list(range(i, m * self.batch_size, m)) for i in range(m)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sharding:
-    """How a variable is cut: along `axis` into `num_shards` equal pieces."""
-
-    axis: int
-    num_shards: int
 
 
 class MeshLayout:

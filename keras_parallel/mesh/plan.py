@@ -1,12 +1,12 @@
 """What each layer with split weights does in a step: its role.
 
 A layer whose weight is split on an output axis is column-parallel: it
-computes its slice of the output. One split on an axis its einsum contracts
+computes its shard of the output. One split on an axis its einsum contracts
 is row-parallel: it computes a partial sum of the whole output. An Embedding
 split by vocabulary looks up the rows it holds (a partial sum); one split by
-width its slice of every vector. By default a split layer gives whole tensors
+width its shard of every vector. By default a split layer gives whole tensors
 to its neighbours (`gather_output`, `split_input`); a column-parallel Dense
-whose only consumer is a row-parallel Dense keeps its slice, as Megatron-LM
+whose only consumer is a row-parallel Dense keeps its shard, as Megatron-LM
 pairs them, and so do the projections inside a MultiHeadAttention split by
 heads.
 """
@@ -23,7 +23,7 @@ from keras_parallel._tf_internal import (
     own_weights,
     sublayers,
 )
-from keras_parallel.mesh.sharded_variable import ShardedVariable
+from keras_parallel.tensor_parallel.shards import AxisShards
 
 # The Keras classes whose own `call` MeshParallel knows how to split.
 SPLITTABLE = (
@@ -42,7 +42,7 @@ class Role:
         axis: Output axis of a column (or width) split, input axis of a row
             split (negative: counted from the end).
         enter: Whether a column layer marks its input with Megatron's `f`.
-        gather_output: Whether a column layer joins its output slices.
+        gather_output: Whether a column layer joins its output shards.
         split_input: Whether a row layer cuts its (whole) input.
     """
 
@@ -144,12 +144,12 @@ def _split_weights(layer) -> dict:
     return {
         v.path: v.value.sharding
         for v in own_weights(layer)
-        if isinstance(v.value, ShardedVariable)
+        if isinstance(v.value, AxisShards)
     }
 
 
 def _check_bias(layer, bias, axis) -> None:
-    sharded = isinstance(bias, ShardedVariable)
+    sharded = isinstance(bias, AxisShards)
     if bias is None or (axis is None and not sharded):
         return
     if sharded and axis is not None and bias.sharding.axis == axis:
@@ -165,7 +165,7 @@ def _check_bias(layer, bias, axis) -> None:
 
 def plan_layers(models) -> dict[int, tuple[object, Role]]:
     """Roles of the layers with split weights in `models`, by `id(layer)`,
-    with column/row pairs and attention projections keeping their slices."""
+    with column/row pairs and attention projections keeping their shards."""
     roles: dict[int, tuple[object, Role]] = {}
     for model in models:
         for layer in [model, *sublayers(model)]:

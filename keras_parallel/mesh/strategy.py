@@ -21,16 +21,13 @@ from keras_parallel.data_parallel.replica_strategy import ReplicaStrategy
 from keras_parallel.data_parallel.strategy import DataParallelExtended
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.mesh import layer_calls
-from keras_parallel.mesh.collectives import MeshExchanges
 from keras_parallel.mesh.layout import MeshLayout
 from keras_parallel.mesh.plan import inferred_bias_axis, plan_layers
-from keras_parallel.mesh.sharded_variable import (
-    ShardedVariable,
-    create_sharded,
-)
 from keras_parallel.reduction.compression import Compression, resolve_compression
 from keras_parallel.reduction.engine import GradientReduction
 from keras_parallel.specialize import specialized
+from keras_parallel.tensor_parallel.collectives import MeshExchanges
+from keras_parallel.tensor_parallel.shards import AxisShards, create_axis_shards
 
 # Keras class -> the mixin computing its call on shards.
 _SPLIT_CALLS = {
@@ -214,7 +211,9 @@ class MeshParallelExtended(DataParallelExtended):
         super().__init__(container_strategy, devices, exact, gradients, **updates)
         self._layout = layout
         self.mesh_exchanges = MeshExchanges(
-            layout.mesh, lambda: self.gradient_reduction.algorithm
+            layout.mesh.model_groups(),
+            layout.mesh.model_axis,
+            lambda: self.gradient_reduction.algorithm,
         )
         self._roles: dict[int, tuple] = {}
         # Layer -> the axis its kernel was split along, for its bias (made
@@ -243,7 +242,7 @@ class MeshParallelExtended(DataParallelExtended):
     def _create_variable(self, next_creator, **kwargs):
         mesh = self._layout.mesh
         colocate_with = kwargs.get("colocate_with")
-        if isinstance(colocate_with, ShardedVariable):
+        if isinstance(colocate_with, AxisShards):
             if is_accumulator(kwargs):
                 raise ValueError(
                     "MeshParallel does not accumulate gradients of split "
@@ -280,8 +279,13 @@ class MeshParallelExtended(DataParallelExtended):
             return super()._create_variable(next_creator, **kwargs)
         if name == "kernel" and owner is not None:
             self._kernel_axes[owner] = sharding.axis
-        return create_sharded(
-            self._container_strategy(), next_creator, mesh, sharding, kwargs
+        return create_axis_shards(
+            self._container_strategy(),
+            next_creator,
+            mesh.devices,
+            sharding,
+            mesh.model_index,
+            kwargs,
         )
 
     def _create_slot(self, next_creator, reference, kwargs):
@@ -295,11 +299,13 @@ class MeshParallelExtended(DataParallelExtended):
                 "RMSprop, Lion, ...), not factored state (Adafactor)."
             )
         kwargs = dict(kwargs, initial_value=whole)
-        return create_sharded(
+        mesh = self._layout.mesh
+        return create_axis_shards(
             self._container_strategy(),
             next_creator,
-            self._layout.mesh,
+            mesh.devices,
             reference.sharding,
+            mesh.model_index,
             kwargs,
         )
 

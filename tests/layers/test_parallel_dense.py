@@ -180,7 +180,7 @@ def test_saves_whole_weights_and_loads_on_another_number_of_devices(tmp_path):
 
 
 def test_functional_model_with_split_features_loads_on_as_many_devices(tmp_path):
-    # A Functional config records each of the column layer's output pieces,
+    # A Functional config records each of the column layer's output shards,
     # so it loads with the device count it was saved with.
     model, _ = train(mlp(True), DATA)
     path = str(tmp_path / "functional.keras")
@@ -208,7 +208,7 @@ def test_functional_model_with_split_features_loads_on_as_many_devices(tmp_path)
             lambda: RowParallelDense(4, devices(2), input_is_parallel=True)(
                 [np.zeros((2, 2), "float32")] * 3
             ),
-            "needs a list of 2 pieces; received 3",
+            "needs a list of 2 shards; received 3",
         ),
         (
             lambda: ColumnParallelDense(0),

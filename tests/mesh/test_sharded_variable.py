@@ -9,7 +9,7 @@ import tensorflow as tf
 from mesh_models import mesh
 
 import keras_parallel
-from keras_parallel.mesh.sharded_variable import ShardedVariable
+from keras_parallel.tensor_parallel.shards import AxisShards
 
 
 def _dense():
@@ -25,7 +25,7 @@ def _dense():
 def test_reads_whole_outside_and_its_shard_inside_a_replica():
     strategy, layer = _dense()
     variable = layer.kernel.value
-    assert isinstance(variable, ShardedVariable)
+    assert isinstance(variable, AxisShards)
     whole = layer.kernel.numpy()
     assert whole.shape == (3, 6) and variable.shape == (3, 6)
     np.testing.assert_array_equal(np.asarray(layer.kernel), whole)

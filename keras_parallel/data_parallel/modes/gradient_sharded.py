@@ -15,7 +15,7 @@ from keras_parallel.data_parallel.element_shards import splits_by_elements
 from keras_parallel.data_parallel.modes.optimizer_sharded import OptimizerSharded
 from keras_parallel.reduction.engine import is_dense
 from keras_parallel.reduction.rows import join_rows
-from keras_parallel.split_variable import SplitValue, SplitVariable
+from keras_parallel.sharded_variable import ShardedValue, ShardedVariable
 
 
 class GradientSharded(OptimizerSharded):
@@ -35,7 +35,7 @@ class GradientSharded(OptimizerSharded):
             )
             for i, parts in zip(scattered, rows, strict=True):
                 shape = grads[i].values[0].shape
-                handed[i] = SplitValue(
+                handed[i] = ShardedValue(
                     parts, lambda parts, shape=shape: join_rows(parts, shape)
                 )
         return handed
@@ -56,9 +56,9 @@ class GradientSharded(OptimizerSharded):
             if (
                 isinstance(grads[i], tf.distribute.DistributedValues)
                 and isinstance(variable, MirroredVariable)
-                and not isinstance(variable, SplitVariable)
+                and not isinstance(variable, ShardedVariable)
                 and is_dense(grads[i].values)
             ):
-                self.weight_parts.add(variable)
+                self.weight_shards.add(variable)
                 scattered.append(i)
         return scattered

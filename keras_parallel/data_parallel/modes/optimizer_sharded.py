@@ -4,7 +4,7 @@ state split over the replicas.
 The slots of an elementwise optimizer (`element_shards.ELEMENTWISE`) are cut
 by rows into one part per replica; each replica updates its part of every
 weight with the summed gradient, and the updated parts are gathered into
-every copy of the weight (`element_shards.WeightParts`). Other optimizers'
+every copy of the weight (`element_shards.WeightShards`). Other optimizers'
 slots live whole on one owner device per weight, chosen to balance bytes
 (`ownership.OwnerTable`); the owner updates its copy and the others take
 its value.
@@ -22,13 +22,13 @@ from keras_parallel._tf_internal import (
     update_regroup,
 )
 from keras_parallel.data_parallel.element_shards import (
-    WeightParts,
+    WeightShards,
     create_row_shards,
     splits_by_elements,
 )
 from keras_parallel.data_parallel.modes.replicated import Replicated
 from keras_parallel.data_parallel.ownership import OwnerTable
-from keras_parallel.split_variable import SplitVariable
+from keras_parallel.sharded_variable import ShardedVariable
 
 
 class OptimizerSharded(Replicated):
@@ -38,16 +38,16 @@ class OptimizerSharded(Replicated):
 
     def attach(self, engine) -> None:
         self.owners = OwnerTable(len(engine.devices))
-        self.weight_parts = WeightParts()
+        self.weight_shards = WeightShards()
 
     def create_other(self, engine, next_creator, kwargs):
         colocate_with = kwargs.get("colocate_with")
         if isinstance(colocate_with, MirroredVariable) and not isinstance(
-            colocate_with, SplitVariable
+            colocate_with, ShardedVariable
         ):
             if splits_by_elements(keras_scope()[1]):
                 # A slot of an elementwise optimizer: split evenly by rows.
-                self.weight_parts.add(colocate_with)
+                self.weight_shards.add(colocate_with)
                 return create_row_shards(
                     engine.container_strategy(), next_creator, engine.devices, kwargs
                 )
@@ -69,8 +69,8 @@ class OptimizerSharded(Replicated):
         weight = getattr(variable, "value", variable)
         if (
             variable is None
-            or isinstance(weight, SplitVariable)
-            or self.weight_parts.of(weight) is not None
+            or isinstance(weight, ShardedVariable)
+            or self.weight_shards.of(weight) is not None
             or not isinstance(weight, MirroredVariable)
             or not isinstance(total, tf.distribute.DistributedValues)
         ):
@@ -79,8 +79,8 @@ class OptimizerSharded(Replicated):
         return total.values[self.owners.owner(weight)]
 
     def update_mirrored(self, engine, var, fn, args, kwargs, group):
-        if self.weight_parts.of(var) is not None:
-            results = self.weight_parts.update(
+        if self.weight_shards.of(var) is not None:
+            results = self.weight_shards.update(
                 var,
                 fn,
                 args,

@@ -20,7 +20,7 @@ from keras_parallel.data_parallel.parameter_shards import (
     splits,
 )
 from keras_parallel.reduction.engine import local_parts
-from keras_parallel.split_variable import SplitValue
+from keras_parallel.sharded_variable import ShardedValue
 
 
 class ParameterSharded(OptimizerSharded):
@@ -67,7 +67,7 @@ class ParameterSharded(OptimizerSharded):
     def route(self, engine, grads, variables, present, reduced, optimizer) -> list:
         handed = super().route(engine, grads, variables, present, reduced, optimizer)
         for i in reduced:
-            handed[i] = SplitValue(local_parts(grads[i]), variables[i].value.join)
+            handed[i] = ShardedValue(local_parts(grads[i]), variables[i].value.join)
         return handed
 
     def step(self, engine, models, sizes, training):

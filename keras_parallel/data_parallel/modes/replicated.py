@@ -23,7 +23,7 @@ from keras_parallel.data_parallel.local_accumulation import is_accumulator
 from keras_parallel.data_parallel.modes.base import Mode
 from keras_parallel.data_parallel.shared_rows import SharedRows
 from keras_parallel.scope_errors import require_distributed
-from keras_parallel.split_variable import SplitValue, SplitVariable
+from keras_parallel.sharded_variable import ShardedValue, ShardedVariable
 
 
 class Replicated(Mode):
@@ -99,12 +99,12 @@ class Replicated(Mode):
     def for_update(self, total, variable):
         """What the update of `variable` reads of its gradient's sum."""
         weight = getattr(variable, "value", variable)
-        if isinstance(weight, SplitVariable) and isinstance(
+        if isinstance(weight, ShardedVariable) and isinstance(
             total, tf.distribute.DistributedValues
         ):
             # Each copy of a split weight (MeshParallel's) takes its own
             # replica's sum; read whole elsewhere.
-            return SplitValue(total.values, weight.join)
+            return ShardedValue(total.values, weight.join)
         return total
 
     def update(self, engine, var, fn, args, kwargs, group):
@@ -125,7 +125,7 @@ class Replicated(Mode):
             copy = var.values[0]
             with tf.device(copy.device), UpdateContext(0):
                 return fn(copy, *args, **kwargs)
-        if isinstance(var, SplitVariable):
+        if isinstance(var, ShardedVariable):
             return update_regroup(
                 engine, engine.update_parts(var, fn, args, kwargs), group
             )

@@ -1,12 +1,12 @@
-"""`SplitVariable`: one value held in parts, a part per replica's copy.
+"""`ShardedVariable`: one value held in shards, a shard per replica's copy.
 
-A mirrored variable whose copies hold different parts of one whole. Inside
-`strategy.run` (and inside one copy's update) a replica sees its part; outside,
-reads give the whole (the parts joined) and a whole value assigned gives each
-copy its part, so `get_weights`, `set_weights`, saving and loading see what
-one device would. MeshParallel splits weights along an axis over its model
-axis; DataParallel splits optimizer state evenly by elements over its
-replicas.
+A mirrored variable whose copies hold different shards of one whole. Inside
+`strategy.run` (and inside one copy's update) a replica sees its shard;
+outside, reads give the whole (the shards joined) and a whole value assigned
+gives each copy its shard, so `get_weights`, `set_weights`, saving and loading
+see what one device would. MeshParallel cuts weights along an axis over its
+model axis (`mesh.shards.AxisShards`); DataParallel cuts optimizer state by
+rows over its replicas (`data_parallel.element_shards.RowShards`).
 """
 
 from __future__ import annotations
@@ -25,25 +25,25 @@ from keras_parallel._tf_internal import (
 )
 
 
-class SplitVariable(MirroredVariable):
-    """Copies holding parts of a whole of shape `full_shape`.
+class ShardedVariable(MirroredVariable):
+    """Copies holding shards of a whole of shape `full_shape`.
 
-    Subclasses say how parts join (`join`) and which part of a whole a copy
-    holds (`part_of`); `make_split_variable` sets `full_shape`.
+    Subclasses say how shards join (`join`) and which shard of a whole a copy
+    holds (`shard_of`); `make_sharded_variable` sets `full_shape`.
     """
 
     full_shape: tf.TensorShape
 
-    def join(self, parts: Sequence[tf.Tensor]) -> tf.Tensor:
-        """The whole value from the copies' parts, in replica order."""
+    def join(self, shards: Sequence[tf.Tensor]) -> tf.Tensor:
+        """The whole value from the copies' shards, in replica order."""
         raise NotImplementedError
 
-    def part_of(self, value: tf.Tensor, replica: int) -> tf.Tensor:
-        """Replica `replica`'s part of a whole value."""
+    def shard_of(self, value: tf.Tensor, replica: int) -> tf.Tensor:
+        """Replica `replica`'s shard of a whole value."""
         raise NotImplementedError
 
-    def _in_part(self) -> bool:
-        # Inside a replica (or one copy's update) the variable is its part.
+    def _in_shard(self) -> bool:
+        # Inside a replica (or one copy's update) the variable is its shard.
         replica = tf.distribute.get_replica_context()
         if replica is not None and replica.strategy is self.distribute_strategy:
             return True
@@ -51,7 +51,7 @@ class SplitVariable(MirroredVariable):
 
     @property
     def shape(self) -> tf.TensorShape:
-        return super().shape if self._in_part() else self.full_shape
+        return super().shape if self._in_shard() else self.full_shape
 
     def get_shape(self) -> tf.TensorShape:
         return self.shape
@@ -90,17 +90,17 @@ class SplitVariable(MirroredVariable):
         return super()._get_as_operand()
 
 
-class SplitValue(Mirrored):
-    """A summed gradient held in parts, one per replica (a split weight's, or
-    a reduce-scattered one).
+class ShardedValue(Mirrored):
+    """A summed gradient held in shards, one per replica (a sharded weight's,
+    or a reduce-scattered one).
 
-    The optimizer's update takes each copy's part as it is; clipping and other
+    The optimizer's update takes each copy's shard as it is; clipping and other
     arithmetic in cross-replica context (`clipnorm`, `global_clipnorm`, loss
     scaling) read the whole, as on one device.
 
     Args:
-        values: One part per replica.
-        join: The whole from the parts.
+        values: One shard per replica.
+        join: The whole from the shards.
     """
 
     def __init__(self, values, join: Callable[[Sequence[tf.Tensor]], tf.Tensor]):
@@ -111,29 +111,29 @@ class SplitValue(Mirrored):
         return self._join(self.values)
 
 
-def make_split_variable(
-    cls: type[SplitVariable],
+def make_sharded_variable(
+    cls: type[ShardedVariable],
     strategy: tf.distribute.Strategy,
     next_creator,
     devices: Sequence[str],
-    parts: Callable[[tf.Tensor], list[tf.Tensor]],
+    shards: Callable[[tf.Tensor], list[tf.Tensor]],
     kwargs: dict,
-) -> SplitVariable:
+) -> ShardedVariable:
     """A `cls` made from a variable creator's arguments: the initial value is
-    computed once, whole, and `parts(whole)[r]` goes to the copy on
+    computed once, whole, and `shards(whole)[r]` goes to the copy on
     `devices[r]`.
 
     Args:
-        cls: The SplitVariable subclass.
+        cls: The ShardedVariable subclass.
         strategy: The strategy whose scope creates it.
         next_creator: The next variable creator.
         devices: One device per replica.
-        parts: Cuts the whole initial value into one part per replica.
+        shards: Cuts the whole initial value into one shard per replica.
         kwargs: The creator's arguments (`initial_value`, `name`, ...).
     """
     made = {}
 
-    def make_parts(**kwargs):
+    def make_copies(**kwargs):
         initial = kwargs.pop("initial_value")
         # In the function being traced when the variable is made there (a
         # slot created in the first step): its initializer must be ops that
@@ -142,7 +142,7 @@ def make_split_variable(
             whole = tf.convert_to_tensor(
                 initial() if callable(initial) else initial, dtype=kwargs.get("dtype")
             )
-            pieces = parts(whole)
+            cut = shards(whole)
         copies = []
         for replica, device in enumerate(devices):
             with tf.device(device):
@@ -151,17 +151,17 @@ def make_split_variable(
                     first = copies[0].name.split(":")[0]
                     named["name"] = f"{first}/replica_{replica}/"
                 copies.append(
-                    next_creator(initial_value=tf.identity(pieces[replica]), **named)
+                    next_creator(initial_value=tf.identity(cut[replica]), **named)
                 )
         made["shape"] = whole.shape
         return copies
 
     kwargs = dict(kwargs)
     kwargs.pop("colocate_with", None)
-    kwargs.pop("shape", None)  # each copy takes its part's shape
+    kwargs.pop("shape", None)  # each copy takes its shard's shape
     variable = create_mirrored_variable(
         strategy,
-        make_parts,
+        make_copies,
         {tf.VariableSynchronization.ON_WRITE: cls, "VariableClass": cls},
         kwargs,
     )
