@@ -1,5 +1,4 @@
-"""mkdocs hooks: pages that show a file of the repository's root; docstring
-warnings of the packages being restructured let through.
+"""mkdocs hooks: pages that show a file of the repository's root.
 
 A page holding `<!-- include: README.md -->` shows README.md there, its links
 rewritten from the root's point of view to the site's (`docs/x.md` -> `x.md`,
@@ -9,7 +8,6 @@ README and ARCHITECTURE.md stay one text, read on GitHub and on the site.
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import re
 
@@ -20,30 +18,6 @@ LINKS = {
     "](ARCHITECTURE.md": "](architecture.md",
     "](README.md": "](index.md",
 }
-
-
-# Issue 29 restructures these packages (DataParallel's modes as policies, one
-# tensor-parallel mechanism); their docstrings' parse warnings (arguments
-# grouped on one line, parameters without annotation) are shown without failing
-# the strict build until then. Every other module's warning fails it.
-RESTRUCTURING = (
-    "keras_parallel/data_parallel/",
-    "keras_parallel/layers/",
-    "keras_parallel/mesh/",
-)
-
-
-class _Restructuring(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.levelno == logging.WARNING and any(
-            f"griffe: {p}" in message for p in RESTRUCTURING
-        ):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-logging.getLogger("mkdocs.plugins.griffe").addFilter(_Restructuring())
 
 
 def _shown(match: re.Match) -> str:

@@ -41,9 +41,13 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
 
     Args:
         num_heads: Number of heads, a multiple of the number of devices.
-        key_dim, value_dim, use_bias, output_shape, kernel_initializer,
-            bias_initializer: As for `keras.layers.MultiHeadAttention`
-            (`output_shape` an integer).
+        key_dim: As for `keras.layers.MultiHeadAttention`.
+        value_dim: As for `keras.layers.MultiHeadAttention`.
+        use_bias: As for `keras.layers.MultiHeadAttention`.
+        output_shape: The output's last dimension, an integer (default: the
+            query's).
+        kernel_initializer: As for `keras.layers.MultiHeadAttention`.
+        bias_initializer: As for `keras.layers.MultiHeadAttention`.
         dropout: Dropout on the attention probabilities.
         devices: Devices to shard over; default: those of the enclosing
             `PipelineParallel` strategy, else all local devices.
@@ -63,8 +67,8 @@ class ParallelMultiHeadAttention(sharding.SavesWholeWeights, keras.layers.Layer)
         dropout: float = 0.0,
         use_bias: bool = True,
         output_shape: int | None = None,
-        kernel_initializer="glorot_uniform",
-        bias_initializer="zeros",
+        kernel_initializer: str | keras.initializers.Initializer = "glorot_uniform",
+        bias_initializer: str | keras.initializers.Initializer = "zeros",
         devices: str | Sequence[str] | None = None,
         **kwargs,
     ):

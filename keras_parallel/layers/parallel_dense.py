@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -130,8 +131,9 @@ class ColumnParallelDense(_ShardedDense):
             Functional model records each shard, so it loads on as many
             devices as it was
             saved with; a Sequential model loads on any number.)
-        activation, use_bias, kernel_initializer, bias_initializer: As for
-            `keras.layers.Dense` (the activation is applied per shard).
+        **kwargs: `activation`, `use_bias`, `kernel_initializer` and
+            `bias_initializer` as for `keras.layers.Dense` (the activation
+            is applied per shard), and a layer's `name` and `dtype`.
 
     Example:
 
@@ -144,7 +146,13 @@ class ColumnParallelDense(_ShardedDense):
 
     split_axis = 1
 
-    def __init__(self, units: int, devices=None, gather_output: bool = True, **kwargs):
+    def __init__(
+        self,
+        units: int,
+        devices: str | Sequence[str] | None = None,
+        gather_output: bool = True,
+        **kwargs: Any,
+    ):
         super().__init__(units, devices, **kwargs)
         self.gather_output = gather_output
         self.shard_units = sharding.even_split(units, len(self.devices), "units")
@@ -208,14 +216,19 @@ class RowParallelDense(_ShardedDense):
             shards a `ColumnParallelDense(gather_output=False)` returns; if
             False, one tensor whose features are a multiple of the number of
             devices, split here.
-        activation, use_bias, kernel_initializer, bias_initializer: As for
-            `keras.layers.Dense`.
+        **kwargs: `activation`, `use_bias`, `kernel_initializer` and
+            `bias_initializer` as for `keras.layers.Dense`, and a layer's
+            `name` and `dtype`.
     """
 
     split_axis = 0
 
     def __init__(
-        self, units: int, devices=None, input_is_parallel: bool = False, **kwargs
+        self,
+        units: int,
+        devices: str | Sequence[str] | None = None,
+        input_is_parallel: bool = False,
+        **kwargs: Any,
     ):
         super().__init__(units, devices, **kwargs)
         self.input_is_parallel = input_is_parallel

@@ -47,7 +47,7 @@ class ParallelEmbedding(sharding.SavesWholeWeights, keras.layers.Layer):
         input_dim: int,
         output_dim: int,
         devices: str | Sequence[str] | None = None,
-        embeddings_initializer="uniform",
+        embeddings_initializer: str | keras.initializers.Initializer = "uniform",
         mask_zero: bool = False,
         **kwargs,
     ):

@@ -114,7 +114,10 @@ class MeshParallel(ReplicaStrategy):
 
     def __init__(
         self,
-        layout,
+        layout: keras.distribution.LayoutMap
+        | keras.distribution.ModelParallel
+        | keras.distribution.DataParallel
+        | keras.distribution.DeviceMesh,
         batch_dim_name: str | None = None,
         *,
         reduction: str = "auto",
