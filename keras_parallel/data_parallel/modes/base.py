@@ -20,8 +20,6 @@ class Mode:
     consults which mode is in use.
     """
 
-    #: The `sharding` value the mode stands for (reported by the strategy).
-    sharding: str | None = None
     #: The default of `DataParallel(sync_batch_norm=None)`.
     syncs_batch_norm: bool = True
     #: Whether `MeshParallel` can train in this mode (its batch groups sum

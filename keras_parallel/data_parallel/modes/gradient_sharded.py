@@ -21,7 +21,6 @@ from keras_parallel.sharded_variable import ShardedValue, ShardedVariable
 class GradientSharded(OptimizerSharded):
     """Optimizer state and summed gradients split over the replicas."""
 
-    sharding = "gradients"
     serves_mesh = False
 
     def route(self, engine, grads, variables, present, reduced, optimizer) -> list:

@@ -26,7 +26,6 @@ from keras_parallel.sharded_variable import ShardedValue
 class ParameterSharded(OptimizerSharded):
     """Weights, gradients and optimizer state split over the replicas."""
 
-    sharding = "parameters"
     serves_mesh = False
 
     def create_variable(self, engine, next_creator, kwargs):

@@ -29,7 +29,6 @@ from keras_parallel.sharded_variable import ShardedValue, ShardedVariable
 class Replicated(Mode):
     """Whole weights and optimizer state on every replica."""
 
-    sharding = None
     serves_mesh = True
 
     def create_variable(self, engine, next_creator, kwargs):
