@@ -7,7 +7,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -198,15 +197,13 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
         )
     try:
         _, _ = workers[1].communicate(timeout=TIMEOUT)
-        died = time.monotonic()
         assert workers[1].returncode == -9
+        # Worker 0 must stop on its own, not hang in the collective.
         _, stderr = workers[0].communicate(timeout=60)
-        waited = time.monotonic() - died
     finally:
         for worker in workers:
             worker.kill()
     assert workers[0].returncode != 0
-    assert waited < 60
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith(
         "keras_parallel.data_parallel.lost_workers.WorkerFailedError: A worker of "
