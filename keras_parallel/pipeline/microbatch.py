@@ -13,11 +13,13 @@ pieces leaves pieces empty; those never reach the model
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
 import tensorflow as tf
 
+from keras_parallel._tf_internal import TakenLosses
 from keras_parallel.pipeline import keras_meta
 from keras_parallel.pipeline.empty_pieces import unless_empty
 
@@ -82,7 +84,8 @@ def microbatched(call, num_microbatches: int, layers: Sequence = ()):
         call: The model's own `call`.
         num_microbatches: Pieces per batch.
         layers: The model and its sublayers: the losses they add in `call`
-            (activity regularizers) are kept for a piece that may be empty.
+            (activity regularizers) are kept for a piece that may be empty,
+            each weighted by its piece's share of the batch.
 
     Returns:
         The wrapped call. The first piece always runs; piece i runs only if
@@ -96,7 +99,9 @@ def microbatched(call, num_microbatches: int, layers: Sequence = ()):
         tensors = _batched(inputs)
         batch = tf.shape(tensors[0])[0] if tensors else None
         known = None if batch is None else tf.get_static_value(batch)
-        outputs = [call(pieces[0], *args, **kwargs)]
+        shares = _shares(batch, num_microbatches)
+        with _losses_weighted(layers, shares[0]):
+            outputs = [call(pieces[0], *args, **kwargs)]
         for i, piece in enumerate(pieces[1:], start=1):
             if batch is None:
                 has_samples = True  # nothing to cut: every piece is the input
@@ -104,15 +109,42 @@ def microbatched(call, num_microbatches: int, layers: Sequence = ()):
                 has_samples = bool(known > i)
             else:
                 has_samples = batch > i
-            output = unless_empty(
-                has_samples,
-                functools.partial(call, piece, *args, **kwargs),
-                layers,
-                like=outputs[0],
-            )
+            with _losses_weighted(layers, shares[i]):
+                output = unless_empty(
+                    has_samples,
+                    functools.partial(call, piece, *args, **kwargs),
+                    layers,
+                    like=outputs[0],
+                )
             if output is not None:
                 outputs.append(output)
         return join(outputs)
 
     wrapped.__keras_parallel_microbatches__ = num_microbatches
     return wrapped
+
+
+def _shares(batch, num_microbatches: int) -> list:
+    """Each piece's share n_i / n of the batch (1 / M when nothing is cut:
+    every piece is the whole input)."""
+    if batch is None:
+        return [1.0 / num_microbatches] * num_microbatches
+    sizes = tf.cast(piece_sizes(batch, num_microbatches), tf.float64)
+    shares = sizes / tf.maximum(tf.cast(batch, tf.float64), 1.0)
+    return tf.unstack(shares, num=num_microbatches)
+
+
+@contextlib.contextmanager
+def _losses_weighted(layers: Sequence, share):
+    """The losses `layers` add while the context is open (activity
+    regularizers, `add_loss`) weighted by the piece's share of the batch.
+
+    Keras divides an activity regularizer by the batch it sees, and a loss a
+    layer adds is a mean over its call's batch: on one device the whole
+    batch's is sum_i n_i / n * (piece i's), so a piece's counts by its share,
+    as DataParallel weighs a replica's loss.
+    """
+    with TakenLosses(layers) as taken:
+        yield
+    for layer, loss in taken.losses:
+        layer.add_loss(loss * tf.cast(share, loss.dtype))

@@ -159,10 +159,10 @@ def test_masks_and_logits_reach_the_loss_as_on_one_device(case):
     assert max_history_diff(history, single_history) <= 1e-5
 
 
-def test_losses_layers_add_leave_the_cond():
+def test_losses_layers_add_leave_the_cond_weighted_by_their_piece():
     """An activity regularizer's loss from a piece run under a tf.cond is
-    added to the layer outside it, once per non-empty piece (zero for an
-    empty one), as the documented per-piece losses."""
+    added to the layer outside it, weighted by the piece's share of the
+    batch (zero for an empty one): together, one device's loss."""
     strategy = keras_parallel.PipelineParallel(devices(2), num_microbatches=4)
     with strategy.scope():
         keras.utils.set_random_seed(0)
@@ -177,4 +177,31 @@ def test_losses_layers_add_leave_the_cond():
     _, losses = step(x)
     per_sample = 0.5 * np.abs(x @ dense.kernel.numpy() + dense.bias.numpy()).sum(1)
     assert np.isfinite(losses).all()
-    np.testing.assert_allclose(sum(losses), per_sample.sum(), rtol=1e-6)
+    # Keras divides the regularizer by the batch it sees.
+    np.testing.assert_allclose(sum(losses), per_sample.mean(), rtol=1e-6)
+
+
+def regularized():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(
+        8,
+        activation="tanh",
+        activity_regularizer=keras.regularizers.L2(0.1),
+    )(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("num_microbatches", [2, 4])
+def test_activity_regularizers_count_as_on_one_device(float64, num_microbatches):
+    # 36 samples in batches of 8: the last batch (4) is uneven for M = 4 too.
+    rng = np.random.RandomState(0)
+    fit = dict(x=rng.rand(36, 6), y=rng.rand(36, 1), batch_size=8, epochs=2)
+    single, single_history = train(regularized, fit)
+    strategy = keras_parallel.PipelineParallel(
+        devices(2), num_microbatches=num_microbatches
+    )
+    model, history = train(regularized, fit, strategy)
+    assert max_weight_diff(model, single) <= 1e-12
+    assert max_history_diff(history, single_history) <= 1e-12
