@@ -178,10 +178,11 @@ class DataParallelEngine(StepTracing):
             sums = self.reduce_gradients([(v, v) for v in values])
         return [local_parts(total) for total in sums]
 
-    def update_parts(self, var, fn, args, kwargs) -> list:
-        """`fn` on each copy of a split variable, with whole values among its
-        arguments (an assigned weight, a clipped gradient) cut to the copy's
-        part and the parts of split values (state, gradients) as they are."""
+    def update_shards(self, var, fn, args, kwargs) -> list:
+        """`fn` on each copy of a sharded variable, with whole values among
+        its arguments (an assigned weight, a clipped gradient) cut to the
+        copy's shard and the shards of sharded values (state, gradients) as
+        they are."""
         shape = var.full_shape
         results = []
         for i, copy in enumerate(var.values):

@@ -34,7 +34,6 @@ from keras_parallel.sharded_variable import ShardedVariable
 class OptimizerSharded(Replicated):
     """Optimizer state split over the replicas; weights whole on each."""
 
-
     def attach(self, engine) -> None:
         self.owners = OwnerTable(len(engine.devices))
         self.weight_shards = WeightShards()

@@ -126,7 +126,7 @@ class Replicated(Mode):
                 return fn(copy, *args, **kwargs)
         if isinstance(var, ShardedVariable):
             return update_regroup(
-                engine, engine.update_parts(var, fn, args, kwargs), group
+                engine, engine.update_shards(var, fn, args, kwargs), group
             )
         return self.update_mirrored(engine, var, fn, args, kwargs, group)
 
