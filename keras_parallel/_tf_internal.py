@@ -20,7 +20,7 @@ import weakref
 
 import keras
 import tensorflow as tf
-from keras.src.backend.common import global_state, masking
+from keras.src.backend.common import global_state, masking, variables
 from keras.src.saving.keras_saveable import KerasSaveable
 from tensorflow.python.distribute import (
     collective_all_reduce_strategy,
@@ -72,6 +72,10 @@ CompositeTensor = composite_tensor.CompositeTensor
 
 # Keras' masks travel as a tensor attribute (tensor-parallel attention).
 get_keras_mask = masking.get_keras_mask
+# Keras' mixed-precision scope: a replayed call (`pipeline/recompute.py`) runs
+# outside the layer's `__call__`, which enters it.
+AutocastScope = variables.AutocastScope
+autocast_scope = variables.get_autocast_scope
 set_keras_mask = masking.set_keras_mask
 
 
@@ -358,6 +362,13 @@ class TakenLosses:
         for layer, count in self._before:
             self.losses += [(layer, loss) for loss in layer._losses[count:]]
             del layer._losses[count:]
+
+
+def graph_functions(graph) -> list:
+    """The graphs of the functions `graph` calls (nested `tf.function`s,
+    cond and loop bodies)."""
+    functions = getattr(graph, "_functions", {}).values()
+    return [f.graph for f in functions if getattr(f, "graph", None) is not None]
 
 
 def registered_gradient_names() -> set[str]:

@@ -49,7 +49,36 @@ def move_variable(variable: keras.Variable, device: str) -> None:
     replace_storage(variable, variable_on(variable, device))
 
 
-def run_on(call, device: str, on_call=None):
+class Taped:
+    """How `run_on`'s backward gets what it reads: the forward runs under a
+    tape of its own, which keeps every tensor its gradient needs until the
+    backward has run (one per call)."""
+
+    def forward(self, run, tensors: list):
+        """Runs `run(tensors)` (the call, returning its flat targets) and
+        returns the targets and `gradient(output_gradients, sources)`, the
+        gradients of the targets with respect to `sources` (the call's
+        tensors, then the variables it read)."""
+        # Persistent: an outer persistent tape may ask for gradients twice.
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(tensors)
+            targets = run(tensors)
+
+        def gradient(output_gradients, sources):
+            return tape.gradient(
+                targets,
+                sources,
+                output_gradients=output_gradients,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+
+        return targets, gradient
+
+    def placed(self, results: list) -> None:
+        """Told the call's targets as the rest of the model sees them."""
+
+
+def run_on(call, device: str, on_call=None, backward=None):
     """Wraps a layer's `call` so that its forward and backward run on `device`.
 
     Floating-point tensors among the arguments are differentiated; other
@@ -59,6 +88,9 @@ def run_on(call, device: str, on_call=None):
         call: The function to wrap.
         device: Where its forward and backward ops go.
         on_call: Called with no arguments each time the wrapper runs.
+        backward: What keeps the tensors the backward reads (`Taped` by
+            default; `PipelineParallel` recomputes them, see
+            `pipeline/recompute.py`). Made fresh for each call.
     """
 
     @functools.wraps(call)
@@ -76,30 +108,26 @@ def run_on(call, device: str, on_call=None):
 
         structure = []  # the outputs' nest, and which carry Keras' logits
 
-        @tf.custom_gradient
-        def forward(*tensors):
-            # Persistent: an outer persistent tape may ask for gradients twice.
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(tensors)
-                values = [tensors[slot[id(x)]] if id(x) in slot else x for x in flat]
-                inner_args, inner_kwargs = tf.nest.pack_sequence_as(
-                    (args, kwargs), values
-                )
-                outputs = call(*inner_args, **inner_kwargs)
+        def run(tensors):
+            values = [tensors[slot[id(x)]] if id(x) in slot else x for x in flat]
+            inner_args, inner_kwargs = tf.nest.pack_sequence_as((args, kwargs), values)
+            outputs = call(*inner_args, **inner_kwargs)
             flat_outputs = tf.nest.flatten(outputs)
             logits = _keras_logits(flat_outputs)
-            structure.extend([outputs, list(logits)])
-            targets = flat_outputs + list(logits.values())
+            if not structure:
+                structure.extend([outputs, list(logits)])
+            return flat_outputs + list(logits.values())
+
+        keeper = Taped() if backward is None else backward()
+
+        @tf.custom_gradient
+        def forward(*tensors):
+            targets, differentiate = keeper.forward(run, list(tensors))
 
             def gradient(*output_gradients, variables=None):
                 sources = list(tensors) + list(variables or [])
                 with tf.device(device):
-                    grads = tape.gradient(
-                        targets,
-                        sources,
-                        output_gradients=list(output_gradients),
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                    )
+                    grads = differentiate(list(output_gradients), sources)
                 if variables is None:
                     return grads
                 return grads[: len(tensors)], grads[len(tensors) :]
@@ -108,6 +136,7 @@ def run_on(call, device: str, on_call=None):
 
         with tf.device(device):
             results = forward(*inputs)
+        keeper.placed(list(results))
         outputs, with_logits = structure
         flat_outputs = results[: len(results) - len(with_logits)]
         for index, logits in zip(

@@ -27,6 +27,7 @@ import contextlib
 import tensorflow as tf
 
 from keras_parallel._tf_internal import PerReplica
+from keras_parallel.sparse_gradients import times
 
 
 class LossWeights:
@@ -152,17 +153,7 @@ class LossWeights:
         for i, part in enumerate(parts):
             with tf.device(part.device):
                 share = 1 / self._num_replicas if equal else self.share(i)
-                weighted.append(_times(part, share))
+                weighted.append(times(part, share))
         if isinstance(gradient, PerReplica):
             return PerReplica(weighted)
         return weighted[0]
-
-
-def _times(gradient, weight):
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            gradient.values * tf.cast(weight, gradient.values.dtype),
-            gradient.indices,
-            gradient.dense_shape,
-        )
-    return gradient * tf.cast(weight, gradient.dtype)

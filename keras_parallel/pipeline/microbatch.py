@@ -77,7 +77,9 @@ def join(outputs: list):
     return joined
 
 
-def microbatched(call, num_microbatches: int, layers: Sequence = ()):
+def microbatched(
+    call, num_microbatches: int, layers: Sequence = (), piece=None, full=False
+):
     """Wraps a model's `call` to run each batch as `num_microbatches` pieces.
 
     Args:
@@ -86,6 +88,10 @@ def microbatched(call, num_microbatches: int, layers: Sequence = ()):
         layers: The model and its sublayers: the losses they add in `call`
             (activity regularizers) are kept for a piece that may be empty,
             each weighted by its piece's share of the batch.
+        piece: `piece(i)` gives the context piece i is traced in
+            (`StepTrace.piece`); None for none.
+        full: Whether the batch is known to have at least
+            `num_microbatches` samples, so that no piece is empty.
 
     Returns:
         The wrapped call. The first piece always runs; piece i runs only if
@@ -99,20 +105,22 @@ def microbatched(call, num_microbatches: int, layers: Sequence = ()):
         tensors = _batched(inputs)
         batch = tf.shape(tensors[0])[0] if tensors else None
         known = None if batch is None else tf.get_static_value(batch)
-        shares = _shares(batch, num_microbatches)
-        with _losses_weighted(layers, shares[0]):
+        shares = piece_shares(batch, num_microbatches)
+        scope = piece or (lambda i: contextlib.nullcontext())
+        with _losses_weighted(layers, shares[0]), scope(0):
             outputs = [call(pieces[0], *args, **kwargs)]
-        for i, piece in enumerate(pieces[1:], start=1):
-            if batch is None:
-                has_samples = True  # nothing to cut: every piece is the input
+        for i, part in enumerate(pieces[1:], start=1):
+            if batch is None or full:
+                # Nothing to cut (every piece is the input), or no piece empty.
+                has_samples = True
             elif known is not None:
                 has_samples = bool(known > i)
             else:
                 has_samples = batch > i
-            with _losses_weighted(layers, shares[i]):
+            with _losses_weighted(layers, shares[i]), scope(i):
                 output = unless_empty(
                     has_samples,
-                    functools.partial(call, piece, *args, **kwargs),
+                    functools.partial(call, part, *args, **kwargs),
                     layers,
                     like=outputs[0],
                 )
@@ -124,7 +132,7 @@ def microbatched(call, num_microbatches: int, layers: Sequence = ()):
     return wrapped
 
 
-def _shares(batch, num_microbatches: int) -> list:
+def piece_shares(batch, num_microbatches: int) -> list:
     """Each piece's share n_i / n of the batch (1 / M when nothing is cut:
     every piece is the whole input)."""
     if batch is None:

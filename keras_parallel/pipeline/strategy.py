@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -24,9 +25,23 @@ from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.pipeline import microbatch
 from keras_parallel.pipeline.order import StageFlow
 from keras_parallel.pipeline.plan import plan_devices
+from keras_parallel.pipeline.recompute import recomputable
+from keras_parallel.pipeline.schedule import schedule_named
+from keras_parallel.pipeline.split_step import (
+    batch_size,
+    by_batch_size,
+    run_split,
+    step_objects,
+)
 from keras_parallel.pipeline.stage_calls import StagedLayer, StagedModel
+from keras_parallel.pipeline.step_trace import StepTrace
 from keras_parallel.scope_errors import explained, made_outside
-from keras_parallel.specialize import captured_model, specialized, step_model
+from keras_parallel.specialize import (
+    captured_model,
+    keras_step,
+    specialized,
+    step_model,
+)
 
 HOST = "/device:CPU:0"
 
@@ -62,11 +77,31 @@ class PipelineParallel(tf.distribute.Strategy):
             wrapped in `keras_parallel.layers.OnDevice` keep their device.
             A placement whose data flows around a cycle of devices is
             refused at the first step.
+        schedule: The order of the micro-batches' forwards and backwards
+            (`pipeline/schedule.py`). `"gpipe"`: all forwards, then all
+            backwards, with the loss of the whole batch; each stage holds
+            the activations of every micro-batch. `"1f1b"`: one forward and
+            one backward in turn once the pipeline is full, so that stage s
+            of p holds at most p - s micro-batches; the training step then
+            runs once per micro-batch (each loss weighted by its share) and
+            the optimizer once, on the summed gradients. A `train_step` that
+            applies gradients twice (a GAN) needs `"gpipe"`. Evaluation and
+            prediction run forwards only and cut the model's call either way.
+        recompute: Whether a stage keeps only its inputs for the backward
+            and computes its layers' activations again there
+            (`pipeline/recompute.py`): `False`, `True` (every stage; a
+            warning names a stage with fewer than two layers to recompute,
+            where it saves little), or `"auto"` (the stages with at least
+            two layers to recompute).
+            Layers with non-trainable state (BatchNormalization, Dropout's
+            seed) are not recomputed, so that their state moves once.
 
     Example:
 
     ```python
-    strategy = keras_parallel.PipelineParallel(num_microbatches=4)
+    strategy = keras_parallel.PipelineParallel(
+        num_microbatches=8, schedule="1f1b", recompute=True
+    )
     with strategy.scope():
         model = keras.Sequential([...])
         model.compile(optimizer="adam", loss="mse")
@@ -80,12 +115,27 @@ class PipelineParallel(tf.distribute.Strategy):
         devices: str | Sequence[str] | None = None,
         num_microbatches: int = 1,
         partition: str | Sequence[int] | Mapping[str, str] = "auto",
+        *,
+        schedule: str = "gpipe",
+        recompute: bool | str = False,
     ):
         check_int("num_microbatches", num_microbatches, 1)
         devices = resolve_devices(devices)
         _check_partition(partition, devices)
+        if not (isinstance(recompute, bool) or recompute == "auto"):
+            raise ValueError(
+                "`recompute` must be False, True or 'auto'. "
+                f"Received: recompute={recompute!r}"
+            )
         super().__init__(
-            PipelineParallelExtended(self, devices, num_microbatches, partition)
+            PipelineParallelExtended(
+                self,
+                devices,
+                num_microbatches,
+                partition,
+                schedule_named(schedule),
+                recompute,
+            )
         )
 
     def scope(self) -> contextlib.AbstractContextManager:
@@ -112,9 +162,11 @@ class PipelineParallel(tf.distribute.Strategy):
 
     def __repr__(self) -> str:
         devices = ", ".join(short_device(d) for d in self.stage_devices)
+        extended = self.extended
         return (
             f"{type(self).__name__}(devices=[{devices}], "
-            f"num_microbatches={self.extended.num_microbatches})"
+            f"num_microbatches={extended.num_microbatches}, "
+            f"schedule={extended.schedule.name!r}, recompute={extended.recompute!r})"
         )
 
 
@@ -168,11 +220,25 @@ class PipelineParallelExtended(OneDeviceExtended):
     """One replica; inputs, losses and metrics on the first device, each
     layer's weights, slots, forward and backward on its stage's."""
 
-    def __init__(self, container_strategy, devices, num_microbatches, partition):
+    def __init__(
+        self,
+        container_strategy,
+        devices,
+        num_microbatches,
+        partition,
+        schedule,
+        recompute,
+    ):
         super().__init__(container_strategy, devices[0])
         self.devices = tuple(devices)
         self.num_microbatches = num_microbatches
         self.partition = partition
+        self.schedule = schedule
+        self.recompute = recompute
+        # Placed model -> the stages that recompute; the step being traced.
+        self._recomputing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._trace: StepTrace | None = None
+        self.split_step = None
         # Placed model -> its StageFlow; placed layer -> (device, StageFlow).
         # Neither holds a model: a model must be free to go (see
         # `_call_for_each_replica`).
@@ -224,13 +290,54 @@ class PipelineParallelExtended(OneDeviceExtended):
         # graphs (with the native thread pool Keras' traced evaluate step
         # keeps) would outlive the model. They go when the model goes.
         registered = registered_gradient_names()
+        found = keras_step(fn)
         try:
             with specialized(layers, StagedLayer), specialized([model], StagedModel):
+                if found is not None and found[1] == "train_step":
+                    step = functools.partial(self._training_step, model, fn)
+                    return super()._call_for_each_replica(step, args, kwargs)
+                # Forwards only, or a custom loop: the model's call is cut,
+                # its pieces in no order and kept by tapes.
+                self._trace = StepTrace(self.schedule, frozenset(), len(self.devices))
                 return super()._call_for_each_replica(fn, args, kwargs)
         finally:
+            self._trace = None
             added = registered_gradient_names() - registered
             if added:
                 weakref.finalize(model, unregister_gradients, added)
+
+    def _training_step(self, model, fn, *args, **kwargs):
+        """Keras' training step under the schedule, the stages recomputing;
+        a batch with fewer samples than micro-batches (a short last batch)
+        runs as under GPipe, without recomputation."""
+        stages = len(self.devices)
+        splits = self.schedule.splits_step and self.num_microbatches > 1
+
+        def full():
+            self._trace = StepTrace(
+                self.schedule,
+                self._recomputing[model],
+                stages,
+                cut=not splits,
+                full=True,
+            )
+            if splits:
+                objects = step_objects(model)
+                return run_split(
+                    fn, args, kwargs, self.num_microbatches, self._trace, objects
+                )
+            return fn(*args, **kwargs)
+
+        def short():
+            # Recomputing inside the empty pieces' conds would read the
+            # variables again in the cond's gradient, which TensorFlow's
+            # cond_v2 refuses.
+            self._trace = StepTrace(self.schedule, frozenset(), stages)
+            return fn(*args, **kwargs)
+
+        return by_batch_size(
+            batch_size(args, kwargs), self.num_microbatches, full, short
+        )
 
     def colocate_vars_with(self, colocate_with_variable):
         # Keras' optimizer builds its slots through this scope of the strategy
@@ -247,15 +354,23 @@ class PipelineParallelExtended(OneDeviceExtended):
         if placed is None:
             return call
         device, flow = placed
-        return flow.recorded(layer, placement.run_on(call, device))
+        if self._trace is None:  # a call outside a step (the model called eagerly)
+            return flow.recorded(layer, placement.run_on(call, device))
+        stage = self.devices.index(device)
+        return flow.recorded(layer, self._trace.stage_call(layer, call, device, stage))
 
     def model_call(self, model, call):
         """`call` (the model's own) with micro-batches and, on its first run,
         the check that data does not flow around a cycle of stage devices."""
         call = self._placed[model].checked(call)
-        if self.num_microbatches > 1:
+        trace = self._trace
+        if self.num_microbatches > 1 and (trace is None or trace.cut):
             call = microbatch.microbatched(
-                call, self.num_microbatches, [model, *sublayers(model)]
+                call,
+                self.num_microbatches,
+                [model, *sublayers(model)],
+                piece=None if trace is None else trace.piece,
+                full=trace is not None and trace.full,
             )
         return call
 
@@ -309,10 +424,41 @@ class PipelineParallelExtended(OneDeviceExtended):
         # Slots created from now on are colocated with moved variables.
         self._slots = [(s, o) for s, o in self._slots if id(o) not in device_of]
         self._placed[model] = flow
+        self._recomputing[model] = _recomputing_stages(
+            layers, devices, self.devices, self.recompute
+        )
         # Moving gave the variables new storage, made outside `_create_variable`.
         optimizer_variables = [] if optimizer is None else optimizer.variables
         for variable in [*model.variables, *optimizer_variables]:
             self._created[id(variable.value)] = variable.value
+
+
+def _recomputing_stages(layers, devices, stage_devices, recompute) -> frozenset:
+    """The indices of the stages that recompute; with `recompute=True`, a
+    warning for each stage with fewer than two layers to recompute."""
+    if recompute is False:
+        return frozenset()
+    names: dict[int, list[str]] = {i: [] for i in range(len(stage_devices))}
+    for layer, device in zip(layers, devices, strict=True):
+        if device in stage_devices and not placement.places_itself(layer):
+            if recomputable(layer):
+                names[stage_devices.index(device)].append(layer.name)
+    least = 2 if recompute == "auto" else 1
+    chosen = frozenset(i for i, found in names.items() if len(found) >= least)
+    if recompute is True:
+        for i, found in names.items():
+            if len(found) < 2:
+                what = f"one layer, {found[0]!r}," if found else "no layer"
+                warnings.warn(
+                    f"PipelineParallel(recompute=True): stage {i} "
+                    f"({short_device(stage_devices[i])}) has {what}"
+                    " to recompute (layers with non-trainable state are not "
+                    "recomputed): it keeps the input of that layer, which is "
+                    "most of what its backward reads, so recomputing saves "
+                    "little there. It trains the same.",
+                    stacklevel=2,
+                )
+    return chosen
 
 
 def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
