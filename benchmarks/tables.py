@@ -181,6 +181,30 @@ TABLES = {
             "setup of its round, and cancels in that round's ratio)."
         ),
     ),
+    "pipeline_memory": Table(
+        source="pipeline_memory.json",
+        columns={
+            "setting": _text("setting"),
+            "held for the backward, per device (graph)": lambda row, rows, s: ", ".join(
+                f"{device} {size:.0f} MB" for device, size in row["held_mb"].items()
+            ),
+            "peak growth (process)": lambda row, rows, s: (
+                f"{row['peak_growth_mb']:.0f} MB"
+            ),
+            "peak / GPipe's": _num(".2f", "peak_over_gpipe"),
+            "step time / one device": _num(".2f", "step_over_one_device"),
+        },
+        note=(
+            "How computed: {depth} x Dense({width}, relu), batch {batch}, "
+            "{num_microbatches} micro-batches, 2 logical CPU devices. Held: the "
+            "forward tensors the traced step's backward reads "
+            "(`keras_parallel.graph_memory`), a stage's micro-batches counted as "
+            "many as it holds at once. Peak growth: one fresh process per setting, "
+            "the peak of TensorFlow's host allocator over 2 steps after a warm-up "
+            "step minus what it held before them, median of {rounds} rounds; step time: "
+            "median over the rounds of the fastest step over one device's."
+        ),
+    ),
     "mesh": Table(
         source="mesh.json",
         columns={

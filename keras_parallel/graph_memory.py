@@ -25,7 +25,7 @@ from keras_parallel._tf_internal import graph_functions
 _BACKWARD = re.compile(r"(^|/)(gradient_tape|gradients(_\d+)?|recompute(_\d+)?)/")
 _MICROBATCH = re.compile(r"(?:^|/)microbatch_(\d+)/")
 _NOT_ACTIVATIONS = {"ReadVariableOp", "Const", "VarHandleOp", "Shape", "ShapeN"}
-_ALIASES = {"Identity", "IdentityN"}
+_ALIASES = {"Identity", "IdentityN", "StopGradient"}
 
 
 @dataclasses.dataclass(frozen=True)

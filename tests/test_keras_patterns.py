@@ -81,6 +81,9 @@ OTHER_STRATEGIES = {
     "PipelineParallel": lambda: keras_parallel.PipelineParallel(
         devices(2), num_microbatches=2
     ),
+    "PipelineParallel-1f1b": lambda: keras_parallel.PipelineParallel(
+        devices(2), num_microbatches=2, schedule="1f1b", recompute=True
+    ),
 }
 
 
@@ -88,6 +91,11 @@ OTHER_STRATEGIES = {
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_pattern_under_mesh_and_pipeline(pattern, strategy):
     build, y = PATTERNS[pattern]
+    if strategy.endswith("1f1b") and pattern.startswith("gan"):
+        # The generator's update reads the discriminator's: not deferrable.
+        with pytest.raises(ValueError, match="more than once.*schedule='gpipe'"):
+            fit(build, OTHER_STRATEGIES[strategy](), 14, y=y)
+        return
     reference, reference_logs, _ = fit(build, None, 14, y=y)
     model, logs, _ = fit(build, OTHER_STRATEGIES[strategy](), 14, y=y)
     assert max_weight_diff(model, reference) <= 1e-12

@@ -90,6 +90,10 @@ STRATEGIES = {
         devices(4), sharding="parameters"
     ),
     "PipelineParallel-2": lambda: keras_parallel.PipelineParallel(devices(2)),
+    # The optimizer once per step, on the summed micro-batch gradients.
+    "PipelineParallel-2-1f1b": lambda: keras_parallel.PipelineParallel(
+        devices(2), num_microbatches=2, schedule="1f1b", recompute=True
+    ),
 }
 
 

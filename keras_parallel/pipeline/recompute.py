@@ -40,10 +40,12 @@ class StageReplay:
 
     Args:
         device: The stage's device, where the replay runs.
+        microbatch: The micro-batch's index (in the replay's op names).
     """
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, microbatch: int):
         self.device = device
+        self.microbatch = microbatch
         self._calls: list[_Call] = []
         self._replayed = False
 
@@ -70,12 +72,17 @@ class StageReplay:
         self.tape = tf.GradientTape(persistent=True)
         # Named so, the replay reads as part of the backward
         # (`graph_memory.py`).
-        scope = tf.name_scope("recompute")
+        scope = tf.name_scope(f"recompute/microbatch_{self.microbatch}")
         with tf.device(self.device), tf.control_dependencies(waits), scope, self.tape:
             for call in self._calls:
-                inputs = [recomputed.get(id(x), x) for x in call.inputs]
-                # Inputs made outside the replay are what the stage keeps.
-                self.tape.watch([x for x in call.inputs if id(x) not in recomputed])
+                # Each call's gradient is with respect to its own inputs only:
+                # cut from what made them, or a gradient would also flow back
+                # through earlier calls of the stage, whose own gradients
+                # TensorFlow adds (a skip connection would count twice).
+                inputs = [
+                    tf.stop_gradient(recomputed.get(id(x), x)) for x in call.inputs
+                ]
+                self.tape.watch(inputs)
                 with AutocastScope(call.autocast) if call.autocast else nullcontext():
                     call.replayed = (inputs, call.run(inputs))
                 recomputed.update(

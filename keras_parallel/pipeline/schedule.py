@@ -8,7 +8,7 @@ holds whatever TensorFlow's executor would otherwise pick.
 
 With p stages and m micro-batches both schedules idle a stage for the same
 fraction of a step, (p - 1) / (m + p - 1) (the bubble); they differ in what
-a stage holds (Narayanan et al., 2019, PipeDream-Flush; Megatron-LM's
+a stage holds (Narayanan et al., 2021, PipeDream-Flush; Megatron-LM's
 default):
 
 - GPipe (Huang et al., 2019) runs every forward, then every backward: the

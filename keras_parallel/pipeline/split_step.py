@@ -65,10 +65,12 @@ class SplitStep:
     Args:
         num_microbatches: The runs of the step.
         shares: Each micro-batch's share n_i / n of the batch (scalars).
+        trace: The `step_trace.StepTrace` of the step, told the sums.
     """
 
-    def __init__(self, num_microbatches: int, shares: list):
+    def __init__(self, num_microbatches: int, shares: list, trace):
         self.num_microbatches = num_microbatches
+        self.trace = trace
         self.shares = shares
         self.index = 0
         self.results: set[int] = set()
@@ -106,6 +108,7 @@ class SplitStep:
             self._sums = grads
         else:
             self._sums = [plus(a, b) for a, b in zip(self._sums, grads, strict=True)]
+        self.trace.accumulated(self._sums)
         if self.index == self.num_microbatches - 1:
             return apply(self._sums, variables)
         return None
@@ -148,9 +151,8 @@ def run_split(fn, args, kwargs, num_microbatches: int, trace, objects):
         The step's logs (`SplitStep.logs`).
     """
     optimizers, metrics = objects
-    step = SplitStep(
-        num_microbatches, piece_shares(batch_size(args, kwargs), num_microbatches)
-    )
+    shares = piece_shares(batch_size(args, kwargs), num_microbatches)
+    step = SplitStep(num_microbatches, shares, trace)
     extended = tf.distribute.get_strategy().extended
     outputs = []
     extended.split_step = step

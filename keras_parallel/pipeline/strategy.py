@@ -298,7 +298,7 @@ class PipelineParallelExtended(OneDeviceExtended):
                     return super()._call_for_each_replica(step, args, kwargs)
                 # Forwards only, or a custom loop: the model's call is cut,
                 # its pieces in no order and kept by tapes.
-                self._trace = StepTrace(self.schedule, frozenset(), len(self.devices))
+                self._trace = StepTrace(self.schedule, frozenset(), self.devices)
                 return super()._call_for_each_replica(fn, args, kwargs)
         finally:
             self._trace = None
@@ -310,14 +310,13 @@ class PipelineParallelExtended(OneDeviceExtended):
         """Keras' training step under the schedule, the stages recomputing;
         a batch with fewer samples than micro-batches (a short last batch)
         runs as under GPipe, without recomputation."""
-        stages = len(self.devices)
         splits = self.schedule.splits_step and self.num_microbatches > 1
 
         def full():
             self._trace = StepTrace(
                 self.schedule,
                 self._recomputing[model],
-                stages,
+                self.devices,
                 cut=not splits,
                 full=True,
             )
@@ -332,7 +331,7 @@ class PipelineParallelExtended(OneDeviceExtended):
             # Recomputing inside the empty pieces' conds would read the
             # variables again in the cond's gradient, which TensorFlow's
             # cond_v2 refuses.
-            self._trace = StepTrace(self.schedule, frozenset(), stages)
+            self._trace = StepTrace(self.schedule, frozenset(), self.devices)
             return fn(*args, **kwargs)
 
         return by_batch_size(
@@ -434,8 +433,8 @@ class PipelineParallelExtended(OneDeviceExtended):
 
 
 def _recomputing_stages(layers, devices, stage_devices, recompute) -> frozenset:
-    """The indices of the stages that recompute; with `recompute=True`, a
-    warning for each stage with fewer than two layers to recompute."""
+    """The indices of the stages that recompute; with `recompute=True`, one
+    warning naming the stages with fewer than two layers to recompute."""
     if recompute is False:
         return frozenset()
     names: dict[int, list[str]] = {i: [] for i in range(len(stage_devices))}
@@ -445,19 +444,22 @@ def _recomputing_stages(layers, devices, stage_devices, recompute) -> frozenset:
                 names[stage_devices.index(device)].append(layer.name)
     least = 2 if recompute == "auto" else 1
     chosen = frozenset(i for i, found in names.items() if len(found) >= least)
-    if recompute is True:
-        for i, found in names.items():
-            if len(found) < 2:
-                what = f"one layer, {found[0]!r}," if found else "no layer"
-                warnings.warn(
-                    f"PipelineParallel(recompute=True): stage {i} "
-                    f"({short_device(stage_devices[i])}) has {what}"
-                    " to recompute (layers with non-trainable state are not "
-                    "recomputed): it keeps the input of that layer, which is "
-                    "most of what its backward reads, so recomputing saves "
-                    "little there. It trains the same.",
-                    stacklevel=2,
-                )
+    little = [
+        f"stage {i} ({short_device(stage_devices[i])}): "
+        + (f"one layer, {found[0]!r}" if found else "no layer")
+        for i, found in names.items()
+        if len(found) < 2
+    ]
+    if recompute is True and little:
+        warnings.warn(
+            "PipelineParallel(recompute=True): these stages have fewer than "
+            f"two layers to recompute: {'; '.join(little)}. Layers with "
+            "non-trainable state are not recomputed, and a single layer's "
+            "backward reads mostly the input the stage keeps anyway, so "
+            "recomputing saves little there (recompute='auto' skips such "
+            "stages). Training is the same.",
+            stacklevel=2,
+        )
     return chosen
 
 

@@ -101,6 +101,18 @@ def test_training_equals_one_device(name, num_devices, num_microbatches):
     )
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_1f1b_with_recomputation_equals_one_device(name):
+    build, data = MODELS[name]
+    single, single_history = train(build, data)
+    strategy = keras_parallel.PipelineParallel(
+        devices(2), num_microbatches=4, schedule="1f1b", recompute=True
+    )
+    model, history = train(build, data, strategy)
+    assert max_weight_diff(model, single) <= 1e-5
+    assert max_history_diff(history, single_history) <= 1e-5
+
+
 def adam_mlp():
     return mlp(lambda: keras.optimizers.Adam(1e-2))()
 
