@@ -100,6 +100,15 @@ def _per_seed(spec: str, relative: bool) -> Callable:
     return cell
 
 
+def _order(row: dict, index: int) -> str:
+    """A device's micro-batch forwards (F) and backwards (B) in time order."""
+    device = sorted(row["devices"])[index]
+    return " ".join(
+        ("F" if phase == "forward" else "B") + str(microbatch)
+        for microbatch, phase in row["devices"][device]["order"]
+    )
+
+
 def _compatibility_rows(data: dict) -> list[dict]:
     return [{"feature": feature, **cells} for feature, cells in data.items()]
 
@@ -299,6 +308,30 @@ TABLES = {
             "error (first line), one process per row."
         ),
         rows=_compatibility_rows,
+    ),
+    "pipeline_timeline": Table(
+        source="pipeline_timeline.json",
+        columns={
+            "schedule": _text("schedule"),
+            "stages": _text("stages"),
+            "order on the first device": lambda row, rows, s: _order(row, 0),
+            "order on the last device": lambda row, rows, s: _order(row, -1),
+            "idle per device (measured)": lambda row, rows, s: ", ".join(
+                f"{device} {found['idle_median']:.0%} "
+                f"({min(found['idle_every_step']):.0%}–"
+                f"{max(found['idle_every_step']):.0%})"
+                for device, found in sorted(row["devices"].items())
+            ),
+            "(p-1)/(m+p-1)": _num(".0%", "bubble_formula"),
+        },
+        note=(
+            "How computed: {model}, batch {batch}, {num_microbatches} "
+            "micro-batches, SGD; {recorded_steps} training steps recorded one at a "
+            "time by TensorFlow's profiler after a warm-up step, the settings taking "
+            "turns (`benchmarks/timeline.py`). Orders: the step of median span; Fk "
+            "/ Bk: micro-batch k's forward / backward, in the order they started on "
+            "the device. Idle: the median over the steps (their range). {note}"
+        ),
     ),
 }
 

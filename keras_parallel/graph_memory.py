@@ -99,6 +99,17 @@ def traced_train_step(model, x, y) -> tf.Graph:
     Returns:
         The traced `tf.Graph`.
     """
+    return train_step_function(model, x, y).graph
+
+
+def train_step_function(model, x, y):
+    """One `model.train_step` on inputs of the shapes and dtypes of `x` and
+    `y`, as `traced_train_step` traces it, as a concrete function: calling
+    it with such tensors trains one step, running the ops of its `graph`.
+
+    Returns:
+        The `tf.types.experimental.ConcreteFunction`.
+    """
     strategy = model.distribute_strategy
     if not model.optimizer.built:
         with strategy.scope():
@@ -111,7 +122,7 @@ def traced_train_step(model, x, y) -> tf.Graph:
     specs = tf.nest.map_structure(
         lambda a: tf.TensorSpec(a.shape, tf.as_dtype(a.dtype)), (x, y)
     )
-    return step.get_concrete_function(*specs).graph
+    return step.get_concrete_function(*specs)
 
 
 def _graphs(graph):
