@@ -181,6 +181,29 @@ TABLES = {
             "setup of its round, and cancels in that round's ratio)."
         ),
     ),
+    "pipeline_partition": Table(
+        source="pipeline_partition.json",
+        columns={
+            "partition": _text("partition"),
+            "num_microbatches": _text("num_microbatches"),
+            "layers per stage": lambda row, rows, settings: (
+                " + ".join(str(n) for n in row.get("layers_per_stage", [])) or "-"
+            ),
+            "measured ms per stage": lambda row, rows, settings: (
+                " + ".join(f"{ms:.1f}" for ms in row.get("stage_ms", [])) or "-"
+            ),
+            "median step ms": _num(".1f", "step_ms"),
+            "over single device": _num(".2f", "over_single"),
+        },
+        note=(
+            "How computed: the setups take turns, one epoch each, for {repeats} "
+            "rounds; `over single device` is the median over the rounds of each "
+            "round's epoch time over the single device's in that round. A stage's "
+            "measured ms is the sum of its layers' forward and backward times as "
+            '`partition="time"` measures them (batch 32), measured again after '
+            "training (median of 30 runs)."
+        ),
+    ),
     "mesh": Table(
         source="mesh.json",
         columns={
