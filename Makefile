@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/compression.py
 	$(VENV)/bin/python benchmarks/model_parallel.py
 	$(VENV)/bin/python benchmarks/pipeline_timeline.py
+	$(VENV)/bin/python benchmarks/pipeline_partition.py
 	$(VENV)/bin/python benchmarks/mesh.py
 	$(VENV)/bin/python benchmarks/sharding.py
 	$(VENV)/bin/python benchmarks/multi_worker.py

@@ -22,7 +22,7 @@ device and each schedule x recompute setting this reports:
   the settings' processes taking turns for `--rounds` rounds.
 
 Usage:
-    python benchmarks/pipeline_memory.py              # writes results/pipeline_memory.json
+    python benchmarks/pipeline_memory.py    # writes results/pipeline_memory.json
     python benchmarks/pipeline_memory.py --rounds 1
 """
 
@@ -139,7 +139,7 @@ def main() -> None:
             measured[name].append(run(schedule, recompute))
     one = measured["one device"]
     rows = []
-    for name, schedule, recompute in SETTINGS:
+    for name, schedule, _ in SETTINGS:
         runs = measured[name]
         held = held_at_once(schedule, runs[0]["held"])
         rows.append(

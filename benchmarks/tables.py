@@ -194,8 +194,8 @@ TABLES = {
         source="pipeline_memory.json",
         columns={
             "setting": _text("setting"),
-            "held for the backward, per device (graph)": lambda row, rows, s: ", ".join(
-                f"{device} {size:.0f} MB" for device, size in row["held_mb"].items()
+            "held for the backward, per device (graph)": lambda row, rows, s: (
+                ", ".join(f"{d} {size:.0f} MB" for d, size in row["held_mb"].items())
             ),
             "peak growth (process)": lambda row, rows, s: (
                 f"{row['peak_growth_mb']:.0f} MB"
@@ -210,8 +210,32 @@ TABLES = {
             "(`keras_parallel.graph_memory`), a stage's micro-batches counted as "
             "many as it holds at once. Peak growth: one fresh process per setting, "
             "the peak of TensorFlow's host allocator over 2 steps after a warm-up "
-            "step minus what it held before them, median of {rounds} rounds; step time: "
-            "median over the rounds of the fastest step over one device's."
+            "step minus what it held before them, median of {rounds} rounds; "
+            "step time: median over the rounds of the fastest step over one "
+            "device's."
+        ),
+    ),
+    "pipeline_partition": Table(
+        source="pipeline_partition.json",
+        columns={
+            "partition": _text("partition"),
+            "num_microbatches": _text("num_microbatches"),
+            "layers per stage": lambda row, rows, settings: (
+                " + ".join(str(n) for n in row.get("layers_per_stage", [])) or "-"
+            ),
+            "measured ms per stage": lambda row, rows, settings: (
+                " + ".join(f"{ms:.1f}" for ms in row.get("stage_ms", [])) or "-"
+            ),
+            "median step ms": _num(".1f", "step_ms"),
+            "over single device": _num(".2f", "over_single"),
+        },
+        note=(
+            "How computed: the setups take turns, one epoch each, for {repeats} "
+            "rounds; `over single device` is the median over the rounds of each "
+            "round's epoch time over the single device's in that round. A stage's "
+            "measured ms is the sum of its layers' forward and backward times as "
+            '`partition="time"` measures them (batch 32), measured again after '
+            "training (median of 30 runs)."
         ),
     ),
     "mesh": Table(

@@ -21,6 +21,7 @@ import weakref
 import keras
 import tensorflow as tf
 from keras.src.backend.common import global_state, masking, variables
+from keras.src.random import seed_generator
 from keras.src.saving.keras_saveable import KerasSaveable
 from tensorflow.python.distribute import (
     collective_all_reduce_strategy,
@@ -318,7 +319,8 @@ def update_as(part: tf.Variable, weight) -> None:
 
 
 # PipelineParallel: the order a Functional model calls its layers, the losses
-# layers add inside a micro-batch's tf.cond, and custom gradients' registry.
+# layers add inside a micro-batch's tf.cond, custom gradients' registry, and
+# the random state `partition="time"` keeps while it times layers.
 
 
 def functional_nodes(model) -> list[tuple] | None:
@@ -337,6 +339,13 @@ def functional_nodes(model) -> list[tuple] | None:
         for node in by_depth[depth]
         if node.operation is not None and not node.is_input
     ]
+
+
+def global_seed_state() -> keras.Variable | None:
+    """The state variable of Keras' global seed generator, which random ops
+    without a seed draw from; None while none was made."""
+    generator = global_state.get_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR)
+    return None if generator is None else generator.state
 
 
 class TakenLosses:

@@ -2,7 +2,8 @@
 
 `plan.py`, `units.py` and `balance.py` choose each layer's device (`units.py`
 orders a graph's layers by their data flow and keeps a layer called twice
-with the layers between its calls), `strategy.py` places the layers and runs
+with the layers between its calls; `layer_times.py` measures each layer's
+time for `partition="time"`), `strategy.py` places the layers and runs
 the step, `stage_calls.py` is what the traced step calls in place of the
 user's `call`s, `microbatch.py` cuts batches into pieces (`empty_pieces.py`
 keeps pieces without samples from the model, `keras_meta.py` carries Keras'

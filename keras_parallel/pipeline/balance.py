@@ -15,7 +15,8 @@ def balanced_stage_sizes(costs: Sequence[float], num_stages: int) -> list[int]:
     (activations, pooling) stay with the weighted layer before them.
 
     Args:
-        costs: Cost of each layer, in order (bytes of weights and slots).
+        costs: Cost of each layer, in order (bytes of weights and slots,
+            or seconds of forward and backward).
         num_stages: Number of stages, at most `len(costs)`.
 
     Returns:

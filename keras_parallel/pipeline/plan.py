@@ -8,6 +8,7 @@ import keras
 
 from keras_parallel.devices import resolve_devices
 from keras_parallel.pipeline.balance import balanced_stage_sizes
+from keras_parallel.pipeline.layer_times import unit_times
 from keras_parallel.pipeline.units import stage_units
 from keras_parallel.placement import places_itself, variable_bytes
 
@@ -38,8 +39,10 @@ def plan_devices(
         model: The model the layers belong to (its graph orders the stages).
         layers: The model's layers in order (`model.layers`, no InputLayer).
         devices: The stages' devices, in order.
-        partition: `"auto"`, a list of stage sizes, or a dict from layer name
-            to device (already checked against `devices`).
+        partition: `"auto"` (balance bytes), `"time"` (balance measured
+            forward and backward time, `layer_times.unit_times`), a list of
+            stage sizes, or a dict from layer name to device (already
+            checked against `devices`).
         slot_bytes: Optimizer slot bytes per weight (see `layer_bytes`).
 
     Returns:
@@ -48,7 +51,8 @@ def plan_devices(
     Raises:
         ValueError: more stages than layers (or than groups of layers that
             must share a device), stage sizes that do not add up to the
-            number of layers, or a dict naming unknown layers.
+            number of layers, a dict naming unknown layers, or, with
+            `"time"`, a model whose inputs are unknown (`layer_times`).
     """
     names = [layer.name for layer in layers]
     if isinstance(partition, Mapping):
@@ -74,11 +78,14 @@ def plan_devices(
     units = stage_units(model, staged)
     if len(units) < len(devices):
         raise ValueError(_too_few_units(units, len(devices)))
-    if partition == "auto":
-        sizes = balanced_stage_sizes(
-            [sum(layer_bytes(layer, slot_bytes) for layer in unit) for unit in units],
-            len(devices),
-        )
+    if partition in ("auto", "time"):
+        if partition == "time":
+            costs = unit_times(model, units, devices[0])
+        else:
+            costs = [
+                sum(layer_bytes(layer, slot_bytes) for layer in unit) for unit in units
+            ]
+        sizes = balanced_stage_sizes(costs, len(devices))
         stage_of_unit = [stage for stage, size in enumerate(sizes) for _ in range(size)]
         device_of = {
             id(layer): devices[stage]

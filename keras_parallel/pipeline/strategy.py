@@ -69,7 +69,11 @@ class PipelineParallel(tf.distribute.Strategy):
             its moving statistics once per non-empty piece, as in GPipe.
         partition: `"auto"` (contiguous stages balancing the bytes of
             weights plus optimizer slots, in the order the model's data
-            flows through its layers), a list with the number of layers of
+            flows through its layers), `"time"` (the same, balancing each
+            layer's forward and backward time, measured at placement on a
+            generated batch of 32 shaped like a Functional or Sequential
+            model's inputs; the model's weights, statistics and random
+            state are left as they were), a list with the number of layers of
             each stage (in that order: `model.layers` for Sequential and
             subclassed models, Keras' call order for a Functional graph),
             or a dict from layer name to device (layers not named stay on
@@ -188,7 +192,7 @@ class ModelParallel(PipelineParallel):
 
 
 def _check_partition(partition, devices) -> None:
-    if partition == "auto":
+    if isinstance(partition, str) and partition in ("auto", "time"):
         return
     if isinstance(partition, Mapping):
         # One at a time: several layers may name the same device.
@@ -210,8 +214,8 @@ def _check_partition(partition, devices) -> None:
             )
         return
     raise ValueError(
-        "`partition` must be 'auto', a list of positive stage sizes (one per "
-        "device), or a dict from layer name to device. Received: "
+        "`partition` must be 'auto', 'time', a list of positive stage sizes "
+        "(one per device), or a dict from layer name to device. Received: "
         f"partition={partition!r}"
     )
 

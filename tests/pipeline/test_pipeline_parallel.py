@@ -291,7 +291,7 @@ def two_layers():
         ),
         (
             lambda: keras_parallel.PipelineParallel(devices(2), partition="even"),
-            ["'auto', a list of positive stage sizes", "partition='even'"],
+            ["'auto', 'time', a list of positive stage sizes", "partition='even'"],
         ),
         (
             lambda: keras_parallel.PipelineParallel(devices(2), num_microbatches=0),
