@@ -113,7 +113,7 @@ def model_state(clone: keras.Model) -> ModelState:
                     v.trainable
                     and len(v.shape) >= 2
                     and layer not in plain
-                    and v.path.count("/") == 1
+                    and layer_of(v.path.split("/")[-2] + "/") is not None
                 ),
                 slots=tuple(
                     (variable_bytes(s), _rows(s)) for s in served.get(id(v), [])
