@@ -22,6 +22,7 @@ _EXPORTS = {
     "callbacks": "keras_parallel.callbacks",
     "layers": "keras_parallel.layers",
     "placement_report": "keras_parallel.report",
+    "plan": "keras_parallel.planning",
     "reduction": "keras_parallel.reduction",
     "virtual_devices": "keras_parallel.devices",
     "WorkerFailedError": "keras_parallel.data_parallel",

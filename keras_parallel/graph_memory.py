@@ -56,11 +56,30 @@ def held_tensors(graph: tf.Graph) -> list[HeldTensor]:
             with fixed shapes: `traced_train_step`).
     """
     found: dict[tuple[int, str], HeldTensor] = {}
+    for source, op in held_reads(graph):
+        device = _short(op.device)
+        match = _MICROBATCH.search(source.op.name)
+        found[id(source), device] = HeldTensor(
+            name=source.name,
+            device=device,
+            microbatch=None if match is None else int(match.group(1)),
+            bytes=source.shape.num_elements() * source.dtype.size,
+        )
+    return list(found.values())
+
+
+def held_reads(graph: tf.Graph):
+    """Each read of a held tensor: `(tensor, op)` for every backward op of
+    `graph` (and the functions it calls) reading a forward tensor (after
+    identities), one pair per input read.
+
+    Raises:
+        ValueError: a held tensor's shape is not known while tracing.
+    """
     for g in _graphs(graph):
         for op in g.get_operations():
             if not _BACKWARD.search(op.name):
                 continue
-            device = _short(op.device)
             for tensor in op.inputs:
                 source = _source(tensor)
                 if _BACKWARD.search(source.op.name) or not _activation(source):
@@ -71,14 +90,22 @@ def held_tensors(graph: tf.Graph) -> list[HeldTensor]:
                         f"{source.shape}, not known while tracing; trace the "
                         "step with inputs of fixed shape."
                     )
-                match = _MICROBATCH.search(source.op.name)
-                found[id(source), device] = HeldTensor(
-                    name=source.name,
-                    device=device,
-                    microbatch=None if match is None else int(match.group(1)),
-                    bytes=source.shape.num_elements() * source.dtype.size,
-                )
-    return list(found.values())
+                yield source, op
+
+
+def forward_reads(graph: tf.Graph):
+    """Each read of a forward tensor by a forward op: `(tensor, op)` for the
+    ops of `graph` (and the functions it calls) outside any gradient
+    computation, the tensor taken after identities; variables, constants
+    and shapes are left out."""
+    for g in _graphs(graph):
+        for op in g.get_operations():
+            if _BACKWARD.search(op.name) or op.type in _ALIASES:
+                continue
+            for tensor in op.inputs:
+                source = _source(tensor)
+                if _activation(source) and source.shape.is_fully_defined():
+                    yield source, op
 
 
 def held_bytes(graph: tf.Graph, by_microbatch: bool = False) -> dict:
