@@ -45,7 +45,6 @@ SETTINGS = [
     ("1f1b", "1f1b", False),
     ("1f1b + recompute", "1f1b", True),
 ]
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 CHILD = """
 import json, sys, time
@@ -164,12 +163,7 @@ def main() -> None:
         "num_microbatches": MICROBATCHES,
         "rounds": args.rounds,
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "pipeline_memory.json")
-    with open(path, "w") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=1)
-    print(tables.render("pipeline_memory"), end="")
-    print(f"\nwrote {path}")
+    tables.publish("pipeline_memory", {"settings": settings, "rows": rows})
 
 
 if __name__ == "__main__":

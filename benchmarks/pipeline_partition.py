@@ -22,14 +22,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 
 import tables
 
 BATCH, SAMPLES, CLASSES = 128, 1024, 10
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def build(strategy):
@@ -120,12 +117,9 @@ def main() -> None:
             row["layers_per_stage"] = counts
             row["stage_ms"] = [1000 * t for t in seconds]
         rows.append(row)
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "pipeline_partition.json")
-    with open(path, "w") as f:
-        json.dump({"settings": {"repeats": args.repeats}, "rows": rows}, f, indent=1)
-    print(tables.render("pipeline_partition"), end="")
-    print(f"\nwrote {path}")
+    tables.publish(
+        "pipeline_partition", {"settings": {"repeats": args.repeats}, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -114,7 +114,9 @@ def one_device_clone(model: keras.Model) -> keras.Model:
     index = {id(layer): i for i, layer in enumerate(stage_layers(model))}
 
     def clone_layer(layer):
-        config = dict(layer.get_config(), name=f"plan_layer_{index[id(layer)]}")
+        config = layer.get_config()
+        if id(layer) in index:  # not an operation written as `a + b`
+            config = dict(config, name=f"plan_layer_{index[id(layer)]}")
         return layer.__class__.from_config(config)
 
     clone = keras.models.clone_model(model, clone_function=clone_layer)

@@ -43,14 +43,6 @@ def _plan(name):
     return _PLANS[name]
 
 
-# Recomputation on the transformer block's stages 1 and 2 holds more than
-# predicted: TensorFlow names some gradient sums of the replay outside any
-# gradient scope, and graph_memory counts them as held (see docs/plan.md).
-KNOWN_GAPS = {
-    ("transformer_block", "recompute=True"): "gradient sums of the replay",
-}
-
-
 def _by_device(variables):
     totals = {}
     for variable in variables:
@@ -85,12 +77,9 @@ def _close(predicted, measured, what):
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("index", range(9))
-def test_candidate_bytes_match_the_strategy(model_name, index, request):
+def test_candidate_bytes_match_the_strategy(model_name, index):
     plan = _plan(model_name)
     candidate = plan.candidates[index]
-    for (model, part), reason in KNOWN_GAPS.items():
-        if model == model_name and part in candidate.name:
-            request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     strategy = candidate.strategy()
     with strategy.scope():
         model = compiled(model_name)
