@@ -50,9 +50,9 @@ class StageReplay:
         self._replayed = False
 
     @property
-    def num_calls(self) -> int:
-        """How many layer calls the stage recorded."""
-        return len(self._calls)
+    def replayed(self) -> bool:
+        """Whether the backward has replayed the calls (no more join)."""
+        return self._replayed
 
     def keeper(self) -> _Call:
         """A `placement.run_on` backward for the stage's next layer call."""

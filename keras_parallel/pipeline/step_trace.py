@@ -71,7 +71,11 @@ class StepTrace:
         key = (stage, self.microbatch)
         replay = None
         if stage in self.recompute and recomputable(layer):
-            replay = self._replays.setdefault(key, StageReplay(device, key[1]))
+            replay = self._replays.get(key)
+            # A step may call the model again after a backward (a GAN's
+            # second loss): those calls form a replay of their own.
+            if replay is None or replay.replayed:
+                replay = self._replays[key] = StageReplay(device, key[1])
 
         def backward():
             keeper = replay.keeper() if replay is not None else placement.Taped()

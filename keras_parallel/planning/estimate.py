@@ -82,47 +82,112 @@ def data_parallel_bytes(
     Returns:
         The `DeviceBytes` of every replica (they hold the same).
     """
+    mode = ESTIMATES[sharding]
     n = num_replicas
-    weights = list(state.weights)
-    trainable = [w for w in weights if w.trainable]
-    split_state = sharding is not None and state.elementwise
-    if sharding == "parameters":
-        weight_bytes = sum(
-            part_bytes(w.bytes, w.rows, n) if w.splits else w.bytes for w in weights
+    activations, gathered = mode.activations(state, profile, math.ceil(batch_size / n))
+    return DeviceBytes(
+        weights=mode.weights(state, n),
+        gradients=mode.gradients(state, n),
+        optimizer=mode.slots(state, n) + state.other_optimizer_bytes,
+        activations=round(activations),
+        gathered=gathered,
+        communication=round(mode.ring_bytes(state, n)),
+    )
+
+
+def _trainable(state: ModelState) -> list:
+    return [w for w in state.weights if w.trainable]
+
+
+def _padded(state: ModelState, n: int, keep=lambda w: True) -> int:
+    """Bytes of the trainable weights cut in N equal row parts, padding kept."""
+    return sum(n * part_bytes(w.bytes, w.rows, n) for w in _trainable(state) if keep(w))
+
+
+class Replicated:
+    """`sharding=None`: every replica holds everything; gradients all-reduced."""
+
+    def weights(self, state: ModelState, n: int) -> int:
+        return sum(w.bytes for w in state.weights)
+
+    def slots(self, state: ModelState, n: int) -> int:
+        return sum(b for w in state.weights for b, _ in w.slots)
+
+    def gradients(self, state: ModelState, n: int) -> int:
+        return sum(w.bytes for w in _trainable(state))
+
+    def activations(self, state, profile, piece: int) -> tuple[float, int]:
+        """(activations of `piece` samples, the largest gathered layer)."""
+        return profile.bytes_at(piece, lambda r: r.bytes if r.readers else 0), 0
+
+    def ring_bytes(self, state: ModelState, n: int) -> float:
+        """`communication_stats()["ring_bytes_per_step"]`: 2(N-1)/N of each
+        all-reduced buffer, (N-1)/N of each reduce-scattered or gathered one."""
+        return 2 * (n - 1) / n * sum(w.bytes for w in _trainable(state))
+
+
+class OptimizerSharded(Replicated):
+    """`"optimizer"`: slots split by rows (elementwise optimizers) or owned
+    whole by one replica; the updated parts gathered."""
+
+    def slots(self, state: ModelState, n: int) -> int:
+        if state.elementwise:
+            return sum(split_slot_bytes(w, n) for w in state.weights)
+        return owned_slot_bytes(state.weights, n)
+
+    def ring_bytes(self, state: ModelState, n: int) -> float:
+        reduced = Replicated.ring_bytes(self, state, n)
+        if not state.elementwise:
+            return reduced
+        return reduced + (n - 1) / n * _padded(state, n, lambda w: bool(w.slots))
+
+
+class GradientSharded(OptimizerSharded):
+    """`"gradients"`: also the summed gradients split (reduce-scatter)."""
+
+    def gradients(self, state: ModelState, n: int) -> int:
+        return sum(part_bytes(w.bytes, w.rows, n) for w in _trainable(state))
+
+    def ring_bytes(self, state: ModelState, n: int) -> float:
+        if not state.elementwise:
+            return Replicated.ring_bytes(self, state, n)
+        return 2 * (n - 1) / n * _padded(state, n)
+
+
+class ParameterSharded(GradientSharded):
+    """`"parameters"`: also the weights split, each layer gathering its own
+    while it runs."""
+
+    def weights(self, state: ModelState, n: int) -> int:
+        return sum(
+            part_bytes(w.bytes, w.rows, n) if w.splits else w.bytes
+            for w in state.weights
         )
-    else:
-        weight_bytes = sum(w.bytes for w in weights)
-    if sharding is None:
-        slots = sum(b for w in weights for b, _ in w.slots)
-    elif split_state:
-        slots = sum(split_slot_bytes(w, n) for w in weights)
-    else:
-        slots = owned_slot_bytes(weights, n)
-    if sharding in ("gradients", "parameters"):
-        grads = sum(part_bytes(w.bytes, w.rows, n) for w in trainable)
-    else:
-        grads = sum(w.bytes for w in trainable)
-    piece = math.ceil(batch_size / n)
-    if sharding == "parameters":
-        activations = _parameters_activations(state, profile, piece)
+
+    def activations(self, state, profile, piece: int) -> tuple[float, int]:
         gathered = max(
             (
-                sum(w.bytes for w in weights if w.splits and w.layer == layer)
-                for layer in {w.layer for w in weights}
+                sum(w.bytes for w in state.weights if w.splits and w.layer == layer)
+                for layer in {w.layer for w in state.weights}
             ),
             default=0,
         )
-    else:
-        activations = profile.bytes_at(piece, lambda r: r.bytes if r.readers else 0)
-        gathered = 0
-    return DeviceBytes(
-        weights=weight_bytes,
-        gradients=grads,
-        optimizer=slots + state.other_optimizer_bytes,
-        activations=round(activations),
-        gathered=gathered,
-        communication=round(_ring_bytes(state, n, sharding)),
-    )
+        return _parameters_activations(state, profile, piece), gathered
+
+    def ring_bytes(self, state: ModelState, n: int) -> float:
+        if not state.elementwise:
+            return Replicated.ring_bytes(self, state, n)
+        regathered = _padded(state, n, lambda w: w.kernel)
+        return (n - 1) / n * (2 * _padded(state, n) + regathered)
+
+
+# DataParallel's `sharding` argument -> its estimate.
+ESTIMATES = {
+    None: Replicated(),
+    "optimizer": OptimizerSharded(),
+    "gradients": GradientSharded(),
+    "parameters": ParameterSharded(),
+}
 
 
 def _parameters_activations(state, profile, piece) -> float:
@@ -141,19 +206,3 @@ def _parameters_activations(state, profile, piece) -> float:
 
     kept_whole = sum(w.bytes for w in state.weights if w.held_whole)
     return profile.bytes_at(piece, select) + kept_whole
-
-
-def _ring_bytes(state: ModelState, n: int, sharding: str | None) -> float:
-    share = (n - 1) / n
-    trainable = [w for w in state.weights if w.trainable]
-    whole = sum(w.bytes for w in trainable)
-    padded = sum(n * part_bytes(w.bytes, w.rows, n) for w in trainable)
-    if sharding is None or not state.elementwise:
-        return 2 * share * whole
-    if sharding == "optimizer":
-        gathered = sum(n * part_bytes(w.bytes, w.rows, n) for w in trainable if w.slots)
-        return 2 * share * whole + share * gathered
-    if sharding == "gradients":
-        return 2 * share * padded
-    regathered = sum(n * part_bytes(w.bytes, w.rows, n) for w in trainable if w.kernel)
-    return share * (2 * padded + regathered)

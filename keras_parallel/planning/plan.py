@@ -126,7 +126,7 @@ def _check_model(model) -> None:
             "Build it first: give it a `keras.Input`, or call it on a batch "
             "(`model(x[:1])`), or call `model.build(input_shape)`."
         )
-    if getattr(model, "optimizer", None) is None or not model.compiled:
+    if not getattr(model, "compiled", False) or model.optimizer is None:
         raise ValueError(
             f"The model {model.name!r} is not compiled. Compile it with the "
             "optimizer and loss it will train with (`model.compile(...)`, no "

@@ -289,3 +289,19 @@ def test_recompute_notes_a_stage_with_little_to_recompute():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         keras_parallel.PipelineParallel(devices(2), 2, **kwargs)
+
+
+def test_recomputation_replays_each_forward_of_a_gan_step(float64):
+    """A GAN's step calls the discriminator again after a backward: the
+    later calls are replayed on their own, and the step trains as on one
+    device."""
+    from keras_patterns import PATTERNS
+    from keras_patterns import fit as fit_pattern
+    from keras_patterns import max_logs_diff as max_pattern_logs_diff
+
+    build, y = PATTERNS["gan"]
+    reference, reference_logs, _ = fit_pattern(build, None, 14, y=y)
+    strategy = keras_parallel.PipelineParallel(devices(2), 2, recompute=True)
+    model, logs, _ = fit_pattern(build, strategy, 14, y=y)
+    assert max_weight_diff(model, reference) <= 1e-12
+    assert max_pattern_logs_diff(logs, reference_logs) <= 1e-12
