@@ -156,3 +156,28 @@ def _losses_weighted(layers: Sequence, share):
         yield
     for layer, loss in taken.losses:
         layer.add_loss(loss * tf.cast(share, loss.dtype))
+
+
+def check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
+    """Refuses a first batch whose size is not a multiple of
+    `num_microbatches` when more batches follow. Only the last batch may be
+    uneven: a short remainder, or the whole data when it is one batch (a
+    `predict` on fewer samples than the batch size or than micro-batches);
+    it is cut as evenly as possible and empty pieces are skipped."""
+    count = int(dataset.cardinality())
+    if 0 <= count <= 1:
+        return
+    # With an unknown length, a second batch tells whether the first is last.
+    look = 2 if count == tf.data.UNKNOWN_CARDINALITY else 1
+    batches = list(dataset.take(look))
+    if len(batches) < look:
+        return
+    size = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
+    if size % num_microbatches:
+        raise ValueError(
+            f"The batch size, {size}, is not a multiple of "
+            f"num_microbatches={num_microbatches}, so the micro-batches would "
+            f"differ in size. Use a batch_size that is a multiple of "
+            f"{num_microbatches} (for example "
+            f"{max(num_microbatches, size - size % num_microbatches)})."
+        )

@@ -23,9 +23,14 @@ from keras_parallel._tf_internal import (
 from keras_parallel._validation import check_int
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.pipeline import microbatch
+from keras_parallel.pipeline.arguments import (
+    check_partition,
+    check_recompute,
+    recomputing_stages,
+)
+from keras_parallel.pipeline.microbatch import check_first_batch
 from keras_parallel.pipeline.order import StageFlow
 from keras_parallel.pipeline.plan import plan_devices
-from keras_parallel.pipeline.recompute import recomputable
 from keras_parallel.pipeline.schedule import schedule_named
 from keras_parallel.pipeline.split_step import (
     batch_size,
@@ -125,12 +130,8 @@ class PipelineParallel(tf.distribute.Strategy):
     ):
         check_int("num_microbatches", num_microbatches, 1)
         devices = resolve_devices(devices)
-        _check_partition(partition, devices)
-        if not (isinstance(recompute, bool) or recompute == "auto"):
-            raise ValueError(
-                "`recompute` must be False, True or 'auto'. "
-                f"Received: recompute={recompute!r}"
-            )
+        check_partition(partition, devices)
+        check_recompute(recompute)
         super().__init__(
             PipelineParallelExtended(
                 self,
@@ -191,35 +192,6 @@ class ModelParallel(PipelineParallel):
         super().__init__(*args, **kwargs)
 
 
-def _check_partition(partition, devices) -> None:
-    if isinstance(partition, str) and partition in ("auto", "time"):
-        return
-    if isinstance(partition, Mapping):
-        # One at a time: several layers may name the same device.
-        resolved = [resolve_devices(device)[0] for device in partition.values()]
-        unknown = sorted(set(resolved) - set(devices))
-        if unknown:
-            raise ValueError(
-                f"`partition` names devices {unknown} that are not among the "
-                f"strategy's devices {list(devices)}."
-            )
-        return
-    if isinstance(partition, (list, tuple)) and all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in partition
-    ):
-        if len(partition) != len(devices):
-            raise ValueError(
-                f"`partition` gives {len(partition)} stage sizes for "
-                f"{len(devices)} devices; give one size per device."
-            )
-        return
-    raise ValueError(
-        "`partition` must be 'auto', 'time', a list of positive stage sizes "
-        "(one per device), or a dict from layer name to device. Received: "
-        f"partition={partition!r}"
-    )
-
-
 class PipelineParallelExtended(OneDeviceExtended):
     """One replica; inputs, losses and metrics on the first device, each
     layer's weights, slots, forward and backward on its stage's."""
@@ -271,7 +243,7 @@ class PipelineParallelExtended(OneDeviceExtended):
 
     def _experimental_distribute_dataset(self, dataset, options):
         if self.num_microbatches > 1:
-            _check_first_batch(dataset, self.num_microbatches)
+            check_first_batch(dataset, self.num_microbatches)
         # The dataset itself, as on one device: OneDeviceStrategy's version
         # prefetches to the device, and a new one each epoch drops the batch
         # it fetched ahead; from a Python generator that batch is lost.
@@ -427,66 +399,10 @@ class PipelineParallelExtended(OneDeviceExtended):
         # Slots created from now on are colocated with moved variables.
         self._slots = [(s, o) for s, o in self._slots if id(o) not in device_of]
         self._placed[model] = flow
-        self._recomputing[model] = _recomputing_stages(
+        self._recomputing[model] = recomputing_stages(
             layers, devices, self.devices, self.recompute
         )
         # Moving gave the variables new storage, made outside `_create_variable`.
         optimizer_variables = [] if optimizer is None else optimizer.variables
         for variable in [*model.variables, *optimizer_variables]:
             self._created[id(variable.value)] = variable.value
-
-
-def _recomputing_stages(layers, devices, stage_devices, recompute) -> frozenset:
-    """The indices of the stages that recompute; with `recompute=True`, one
-    warning naming the stages with fewer than two layers to recompute."""
-    if recompute is False:
-        return frozenset()
-    names: dict[int, list[str]] = {i: [] for i in range(len(stage_devices))}
-    for layer, device in zip(layers, devices, strict=True):
-        if device in stage_devices and not placement.places_itself(layer):
-            if recomputable(layer):
-                names[stage_devices.index(device)].append(layer.name)
-    least = 2 if recompute == "auto" else 1
-    chosen = frozenset(i for i, found in names.items() if len(found) >= least)
-    little = [
-        f"stage {i} ({short_device(stage_devices[i])}): "
-        + (f"one layer, {found[0]!r}" if found else "no layer")
-        for i, found in names.items()
-        if len(found) < 2
-    ]
-    if recompute is True and little:
-        warnings.warn(
-            "PipelineParallel(recompute=True): these stages have fewer than "
-            f"two layers to recompute: {'; '.join(little)}. Layers with "
-            "non-trainable state are not recomputed, and a single layer's "
-            "backward reads mostly the input the stage keeps anyway, so "
-            "recomputing saves little there (recompute='auto' skips such "
-            "stages). Training is the same.",
-            stacklevel=2,
-        )
-    return chosen
-
-
-def _check_first_batch(dataset: tf.data.Dataset, num_microbatches: int) -> None:
-    """Refuses a first batch whose size is not a multiple of
-    `num_microbatches` when more batches follow. Only the last batch may be
-    uneven: a short remainder, or the whole data when it is one batch (a
-    `predict` on fewer samples than the batch size or than micro-batches);
-    it is cut as evenly as possible and empty pieces are skipped."""
-    count = int(dataset.cardinality())
-    if 0 <= count <= 1:
-        return
-    # With an unknown length, a second batch tells whether the first is last.
-    look = 2 if count == tf.data.UNKNOWN_CARDINALITY else 1
-    batches = list(dataset.take(look))
-    if len(batches) < look:
-        return
-    size = int(tf.shape(tf.nest.flatten(batches[0])[0])[0])
-    if size % num_microbatches:
-        raise ValueError(
-            f"The batch size, {size}, is not a multiple of "
-            f"num_microbatches={num_microbatches}, so the micro-batches would "
-            f"differ in size. Use a batch_size that is a multiple of "
-            f"{num_microbatches} (for example "
-            f"{max(num_microbatches, size - size % num_microbatches)})."
-        )
