@@ -128,6 +128,12 @@ def test_equals_one_device_in_float64(name):
             continue
         if strategy.endswith("1f1b") and name in WITH_BATCH_STATISTICS:
             continue
+        if strategy in ("PipelineParallel-recompute", "PipelineParallel-1f1b") and (
+            name == "VGG16"
+        ):
+            # Plain convolutions and Dense layers, which the other models'
+            # recomputed stages cover; the suite's slowest float64 fits.
+            continue
         model = fit(name, make())
         assert max_weight_diff(model, reference) <= TOLERANCE, strategy
 

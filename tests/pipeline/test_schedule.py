@@ -57,8 +57,10 @@ def max_logs_diff(a, b) -> float:
     return max(abs(u[k] - v[k]) for u, v in zip(a, b, strict=True) for k in u)
 
 
-@pytest.mark.parametrize("num_devices", [2, 4])
-@pytest.mark.parametrize(("schedule", "recompute"), SETTINGS)
+@pytest.mark.parametrize(
+    ("schedule", "recompute", "num_devices"),
+    [(*setting, 2) for setting in SETTINGS] + [("1f1b", True, 4), ("gpipe", True, 4)],
+)
 def test_weights_and_batch_logs_equal_one_device(
     schedule, recompute, num_devices, float64
 ):
