@@ -88,9 +88,10 @@ def run_on(call, device: str, on_call=None, backward=None):
         call: The function to wrap.
         device: Where its forward and backward ops go.
         on_call: Called with no arguments each time the wrapper runs.
-        backward: What keeps the tensors the backward reads (`Taped` by
-            default; `PipelineParallel` recomputes them, see
-            `pipeline/recompute.py`). Made fresh for each call.
+        backward: Called with no arguments for each call, gives what keeps
+            the tensors its backward reads (`Taped()` when None;
+            `PipelineParallel` may recompute them instead,
+            `pipeline/recompute.py`).
     """
 
     @functools.wraps(call)
