@@ -115,7 +115,6 @@ class SplitStep:
 
     def logs(self, outputs: list):
         """The step's logs from each run's (see the module docstring)."""
-        last = outputs[-1]
 
         def combine(*values):
             value = values[-1]
@@ -133,7 +132,7 @@ class SplitStep:
                 ]
             )
 
-        return tf.nest.map_structure(combine, *outputs) if outputs else last
+        return tf.nest.map_structure(combine, *outputs)
 
 
 def run_split(fn, args, kwargs, num_microbatches: int, trace, objects):
