@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/model_parallel.py
 	$(VENV)/bin/python benchmarks/pipeline_timeline.py
 	$(VENV)/bin/python benchmarks/pipeline_partition.py
+	$(VENV)/bin/python benchmarks/pipeline_memory.py
+	$(VENV)/bin/python benchmarks/remat.py
 	$(VENV)/bin/python benchmarks/mesh.py
 	$(VENV)/bin/python benchmarks/sharding.py
 	$(VENV)/bin/python benchmarks/multi_worker.py
