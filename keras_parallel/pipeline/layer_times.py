@@ -19,10 +19,10 @@ import time
 from collections.abc import Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import TakenLosses, global_seed_state, sublayers
+from keras_parallel.sample_data import sample_inputs
 from keras_parallel.specialize import specialized
 
 
@@ -35,7 +35,7 @@ def unit_times(
     """Seconds each unit's layers take forward and backward on one batch.
 
     Args:
-        model: A built Functional or Sequential model (`sample_inputs`).
+        model: A built Functional or Sequential model (`sample_data`).
         units: Groups of the model's layers (`units.stage_units`).
         device: Where the layers run while measured.
         repeats: Timed runs per unit after an untimed one.
@@ -57,44 +57,19 @@ def unit_times(
         _state_kept(model),
         TakenLosses([model, *sublayers(model)]),  # activity regularizers' losses
     ):
-        calls = _recorded_calls(model, layers, sample_inputs(model))
-        return [
-            _median_seconds([c for c in calls if any(c[0] is u for u in unit)], repeats)
-            for unit in units
-        ]
-
-
-def sample_inputs(model: keras.Model, batch_size: int = 32):
-    """A generated batch shaped like `model`'s inputs, in their structure:
-    floats uniform in [0, 1) (seeded NumPy: TensorFlow's and Keras' random
-    state stay untouched), other dtypes zeros (0 is a valid id for any
-    Embedding); `batch_size` samples unless the model fixes it, 16 along
-    another axis it leaves unknown (a sequence's). ValueError without
-    inputs Keras knows (a subclassed model)."""
-    try:
-        spec = model.input  # a Functional model's structure (dict, list)
-    except (AttributeError, ValueError):
-        inputs = getattr(model, "inputs", None)
-        if not inputs:
+        try:
+            inputs = sample_inputs(model)
+        except ValueError:
             raise ValueError(
                 f"partition='time' times layers on a batch shaped like the model's "
                 f"inputs, but Keras knows none of {model.name!r}'s. Use a Functional "
                 "or Sequential model, or partition='auto' or a list of stage sizes."
             ) from None
-        spec = inputs[0] if len(inputs) == 1 else list(inputs)
-    rng = np.random.RandomState(0)
-    return keras.tree.map_structure(lambda x: _generated(x, batch_size, rng), spec)
-
-
-def _generated(spec, batch_size: int, rng: np.random.RandomState) -> tf.Tensor:
-    shape = [
-        (batch_size if axis == 0 else 16) if size is None else size
-        for axis, size in enumerate(spec.shape)
-    ]
-    dtype = tf.as_dtype(spec.dtype)
-    if dtype.is_floating:
-        return tf.cast(rng.uniform(size=shape).astype(np.float32), dtype)
-    return tf.zeros(shape, dtype)
+        calls = _recorded_calls(model, layers, inputs)
+        return [
+            _median_seconds([c for c in calls if any(c[0] is u for u in unit)], repeats)
+            for unit in units
+        ]
 
 
 class Profiled:

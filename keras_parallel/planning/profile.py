@@ -25,6 +25,7 @@ import numpy as np
 
 from keras_parallel import graph_memory
 from keras_parallel.placement import stage_layers
+from keras_parallel.sample_data import sample_inputs, sample_like
 
 #: The batches the step is traced at.
 TRACE_BATCHES = (8, 16)
@@ -126,29 +127,24 @@ def one_device_clone(model: keras.Model) -> keras.Model:
 
 
 def sample_batch(model: keras.Model, batch: int) -> tuple:
-    """Zero inputs and targets of `batch` samples, of the model's shapes and
-    dtypes; a sparse cross-entropy's targets are integer class indices."""
-    inputs = [_zeros(t.shape, t.dtype, batch) for t in model.inputs]
-    losses = _output_losses(model)
+    """Inputs and targets of `batch` samples, of the model's shapes and
+    dtypes (`sample_data`); a sparse cross-entropy's targets are integer
+    class indices."""
+    rng = np.random.RandomState(0)
     targets = []
-    for output, loss in zip(model.outputs, losses, strict=True):
+    for output, loss in zip(model.outputs, _output_losses(model), strict=True):
         if "sparse" in str(loss).lower():
-            targets.append(np.zeros((batch, *output.shape[1:-1]), "int32"))
+            targets.append(sample_like(output.shape[:-1], "int32", batch, rng))
         else:
-            targets.append(_zeros(output.shape, output.dtype, batch))
-    x = inputs[0] if len(inputs) == 1 else inputs
+            targets.append(sample_like(output.shape, output.dtype, batch, rng))
     y = targets[0] if len(targets) == 1 else targets
-    return x, y
+    return sample_inputs(model, batch), y
 
 
 def layer_of(op_name: str) -> int | None:
     """The index of the clone's top-level layer an op belongs to."""
     match = _LAYER.search(op_name)
     return None if match is None else int(match.group(1))
-
-
-def _zeros(shape, dtype, batch: int) -> np.ndarray:
-    return np.zeros((batch, *shape[1:]), keras.backend.standardize_dtype(dtype))
 
 
 def _output_losses(model: keras.Model) -> list:

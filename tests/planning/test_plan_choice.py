@@ -106,3 +106,38 @@ def test_unknown_devices_are_refused():
 def test_device_memory_is_required_on_cpus():
     with pytest.raises(ValueError, match="`device_memory` is required"):
         keras_parallel.plan(compiled("mlp"), BATCH, DEVICES)
+
+
+def _sequence_model():
+    tokens = keras.Input((None,), dtype="int32")  # variable length, as keras.io
+    hidden = keras.layers.Embedding(50, 8)(tokens)
+    hidden = keras.layers.Dense(16, activation="relu")(hidden)
+    pooled = keras.layers.GlobalAveragePooling1D()(hidden)
+    model = keras.Model(tokens, keras.layers.Dense(3)(pooled))
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def test_a_variable_length_input_is_measured_at_16_steps():
+    """An axis the model leaves unknown besides the batch's is measured at 16
+    (`sample_data`): the estimate equals the traced step at that length."""
+    from keras_parallel import graph_memory
+
+    plan = keras_parallel.plan(
+        _sequence_model(), BATCH, devices=["CPU:0", "CPU:1"], device_memory=2**30
+    )
+    (replicated,) = [c for c in plan.candidates if c.name.endswith("sharding=None)")]
+    strategy = replicated.strategy()
+    with strategy.scope():
+        model = _sequence_model()
+    x = np.zeros((BATCH, 16), "int32")
+    held = graph_memory.held_bytes(
+        graph_memory.traced_train_step(model, x, np.zeros(BATCH, "int32"))
+    )
+    for device, predicted in zip(
+        ["CPU:0", "CPU:1"], replicated.per_device, strict=True
+    ):
+        assert abs(predicted.activations / held[device] - 1) <= 0.10
