@@ -32,3 +32,20 @@ def build_mlp(strategy, depth: int, width: int, steps_per_execution: int = 1):
             steps_per_execution=steps_per_execution,
         )
     return model
+
+
+def build_square_mlp(strategy, depth: int, width: int):
+    """A freshly seeded `depth` x Dense(`width`, relu) on `width` inputs,
+    SGD on the mean squared error (trained to reproduce its input), built
+    and compiled in `strategy`'s scope: every layer's activations are the
+    batch times `width`, the memory pipelines are about."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = keras.Sequential(
+            [keras.Input((width,))]
+            + [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
+        )
+        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+    return model

@@ -48,10 +48,12 @@ SETTINGS = [
 
 CHILD = """
 import json, sys, time
+sys.path.insert(0, {here!r})
 import keras_parallel
 keras_parallel.virtual_devices(2)
-import keras, numpy as np, tensorflow as tf
+import numpy as np, tensorflow as tf
 from keras_parallel.graph_memory import held_bytes, traced_train_step
+from mlp import build_square_mlp
 
 schedule, recompute = json.loads(sys.argv[1])
 batch, width, depth, microbatches = {batch}, {width}, {depth}, {microbatches}
@@ -62,13 +64,7 @@ strategy = (
         num_microbatches=microbatches, schedule=schedule, recompute=recompute
     )
 )
-keras.utils.set_random_seed(0)
-with strategy.scope():
-    model = keras.Sequential(
-        [keras.Input((width,))]
-        + [keras.layers.Dense(width, activation="relu") for _ in range(depth)]
-    )
-    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
+model = build_square_mlp(strategy, depth, width)
 x = np.random.default_rng(0).normal(size=(batch, width)).astype("float32")
 held = held_bytes(traced_train_step(model, x, x), by_microbatch=True)
 held = [[device, mb, size] for (device, mb), size in held.items()]
@@ -89,7 +85,11 @@ print(json.dumps({{"held": held, "peak_growth": peak - before,
 def run(schedule, recompute) -> dict:
     """One setting measured in a fresh process."""
     code = CHILD.format(
-        batch=BATCH, width=WIDTH, depth=DEPTH, microbatches=MICROBATCHES
+        here=os.path.dirname(os.path.abspath(__file__)),
+        batch=BATCH,
+        width=WIDTH,
+        depth=DEPTH,
+        microbatches=MICROBATCHES,
     )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run(
@@ -103,10 +103,11 @@ def run(schedule, recompute) -> dict:
 
 
 def in_flight(schedule, device: str, stages: int = 2) -> int:
-    """How many micro-batches a stage holds at once."""
-    if schedule != "1f1b":
-        return MICROBATCHES
-    return min(MICROBATCHES, stages - int(device.split(":")[-1]))
+    """How many micro-batches a stage holds at once (the schedule's bound)."""
+    from keras_parallel.pipeline.schedule import schedule_named
+
+    bound = schedule_named(schedule).in_flight(int(device.split(":")[-1]), stages)
+    return MICROBATCHES if bound is None else min(MICROBATCHES, bound)
 
 
 def held_at_once(schedule, held: list) -> dict[str, int]:

@@ -35,25 +35,13 @@ import statistics
 
 import tables
 import timeline
+from mlp import build_square_mlp
 
 BATCH, WIDTH, DEPTH, MICROBATCHES = 1024, 512, 8, 8
 SETTINGS = [("gpipe", 2), ("1f1b", 2), ("gpipe", 4), ("1f1b", 4)]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 PICTURE = os.path.join(HERE, "..", "docs", "images", "pipeline_timeline.png")
-
-
-def build(strategy):
-    import keras
-
-    keras.utils.set_random_seed(0)
-    with strategy.scope():
-        model = keras.Sequential(
-            [keras.Input((WIDTH,))]
-            + [keras.layers.Dense(WIDTH, activation="relu") for _ in range(DEPTH)]
-        )
-        model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
-    return model
 
 
 def row(schedule: str, stages: int, recorded: list[timeline.Timeline]) -> dict:
@@ -211,10 +199,12 @@ def main() -> None:
     x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
     y = rng.normal(size=(BATCH, WIDTH)).astype("float32")
     models = {
-        (schedule, stages): build(
+        (schedule, stages): build_square_mlp(
             keras_parallel.PipelineParallel(
                 devices[:stages], MICROBATCHES, schedule=schedule
-            )
+            ),
+            DEPTH,
+            WIDTH,
         )
         for schedule, stages in SETTINGS
     }

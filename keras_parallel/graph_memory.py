@@ -20,6 +20,7 @@ import re
 import tensorflow as tf
 
 from keras_parallel._tf_internal import graph_functions
+from keras_parallel.devices import short_device
 
 # Gradient ops, and the forward ops PipelineParallel recomputes for them.
 _BACKWARD = re.compile(r"(^|/)(gradient_tape|gradients(_\d+)?|recompute(_\d+)?)/")
@@ -57,7 +58,7 @@ def held_tensors(graph: tf.Graph) -> list[HeldTensor]:
     """
     found: dict[tuple[int, str], HeldTensor] = {}
     for source, op in held_reads(graph):
-        device = _short(op.device)
+        device = short_device(op.device)
         match = _MICROBATCH.search(source.op.name)
         found[id(source), device] = HeldTensor(
             name=source.name,
@@ -170,7 +171,3 @@ def _activation(tensor) -> bool:
         and tensor.dtype != tf.variant
         and tensor.op.type not in _NOT_ACTIVATIONS
     )
-
-
-def _short(device: str) -> str:
-    return device.split("device:")[-1] if device else ""

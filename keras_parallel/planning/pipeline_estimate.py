@@ -24,6 +24,7 @@ import keras
 
 from keras_parallel.pipeline.plan import plan_devices
 from keras_parallel.pipeline.recompute import recomputable
+from keras_parallel.pipeline.schedule import schedule_named
 from keras_parallel.placement import stage_layers
 from keras_parallel.planning.estimate import DeviceBytes
 from keras_parallel.planning.profile import INPUT, LOSS, ActivationProfile
@@ -81,9 +82,8 @@ def pipeline_bytes(
     for s in range(p):
         here = {i for i, stage in enumerate(stages) if stage == s}
         replayed = {i for i in here if recomputable(layers[i])} if recompute else set()
-        in_flight = num_microbatches
-        if schedule == "1f1b":
-            in_flight = min(num_microbatches, p - s)
+        bound = schedule_named(schedule).in_flight(s, p)
+        in_flight = num_microbatches if bound is None else min(num_microbatches, bound)
         per_microbatch = profile.bytes_at(m, _held(s, here, replayed, inputs=False))
         inputs = profile.bytes_at(batch_size, _held(s, here, replayed, inputs=True))
         weights = state.of_layers(here | ({None} if s == 0 else set()))
