@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/pipeline_memory.py
 	$(VENV)/bin/python benchmarks/remat.py
 	$(VENV)/bin/python benchmarks/mesh.py
+	$(VENV)/bin/python benchmarks/xla.py
 	$(VENV)/bin/python benchmarks/sharding.py
 	$(VENV)/bin/python benchmarks/multi_worker.py
 	$(VENV)/bin/python benchmarks/local_sgd.py

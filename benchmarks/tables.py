@@ -194,8 +194,8 @@ TABLES = {
         source="pipeline_memory.json",
         columns={
             "setting": _text("setting"),
-            "held for the backward, per device (graph)": lambda row, rows, s: (
-                ", ".join(f"{d} {size:.0f} MB" for d, size in row["held_mb"].items())
+            "held for the backward, per device (graph)": lambda row, rows, s: ", ".join(
+                f"{d} {size:.0f} MB" for d, size in row["held_mb"].items()
             ),
             "peak growth (process)": lambda row, rows, s: (
                 f"{row['peak_growth_mb']:.0f} MB"
@@ -254,6 +254,27 @@ TABLES = {
             "measured ms is the sum of its layers' forward and backward times as "
             '`partition="time"` measures them (batch 32), measured again after '
             "training (median of 30 runs)."
+        ),
+    ),
+    "xla": Table(
+        source="xla.json",
+        columns={
+            "shape": _text("shape"),
+            "setup": _text("setup"),
+            "median step ms": _num(".1f", "step_ms"),
+            "step time / one device": _num(".2f", "over_single"),
+            "XLA clusters in the step": lambda row, rows, s: (
+                ", ".join(f"{d}: {n}" for d, n in row["clusters"].items()) or "none"
+            ),
+        },
+        note=(
+            "How computed: batch {batch}, Adam, 2 logical CPU devices sharing 2 "
+            "cores; the four setups of a shape take turns, one epoch each, for "
+            "{rounds} rounds in one process; `step time / one device` is the "
+            "median over the rounds of each round's epoch time over the "
+            "uncompiled single device's. Clusters: the compiled clusters each "
+            "device launches in a training step, from TensorFlow's executed "
+            "graphs."
         ),
     ),
     "mesh": Table(

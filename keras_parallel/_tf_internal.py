@@ -16,6 +16,7 @@ call; the test checks that each still exists with the arguments we pass.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import keras
@@ -397,3 +398,45 @@ def unregister_gradients(names) -> None:
     registry = ops._gradient_registry._registry
     for name in names:
         registry.pop(name, None)
+
+
+def mark_op(op, name: str, value) -> None:
+    """Sets attribute `name` of graph operation `op` (a bool or a string)
+    while its function is being traced: how TensorFlow's own
+    `tf.xla.experimental.jit_scope` marks ops, without its graph-wide scope,
+    which replica threads would enter and leave out of order."""
+    from tensorflow.core.framework import attr_value_pb2
+
+    if isinstance(value, bool):
+        attr = attr_value_pb2.AttrValue(b=value)
+    else:
+        attr = attr_value_pb2.AttrValue(s=value.encode())
+    op._set_attr(name, attr)
+
+
+def supports_xla(model) -> bool:
+    """Keras' own test of whether a model can be XLA-compiled (every layer's
+    `supports_jit`, op determinism off)."""
+    from keras.src.trainers.trainer import model_supports_jit
+
+    return model_supports_jit(model)
+
+
+@contextlib.contextmanager
+def executed_graphs():
+    """Records the graphs TensorFlow runs while the context is open, after
+    its optimizations and XLA's clustering: yields a list that holds one
+    GraphDef per device partition of each function run when it closes."""
+    from tensorflow.python.eager import context
+
+    graphs: list = []
+    context.context().enable_run_metadata()
+    # Whatever an earlier recording left (exporting clears it).
+    context.context().export_run_metadata()
+    try:
+        yield graphs
+    finally:
+        metadata = context.context().export_run_metadata()
+        context.context().disable_run_metadata()
+        for function in metadata.function_graphs:
+            graphs.extend(function.partition_graphs)

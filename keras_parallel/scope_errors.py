@@ -90,7 +90,7 @@ def _message(culprit) -> str:
         "    with strategy.scope():\n"
         "        model = ...\n"
         "        model.compile(optimizer=keras.optimizers.Adam(...), ...)\n"
-        "(an optimizer given by name, `optimizer=\"adam\"`, is created by "
+        '(an optimizer given by name, `optimizer="adam"`, is created by '
         "`compile`, so call `compile` inside the scope)."
     )
 

@@ -184,6 +184,7 @@ SPARSE_OPTIMIZERS = {
     "rmsprop": lambda: keras.optimizers.RMSprop(0.05),
 }
 
+
 class GAN(keras.Model):
     """keras.io's DCGAN (overriding `train_step`): two optimizers kept as the
     model's own attributes, trackers in `metrics`, no `call()`. The latent

@@ -113,7 +113,17 @@ WEIGHTED_DATA = dict(
 
 
 def bf16_loss_scale():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    return mixed_precision_mlp("mixed_bfloat16")
+
+
+def fp16_loss_scale():
+    return mixed_precision_mlp("mixed_float16")
+
+
+def mixed_precision_mlp(policy: str):
+    """The MLP under Keras' global dtype `policy` (set here; the caller
+    restores float32), with loss scaling."""
+    keras.mixed_precision.set_global_policy(policy)
     model = keras.Sequential(
         [
             keras.Input((16,)),

@@ -62,15 +62,6 @@ def test_optimizer_made_outside_the_scope(where, strategy):
     assert "model.compile(optimizer=keras.optimizers.Adam(...)" in message
 
 
-def test_jit_compile_is_refused_with_the_fix():
-    with keras_parallel.DataParallel(devices(2)).scope():
-        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-        model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=True)
-    with pytest.raises(ValueError) as raised:
-        model.fit(X, Y, batch_size=8, verbose=0)
-    assert "jit_compile=False" in str(raised.value)
-
-
 @pytest.mark.parametrize("option", ["shard_optimizer", "sync_batch_norm"])
 def test_options_must_be_bool(option):
     with pytest.raises(TypeError) as raised:

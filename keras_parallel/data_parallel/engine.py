@@ -41,8 +41,11 @@ class DataParallelEngine(StepTracing):
     and merge calls tf.distribute's own machinery uses.
     """
 
-    def _init_engine(self, gradients, mode, sync_batch_norm: bool) -> None:
+    def _init_engine(
+        self, gradients, mode, sync_batch_norm: bool, jit_compile: bool | str
+    ) -> None:
         self.gradient_reduction = gradients
+        self.jit_compile = jit_compile
         self.mode = mode
         self.sync_batch_norm = sync_batch_norm
         self.loss_weights = LossWeights()

@@ -117,8 +117,7 @@ class LossWeights:
 
         def weigh(value):
             if not isinstance(value, PerReplica) or not all(
-                part.shape.rank == 0 and part.dtype.is_floating
-                for part in value.values
+                part.shape.rank == 0 and part.dtype.is_floating for part in value.values
             ):
                 return value
             weighted = []

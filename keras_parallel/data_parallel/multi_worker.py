@@ -117,6 +117,7 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
         compression,
         mode,
         sync_batch_norm,
+        jit_compile,
     ):
         if devices is not None:
             raise ValueError(
@@ -165,7 +166,7 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops
         )
-        self._init_engine(gradients, mode, sync_batch_norm)
+        self._init_engine(gradients, mode, sync_batch_norm, jit_compile)
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn)

@@ -52,8 +52,10 @@ class SharedRows:
     def rebuild(self, total):
         """The summed sparse gradient from `total`, the reduced values (one
         per device, as the reduction returns them)."""
-        sums = total.values if isinstance(total, tf.distribute.DistributedValues) else (
-            total,
+        sums = (
+            total.values
+            if isinstance(total, tf.distribute.DistributedValues)
+            else (total,)
         )
         rebuilt = []
         for part, summed in zip(self._parts, sums, strict=True):

@@ -9,7 +9,6 @@ import contextlib
 
 import tensorflow as tf
 
-from keras_parallel._tf_internal import in_xla_context
 from keras_parallel.data_parallel import batch_split, batchnorm
 from keras_parallel.data_parallel.metric_results import GlobalResult, step_metrics
 from keras_parallel.data_parallel.optimizer_step import ReplicaStepOptimizer
@@ -19,6 +18,7 @@ from keras_parallel.specialize import (
     reachable,
     specialized,
 )
+from keras_parallel.xla import compiled_per_device, compiles, refuse_whole_step_xla
 
 
 class StepTracing:
@@ -116,14 +116,7 @@ class StepTracing:
         )
 
     def _call_for_each_replica(self, fn, args, kwargs):
-        if in_xla_context():
-            raise ValueError(
-                "DataParallel cannot run inside an XLA-compiled function: XLA "
-                "compiles a function for one device, and DataParallel runs one "
-                "replica per device. Compile the model with "
-                "`model.compile(..., jit_compile=False)` (Keras picks "
-                "jit_compile=True by default on machines with a GPU)."
-            )
+        refuse_whole_step_xla("DataParallel")
         models = reachable(fn, (args, kwargs))
         for model in models:
             for variable in model.variables:
@@ -156,7 +149,13 @@ class StepTracing:
                 self._step_layers(models),
             ):
                 args = self.empty_pieces.pad(args)
-                with self.mode.step(self, models, sizes, training):
+                with (
+                    self.mode.step(self, models, sizes, training),
+                    compiled_per_device(
+                        compiles(self.jit_compile, self._devices, models),
+                        transfers=False,
+                    ),
+                ):
                     outputs = super()._call_for_each_replica(fn, args, kwargs)
                 outputs = self.empty_pieces.trim(outputs)
                 return self.loss_weights.weigh_logs(outputs)

@@ -18,6 +18,7 @@ from keras_parallel.data_parallel.replica_strategy import ReplicaStrategy
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression, resolve_compression
 from keras_parallel.reduction.engine import GradientReduction
+from keras_parallel.xla import check_jit_compile
 
 
 class DataParallel(ReplicaStrategy):
@@ -117,6 +118,16 @@ class DataParallel(ReplicaStrategy):
             instance (its config is used), a name or a config dict; across
             workers a name or config dict, as an instance starts TensorFlow
             before the strategy. None: the plain average.
+        jit_compile: Whether each replica's part of a step (its forward,
+            backward and part of the optimizer update) runs compiled by XLA
+            on its device, with the gradient reduction between the compiled
+            parts (`keras_parallel/xla.py`): True, False, or `"auto"`
+            (default: on GPUs, when every layer of the model supports XLA,
+            as Keras decides `jit_compile="auto"` on one device). Use this
+            rather than `model.compile(jit_compile=True)`, with which Keras
+            compiles all replicas into one program for one device (an error
+            says so); Keras' own `"auto"` turns XLA off under any
+            tf.distribute strategy.
 
     Raises:
         ValueError: for a malformed `TF_CONFIG` or cluster, a port of this
@@ -149,6 +160,7 @@ class DataParallel(ReplicaStrategy):
         sync_batch_norm: bool | None = None,
         sync_every: int = 1,
         outer_optimizer: keras.optimizers.Optimizer | None = None,
+        jit_compile: bool | str = "auto",
     ):
         del cluster_resolver  # __new__ resolved it into self._cluster
         mode, sync_batch_norm = choose_mode(
@@ -166,6 +178,7 @@ class DataParallel(ReplicaStrategy):
             compression=compression,
             mode=mode,
             sync_batch_norm=sync_batch_norm,
+            jit_compile=check_jit_compile(jit_compile),
         )
         # Not super(): a multi-worker DataParallel also derives from
         # MultiWorkerMirroredStrategy, whose constructor builds its own engine.
@@ -216,9 +229,10 @@ class DataParallelExtended(DataParallelEngine, MirroredExtended):
         gradients,
         mode,
         sync_batch_norm,
+        jit_compile,
     ):
         super().__init__(container_strategy, devices=devices, cross_device_ops=exact)
-        self._init_engine(gradients, mode, sync_batch_norm)
+        self._init_engine(gradients, mode, sync_batch_norm, jit_compile)
 
     def _initialize_single_worker(self, devices):
         # MirroredStrategy's setup logs "Using MirroredStrategy with devices";

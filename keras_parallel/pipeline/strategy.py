@@ -47,6 +47,12 @@ from keras_parallel.specialize import (
     specialized,
     step_model,
 )
+from keras_parallel.xla import (
+    check_jit_compile,
+    compiled_per_device,
+    compiles,
+    refuse_whole_step_xla,
+)
 
 HOST = "/device:CPU:0"
 
@@ -104,6 +110,12 @@ class PipelineParallel(tf.distribute.Strategy):
             two layers to recompute).
             Layers with non-trainable state (BatchNormalization, Dropout's
             seed) are not recomputed, so that their state moves once.
+        jit_compile: Whether each stage's ops run compiled by XLA on its
+            device, the transfers between stages outside
+            (`keras_parallel/xla.py`): True, False, or `"auto"` (default: on
+            GPUs, when every layer supports XLA). Use it rather than
+            `model.compile(jit_compile=True)`, which compiles the whole step
+            for one device (an error says so).
 
     Example:
 
@@ -127,6 +139,7 @@ class PipelineParallel(tf.distribute.Strategy):
         *,
         schedule: str = "gpipe",
         recompute: bool | str = False,
+        jit_compile: bool | str = "auto",
     ):
         check_int("num_microbatches", num_microbatches, 1)
         devices = resolve_devices(devices)
@@ -140,6 +153,7 @@ class PipelineParallel(tf.distribute.Strategy):
                 partition,
                 schedule_named(schedule),
                 recompute,
+                check_jit_compile(jit_compile),
             )
         )
 
@@ -204,6 +218,7 @@ class PipelineParallelExtended(OneDeviceExtended):
         partition,
         schedule,
         recompute,
+        jit_compile,
     ):
         super().__init__(container_strategy, devices[0])
         self.devices = tuple(devices)
@@ -211,6 +226,7 @@ class PipelineParallelExtended(OneDeviceExtended):
         self.partition = partition
         self.schedule = schedule
         self.recompute = recompute
+        self.jit_compile = jit_compile
         # Placed model -> the stages that recompute; the step being traced.
         self._recomputing: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._trace: StepTrace | None = None
@@ -250,10 +266,12 @@ class PipelineParallelExtended(OneDeviceExtended):
         return dataset
 
     def _call_for_each_replica(self, fn, args, kwargs):
+        refuse_whole_step_xla("PipelineParallel")
         model = step_model(fn) or captured_model(fn)
         if model is None:
             return super()._call_for_each_replica(fn, args, kwargs)
         self.place(model)
+        xla = compiles(self.jit_compile, self.devices, [model])
         layers = [
             layer
             for layer in placement.stage_layers(model)
@@ -268,9 +286,13 @@ class PipelineParallelExtended(OneDeviceExtended):
         registered = registered_gradient_names()
         found = keras_step(fn)
         try:
-            with specialized(layers, StagedLayer), specialized([model], StagedModel):
+            with (
+                specialized(layers, StagedLayer),
+                specialized([model], StagedModel),
+                compiled_per_device(xla, transfers=True),
+            ):
                 if found is not None and found[1] == "train_step":
-                    step = functools.partial(self._training_step, model, fn)
+                    step = functools.partial(self._training_step, model, fn, xla)
                     return super()._call_for_each_replica(step, args, kwargs)
                 # Forwards only, or a custom loop: the model's call is cut,
                 # its pieces in no order and kept by tapes.
@@ -282,12 +304,15 @@ class PipelineParallelExtended(OneDeviceExtended):
             if added:
                 weakref.finalize(model, unregister_gradients, added)
 
-    def _training_step(self, model, fn, *args, **kwargs):
+    def _training_step(self, model, fn, xla, *args, **kwargs):
         """Keras' training step under the schedule, the stages recomputing;
         a batch with fewer samples than micro-batches (a short last batch)
-        runs as under GPipe, without recomputation."""
+        runs as under GPipe, without recomputation. With `xla`, each branch
+        of the step is compiled per device (a `tf.cond`'s branches are
+        graphs of their own)."""
         splits = self.schedule.splits_step and self.num_microbatches > 1
 
+        @compiled_per_device(xla, transfers=True)
         def full():
             self._trace = StepTrace(
                 self.schedule,
@@ -303,6 +328,7 @@ class PipelineParallelExtended(OneDeviceExtended):
                 )
             return fn(*args, **kwargs)
 
+        @compiled_per_device(xla, transfers=True)
         def short():
             # Recomputing inside the empty pieces' conds would read the
             # variables again in the cond's gradient, which TensorFlow's

@@ -70,9 +70,7 @@ def optimizer_bytes_per_device(model) -> dict[str, int]:
 
 @pytest.mark.parametrize("sharding", ["optimizer", "gradients", "parameters"])
 @pytest.mark.parametrize("num_devices", [2, 4])
-def test_one_large_embedding_spreads_its_state_over_every_device(
-    num_devices, sharding
-):
+def test_one_large_embedding_spreads_its_state_over_every_device(num_devices, sharding):
     # 4 M elements in one table, as a model whose bytes sit in one Embedding.
     strategy = keras_parallel.DataParallel(devices(num_devices), sharding=sharding)
     with strategy.scope():
