@@ -28,7 +28,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -172,18 +171,11 @@ def gantt(rows: list[dict], path: str) -> None:
         "k's forward / backward on the device, from its first op's start to its "
         "last op's end (short ones unlabelled)"
     )
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    timeline.save(fig, path)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=7)
-    parser.add_argument(
-        "--plot-only", action="store_true", help="redraw the picture from the JSON"
-    )
-    args = parser.parse_args()
+    args = timeline.arguments(__doc__.splitlines()[0], steps=7)
     path = os.path.join(RESULTS, "pipeline_timeline.json")
     if args.plot_only:
         with open(path) as f:

@@ -396,6 +396,35 @@ TABLES = {
             "the device. Idle: the median over the steps (their range). {note}"
         ),
     ),
+    "overlap": Table(
+        source="overlap.json",
+        columns={
+            "bucket": _text("bucket"),
+            "gradients (shapes)": lambda row, rows, s: ", ".join(
+                "x".join(map(str, shape)) for shape in row["shapes"]
+            ),
+            "kB": lambda row, rows, s: f"{row['bytes'] / 1e3:,.1f}",
+            "starts, ms from backward end": _num("+.2f", "start_ms"),
+            "ends, ms from backward end": _num("+.2f", "end_ms"),
+            "steps it started before the backward ended": lambda row, rows, s: (
+                f"{row['steps_started_before_backward_end']} of "
+                f"{len(row['start_ms_every_step'])}"
+            ),
+        },
+        note=(
+            "How computed: {model}, global batch {batch}, Adam, DataParallel on "
+            "{devices} logical CPU devices, `bucket_mb={bucket_mb}`; "
+            "{recorded_steps} training steps recorded one at a time by TensorFlow's "
+            "profiler after warm-up steps (`benchmarks/overlap.py`, events read by "
+            "`benchmarks/timeline.py`). A bucket's reduction starts with the first "
+            "of its ops (packing, sum and unpacking, on either device) and ends "
+            "with the last; each time is the median over the steps, in ms from the "
+            "end of the backward's last op on either replica (negative: before "
+            "it). The backward took a median {backward_ms_median:.1f} ms (its first "
+            "op to its last), and the last bucket ended a median "
+            "{tail_ms_median:.2f} ms after it. {note}"
+        ),
+    ),
 }
 
 

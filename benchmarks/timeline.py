@@ -20,13 +20,15 @@ only.
 An interval is the first start and the last end of a (device, micro-batch,
 phase)'s ops; a device's busy time is the union of its counted ops' events.
 
-This module is shared by `pipeline_timeline.py` and
-`tests/pipeline/test_timeline.py`; it imports TensorFlow's XSpace protocol
+This module is shared by `pipeline_timeline.py`,
+`tests/pipeline/test_timeline.py` and `overlap.py` (which reads the events of
+`profile` against its own classes of ops); it imports TensorFlow's XSpace protocol
 buffer (`tensorflow.tsl`), which the package itself does not depend on.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import os
@@ -35,7 +37,10 @@ import tempfile
 
 FORWARD, BACKWARD = "forward", "backward"
 _MICROBATCH = re.compile(r"(?:^|/)microbatch_(\d+)/")
-_BACKWARD = re.compile(r"(?:^|/)(gradient_tape|gradients(_\d+)?|recompute(_\d+)?)/")
+# Backward ops (and replays, counted with the backward), by their name scope.
+BACKWARD_SCOPE = re.compile(
+    r"(?:^|/)(gradient_tape|gradients(_\d+)?|recompute(_\d+)?)/"
+)
 _REPLAY = re.compile(r"(?:^|/)recompute(_\d+)?/")
 _DEVICE = re.compile(r"device:([A-Z]+:\d+)$")
 
@@ -141,7 +146,7 @@ def op_kinds(graph, model) -> dict[str, OpKind]:
                 or not (model_scope.search(op.name) or _REPLAY.search(op.name))
             ):
                 continue
-            phase = BACKWARD if _BACKWARD.search(op.name) else FORWARD
+            phase = BACKWARD if BACKWARD_SCOPE.search(op.name) else FORWARD
             kinds[op.name] = OpKind(device.group(1), int(microbatch.group(1)), phase)
         for inner in graph_functions(g):
             visit(inner)
@@ -224,10 +229,28 @@ def _union(spans: list[tuple[int, int]]) -> int:
     return total
 
 
+def profile(function, *args, logdir: str | None = None) -> list[tuple[str, int, int]]:
+    """The op events (`read_events`) of one call of `function(*args)` under
+    TensorFlow's profiler, its trace written to `logdir` (a temporary
+    folder, removed after reading, when None)."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = logdir or temporary
+        tf.profiler.experimental.start(folder)
+        try:
+            function(*args)
+        finally:
+            tf.profiler.experimental.stop()
+        paths = glob.glob(
+            os.path.join(folder, "plugins", "profile", "*", "*.xplane.pb")
+        )
+        return read_events(max(paths, key=os.path.getmtime))
+
+
 def record(model, x, y, logdir: str | None = None, warmup: int = 1) -> Timeline:
     """The timeline of one training step on `(x, y)`: `warmup` steps, then
-    one step under TensorFlow's profiler, its trace written to `logdir` (a
-    temporary folder, removed after reading, when None).
+    one step under TensorFlow's profiler (`profile`).
 
     The steps train the model (its weights and optimizer move).
     """
@@ -241,15 +264,22 @@ def record(model, x, y, logdir: str | None = None, warmup: int = 1) -> Timeline:
     for _ in range(warmup):
         function(x, y)
     kinds = op_kinds(function.graph, model)
-    with tempfile.TemporaryDirectory() as temporary:
-        folder = logdir or temporary
-        tf.profiler.experimental.start(folder)
-        try:
-            function(x, y)
-        finally:
-            tf.profiler.experimental.stop()
-        paths = glob.glob(
-            os.path.join(folder, "plugins", "profile", "*", "*.xplane.pb")
-        )
-        path = max(paths, key=os.path.getmtime)
-        return build(read_events(path), kinds)
+    return build(profile(function, x, y, logdir=logdir), kinds)
+
+
+def arguments(description: str, steps: int) -> argparse.Namespace:
+    """The command line of a timeline benchmark: `--steps` to record (default
+    `steps`) and `--plot-only` (redraw the picture from the JSON)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the picture from the JSON"
+    )
+    return parser.parse_args()
+
+
+def save(figure, path: str) -> None:
+    """Writes a timeline benchmark's matplotlib `figure` to `path`."""
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    figure.savefig(path, dpi=110)

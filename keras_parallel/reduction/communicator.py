@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -13,6 +14,9 @@ import tensorflow as tf
 from keras_parallel.reduction import buckets
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm
 from keras_parallel.reduction.rows import row_parts
+
+# Characters a name scope may not hold (a label is free text).
+_SCOPE_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 # Largest magnitude a float16 part may reach before the sum: 2**15 leaves
 # headroom below float16's maximum, 65504.
@@ -187,24 +191,33 @@ class Communicator:
     def _in_buckets(self, gradients, label, pack, send) -> list[list[tf.Tensor]]:
         """Per bucket, `pack(parts)` -> (flat, parts' shapes to unpack the
         output by) on each replica's device, then `send(flats, label, count,
-        dtype)` -> one output per replica, unpacked into `result[k][i]`."""
+        dtype)` -> one output per replica, unpacked into `result[k][i]`.
+
+        Buckets are filled in the order the backward produces the gradients
+        (`buckets.ready_order`), and bucket b's ops are named under
+        `<label>_<b>/` (`bucket_0/`), for timelines and tests to find."""
         results: list[list[tf.Tensor]] = [[] for _ in gradients]
         first_replica = [parts[0] for parts in gradients]
-        for b, members in enumerate(buckets.plan(first_replica, self.bucket_bytes)):
-            flats, likes = [], []
-            for i in range(self.num_replicas):
-                with tf.device(gradients[members[0]][i].device):
-                    flat, like = pack([gradients[k][i] for k in members])
-                flats.append(flat)
-                likes.append(like)
-            outputs = send(
-                flats, f"{label} {b}", len(members), first_replica[members[0]].dtype
-            )
-            for output, like in zip(outputs, likes, strict=True):
-                with tf.device(output.device):
-                    pieces = buckets.unpack(output, like)
-                for k, piece in zip(members, pieces, strict=True):
-                    results[k].append(piece)
+        plan = buckets.plan(
+            first_replica, self.bucket_bytes, buckets.ready_order(first_replica)
+        )
+        for b, members in enumerate(plan):
+            name = f"{label} {b}"
+            with tf.name_scope(_SCOPE_UNSAFE.sub("_", name)):
+                flats, likes = [], []
+                for i in range(self.num_replicas):
+                    with tf.device(gradients[members[0]][i].device):
+                        flat, like = pack([gradients[k][i] for k in members])
+                    flats.append(flat)
+                    likes.append(like)
+                outputs = send(
+                    flats, name, len(members), first_replica[members[0]].dtype
+                )
+                for output, like in zip(outputs, likes, strict=True):
+                    with tf.device(output.device):
+                        pieces = buckets.unpack(output, like)
+                    for k, piece in zip(members, pieces, strict=True):
+                        results[k].append(piece)
         return results
 
     def _sum_flat(self, flats, label, tensors, dtype, wire_dtype, collective=None):
