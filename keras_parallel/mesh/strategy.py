@@ -150,6 +150,9 @@ class MeshParallel(ReplicaStrategy):
             compression=compression,
             mode=mode,
             sync_batch_norm=sync_batch_norm,
+            # A split layer's exchanges run inside each replica's part of the
+            # step, which the per-device compilation would have to leave out.
+            jit_compile=False,
         )
         super().__init__(extended)
 
