@@ -90,13 +90,16 @@ class OptimizerSharded(Replicated):
             return update_regroup(engine, results, group)
         if not isinstance(var, MirroredVariable):
             return super().update_mirrored(engine, var, fn, args, kwargs, group)
+        engine.gradient_reduction.count_broadcast(
+            var, len(var.values), var.name.split(":")[0]
+        )
         return update_regroup(
             engine, self._update_on_owner(var, fn, args, kwargs), group
         )
 
     def _update_on_owner(self, var, fn, args, kwargs) -> list:
         """The owner's copy updated by `fn`, the other copies assigned its new
-        value; each copy's result."""
+        value (a broadcast); each copy's result."""
         owner = self.owners.owner(var)
         components = var.values
         with (
