@@ -3,7 +3,11 @@
 Runs the two tasks the tests assert on (`tests/reduction/compression_tasks.py`): the
 demo convnet (Adam, 3 epochs) and a 40x64 Dense MLP (SGD with momentum,
 8 epochs), on 2 logical CPU devices, for every setting. Bytes are what each
-replica sends per step (`DataParallel.communication_stats()`); step time is
+replica puts into every collective of a step (`communication_stats()`: the
+gradients' reduction and, with a sharding of the optimizer state, the
+all-gather of the updated weights, which is never compressed), and the
+compression ratio is that total over the same step's with `compression=None`;
+step time is
 the median of `--repeats` further epochs, the settings of a task taking turns
 so that machine noise hits them alike, over the uncompressed setting's.
 
@@ -24,28 +28,54 @@ import tables
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
-# (task, label, compression): PowerSGD settings as keyword items, as the
-# tests pass them.
+# (task, label, compression, sharding): PowerSGD settings as keyword items,
+# as the tests pass them. "auto" is the default: the optimizer state split
+# without compression, whole on every device with one (the all-gather it
+# would add is not compressed); the PowerSGD row with "optimizer" shows that
+# all-gather's bytes.
 SETTINGS = [
-    ("demo convnet", "none", None),
-    ("demo convnet", "fp16", "fp16"),
-    ("demo convnet", "bf16", "bf16"),
-    ("demo convnet", "PowerSGD(4)", (("rank", 4),)),
+    ("demo convnet", "none", None, "auto"),
+    ("demo convnet", "none", None, None),
+    ("demo convnet", "fp16", "fp16", "auto"),
+    ("demo convnet", "bf16", "bf16", "auto"),
+    ("demo convnet", "PowerSGD(4)", (("rank", 4),), "auto"),
+    ("demo convnet", "PowerSGD(4)", (("rank", 4),), "optimizer"),
     (
         "demo convnet",
         "PowerSGD(4), fp16 P/Q",
         (("rank", 4), ("transfer_dtype", "float16")),
+        "auto",
     ),
-    ("40x64 MLP", "none", None),
-    ("40x64 MLP", "fp16", "fp16"),
-    ("40x64 MLP", "bf16", "bf16"),
-    ("40x64 MLP", "PowerSGD(4), warmup 64", (("rank", 4), ("warmup_steps", 64))),
+    ("40x64 MLP", "none", None, "auto"),
+    ("40x64 MLP", "fp16", "fp16", "auto"),
+    ("40x64 MLP", "bf16", "bf16", "auto"),
+    (
+        "40x64 MLP",
+        "PowerSGD(4), warmup 64",
+        (("rank", 4), ("warmup_steps", 64)),
+        "auto",
+    ),
     (
         "40x64 MLP",
         "PowerSGD(4), warmup 64, fp16 P/Q",
         (("rank", 4), ("warmup_steps", 64), ("transfer_dtype", "float16")),
+        "auto",
     ),
 ]
+
+
+# What each row keeps of `communication_stats()`.
+STATS = (
+    "bytes_per_step",
+    "all_reduce_bytes_per_step",
+    "all_gather_bytes_per_step",
+    "broadcast_bytes_per_step",
+    "uncompressed_bytes_per_step",
+    "compression_ratio",
+    "ring_bytes_per_step",
+    "warmup_bytes_per_step",
+    "reductions",
+)
 
 
 def main() -> None:
@@ -68,30 +98,29 @@ def main() -> None:
     }
     rows = []
     for task, run in tasks.items():
-        settings = [(label, c) for t, label, c in SETTINGS if t == task]
         runs = {}
-        for label, compression in settings:
-            print(f"training {task}, {label}", flush=True)
-            runs[label] = run(compression)
-        first = runs["none"]
+        for t, label, compression, sharding in SETTINGS:
+            if t != task:
+                continue
+            print(f"training {task}, {label}, sharding={sharding!r}", flush=True)
+            options = {} if sharding == "auto" else {"sharding": sharding}
+            runs[label, sharding] = run(compression, **options)
         rates = samples_per_second(
-            {label: r["model"] for label, r in runs.items()},
-            first["data"],
+            {key: r["model"] for key, r in runs.items()},
+            runs["none", "auto"]["data"],
             batch_size=128,
             rounds=args.repeats,
         )
-        for label, result in runs.items():
+        for (label, sharding), result in runs.items():
             stats = result["stats"]
             rows.append(
                 {
                     "task": task,
                     "compression": label,
-                    "bytes_per_step": stats["bytes_per_step"],
-                    "fp32_bytes_per_step": stats["fp32_bytes_per_step"],
-                    "warmup_bytes_per_step": stats["warmup_bytes_per_step"],
-                    "reductions": stats["reductions"],
+                    "sharding": sharding,
+                    **{key: stats[key] for key in STATS},
                     "accuracy": result["accuracy"],
-                    "step_time_ratio": rates["none"] / rates[label],
+                    "step_time_ratio": rates["none", "auto"] / rates[label, sharding],
                 }
             )
     os.makedirs(RESULTS, exist_ok=True)

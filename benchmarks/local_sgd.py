@@ -9,8 +9,11 @@ global batch 128 (512 steps). Settings: synchronous `DataParallel` and
 `sync_every` 4 and 16, each with the plain average and with DiLoCo's outer
 Nesterov SGD (0.7, momentum 0.9; Douillard et al. 2023), every one from the
 same samples in the same order, for `--seeds` seeds (model initialisation
-and data). Bytes are what each replica puts into all-reduces
-(`communication_stats()`), per step and over the run.
+and data); synchronous training keeps the whole optimizer state on every
+device (`sharding=None`), as local SGD does. Bytes are what each replica puts
+into the step's collectives (`communication_stats()`: all-reduces of the
+gradients, or of the weights' changes at a meeting), per step and over the
+run.
 
 Usage:
     python benchmarks/local_sgd.py              # ~3 min, writes results/local_sgd.json
@@ -47,6 +50,9 @@ def train(setting: str, seed: int) -> dict:
     sync_every, outer = SETTINGS[setting]
     strategy = keras_parallel.DataParallel(
         [f"CPU:{i}" for i in range(REPLICAS)],
+        # Whole optimizer state on every device, as local SGD keeps it: the
+        # settings differ only in how often the replicas meet.
+        sharding=None,
         sync_every=sync_every,
         outer_optimizer=(
             keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True) if outer else None

@@ -19,8 +19,10 @@ measured is overhead.
 Bytes per device are those of the weights and optimizer state, read from
 each variable's per-device copies (largest and smallest device). Bytes
 communicated per step and per device are the gradient all-reduce's
-(`communication_stats()["bytes_per_step"]`) and, under MeshParallel, the
-model-axis exchanges of the training step (`exchanges()`), reported apart.
+(`communication_stats()["all_reduce_bytes_per_step"]`; the all-gather of the
+updated rows that the default `sharding` adds is not in this table) and,
+under MeshParallel, the model-axis exchanges of the training step
+(`exchanges()`), reported apart.
 
 Usage:
     python benchmarks/mesh.py               # full table (~4 min), writes JSON
@@ -107,7 +109,7 @@ def communication(strategy) -> tuple[int | None, int | None]:
     """(gradient all-reduce bytes, model-axis exchange bytes) per step and
     device; None where the strategy has no such traffic to report."""
     stats = getattr(strategy, "communication_stats", None)
-    reduce_bytes = stats()["bytes_per_step"] if stats else None
+    reduce_bytes = stats()["all_reduce_bytes_per_step"] if stats else None
     exchanges = getattr(strategy, "exchanges", None)
     exchange_bytes = sum(e["bytes"] for e in exchanges()) if exchanges else None
     return reduce_bytes, exchange_bytes

@@ -12,9 +12,12 @@ cores, so what is measured is overhead, not speedup.
 
 Bytes per device are those of the weights and optimizer state, read from
 each variable's per-device copies (largest device). Traffic per step and
-replica comes from `communication_stats()`: the buffers of the all-reduces,
-reduce-scatters and all-gathers, and what a replica sends when each runs as
-a ring (all-reduce 2(n-1)/n of its buffer, the others (n-1)/n).
+replica comes from `communication_stats()`: what each replica puts into
+every collective of the step (its buffer of an all-reduce or reduce-scatter,
+its part of an all-gather; the owner's broadcasts of what is not split by
+rows), their total, and what a replica sends when each runs as a ring
+(all-reduce 2(n-1)/n of its buffer, reduce-scatter (n-1)/n, all-gather n-1
+parts).
 
 Usage:
     python benchmarks/sharding.py               # full table (~2 min), writes JSON
@@ -34,6 +37,9 @@ from mlp import SAMPLES, build_mlp, make_data
 
 BATCH, DEPTH, WIDTH = 256, 2, 1024
 MODES = (None, "optimizer", "gradients", "parameters")
+# `communication_stats()` keys kept, as `<kind>bytes_per_step`: the total
+# ("") and each kind of collective.
+KINDS = ("", "all_reduce_", "reduce_scatter_", "all_gather_", "broadcast_", "ring_")
 
 
 def main() -> None:
@@ -83,8 +89,8 @@ def main() -> None:
                 "max_device_mb": max(per_device.values()) / MB,
                 "bytes_per_device": per_device,
                 **{
-                    f"{kind}_mb_per_step": traffic.get(f"{kind}_bytes_per_step", 0) / MB
-                    for kind in ("all_reduce", "reduce_scatter", "all_gather", "ring")
+                    f"{kind}mb_per_step": traffic.get(f"{kind}bytes_per_step", 0) / MB
+                    for kind in KINDS
                 },
             }
         )

@@ -156,19 +156,27 @@ TABLES = {
         columns={
             "task": _text("task"),
             "compression": _text("compression"),
-            "bytes/step": _num(",", "bytes_per_step"),
-            "of fp32": lambda row, rows, settings: format(
-                row["bytes_per_step"] / row["fp32_bytes_per_step"], ".1%"
+            "sharding": lambda row, rows, settings: f"`{row['sharding']!r}`",
+            "bytes/step, all collectives": _num(",.0f", "bytes_per_step"),
+            "of which gathers and broadcasts": lambda row, rows, settings: format(
+                row["all_gather_bytes_per_step"] + row["broadcast_bytes_per_step"],
+                ",.0f",
             ),
+            "of uncompressed": _num(".1%", "compression_ratio"),
             "reductions/step": _text("reductions"),
             "held-out accuracy": _num(".3f", "accuracy"),
             "step time / none": _num(".2f", "step_time_ratio"),
         },
         note=(
-            "How computed: bytes are what each replica sends per step "
-            "(`communication_stats()`); `step time / none` is the median throughput "
-            "of the uncompressed setting over this setting's, each the median of 5 "
-            "epochs, the settings of a task taking turns."
+            "How computed: bytes are what each replica puts into every collective "
+            "of a step (`communication_stats()['bytes_per_step']`: the gradients' "
+            "reduction, and under a sharding of the optimizer state the all-gather "
+            "of the updated weights and the broadcast of the optimizer's step "
+            "counter, never compressed); `of uncompressed` is that "
+            "over the same step with `compression=None` (`compression_ratio`). "
+            "`step time / none` is the median throughput of the uncompressed "
+            "`'auto'` setting over this setting's, each the median of 5 epochs, "
+            "the settings of a task taking turns."
         ),
     ),
     "model_parallel": Table(
@@ -303,6 +311,7 @@ TABLES = {
             "all-reduce": _mb("all_reduce_mb_per_step"),
             "reduce-scatter": _mb("reduce_scatter_mb_per_step"),
             "all-gather": _mb("all_gather_mb_per_step"),
+            "all collectives": _mb("mb_per_step"),
             "ring traffic / step / replica": _mb("ring_mb_per_step"),
         },
         note=(
@@ -310,9 +319,11 @@ TABLES = {
             "rounds; a step time is `ThroughputMonitor`'s (the epoch's steps after "
             "its first two), and `step time / one device` is the median over the "
             "rounds of each round's ratio to the single device. Collective columns "
-            "are buffer bytes per step (`communication_stats()`); ring traffic is "
-            "what a replica sends when each collective runs as a ring. MB are 1e6 "
-            "bytes."
+            "are the bytes each replica puts in per step (`communication_stats()`: "
+            "its buffer of an all-reduce or reduce-scatter, its part of an "
+            "all-gather); `all collectives` is their total with the owners' "
+            "broadcasts of the optimizer's step counter; ring traffic is what a "
+            "replica sends when each collective runs as a ring. MB are 1e6 bytes."
         ),
     ),
     "local_sgd": Table(

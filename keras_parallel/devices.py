@@ -95,6 +95,30 @@ def short_device(name: str) -> str:
     return name.split("device:")[-1]
 
 
+def memory_limit(device: str) -> int | None:
+    """The memory of a logical GPU in bytes, as its configuration sets it
+    (`virtual_devices(n, "GPU", memory_limit_mb=...)`), or None: TensorFlow
+    reports no size for CPUs, which share the host's memory, nor for a GPU
+    not split into logical devices.
+
+    Args:
+        device: A device name (`"GPU:0"`, `"/device:GPU:0"`, ...).
+
+    Returns:
+        Bytes, or None.
+    """
+    if "GPU" not in short_device(device):
+        return None
+    index = int(short_device(device).split(":")[-1])
+    logical = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        logical.extend(tf.config.get_logical_device_configuration(gpu) or [None])
+    if index >= len(logical) or logical[index] is None:
+        return None
+    limit = logical[index].memory_limit
+    return None if limit is None else int(limit) * 2**20
+
+
 def resolve_devices(devices: str | Sequence[str] | None) -> tuple[str, ...]:
     """Validates and canonicalises a strategy's `devices` argument.
 

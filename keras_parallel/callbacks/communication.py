@@ -1,4 +1,4 @@
-"""`CommunicationMonitor`: bytes the gradient reduction sends."""
+"""`CommunicationMonitor`: bytes a training step puts into collectives."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ from absl import logging
 
 
 class CommunicationMonitor(keras.callbacks.Callback):
-    """Adds the gradient reduction's bytes per step to each epoch's logs.
+    """Adds a training step's bytes to each epoch's logs.
 
     Reads `strategy.communication_stats()` (DataParallel has it): the logs
-    get `bytes_per_step` (what each replica sends per step) and
-    `compression_ratio` (that over plain float32). Under a strategy without
-    the accounting, or none, it says so once and adds nothing.
+    get `bytes_per_step` (what each replica puts into every collective of a
+    step: the gradients' reduction and the weights the sharding modes
+    gather) and `compression_ratio` (that over the same step without
+    compression). Under a strategy without the accounting, or none, it says
+    so once and adds nothing.
 
     Example:
 
@@ -36,10 +38,7 @@ class CommunicationMonitor(keras.callbacks.Callback):
             return
         stats = self._stats()
         logs["bytes_per_step"] = stats["bytes_per_step"]
-        if stats["fp32_bytes_per_step"]:
-            logs["compression_ratio"] = (
-                stats["bytes_per_step"] / stats["fp32_bytes_per_step"]
-            )
+        logs["compression_ratio"] = stats["compression_ratio"]
 
     def get_config(self) -> dict:
         return {}

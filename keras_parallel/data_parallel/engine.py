@@ -224,11 +224,8 @@ class DataParallelEngine(StepTracing):
     def count_gather(self, weight) -> None:
         """Counts one all-gather of a split weight's parts in the step being
         traced."""
-        part = weight.values[0]
         self.gradient_reduction.count_all_gather(
-            part.shape.num_elements() * len(weight.values),
-            part.dtype,
-            weight.name.split(":")[0],
+            weight.values[0], len(weight.values), weight.name.split(":")[0]
         )
 
     def scatter_rows(self, gradients, shape) -> list:

@@ -56,28 +56,56 @@ class ReplicaStrategy(tf.distribute.Strategy, SavedWithModel):
         return True
 
     def communication_stats(self) -> dict:
-        """Bytes the gradient reduction and the weight gathers move per
-        replica, per training step and per optimizer update.
+        """Bytes each replica puts into the collectives of a training step:
+        every one the step runs — the gradients' all-reduces or
+        reduce-scatters, the all-gathers and broadcasts of weights the
+        sharding modes add, the meetings of `sync_every` — not only the
+        gradients'.
 
         Read after `fit` has run (or traced) a step; before, the counts are 0.
-        With `gradient_accumulation_steps=k` in the optimizer, replicas
-        accumulate locally and reduce once per update, so a step sends 1/k of
-        an update's bytes.
+        Per-step figures are averages over the steps of an optimizer update:
+        with `gradient_accumulation_steps=k` replicas accumulate locally and
+        reduce once per update, and with `sync_every=H` they meet once every
+        H updates, so a step sends 1/k (1/H) of an update's bytes. The
+        exchanges of synchronized BatchNormalization's statistics and of
+        metric results (a few numbers per channel and metric, through
+        TensorFlow's reduction to one device) are not counted.
 
         Returns:
-            A dict with `bytes_per_step` (gradient bytes each replica puts
-            into all-reduces and reduce-scatters, averaged over the steps of
-            an update), `bytes_per_update`, `steps_per_update`,
-            `all_reduce_bytes_per_step`, `reduce_scatter_bytes_per_step` and
-            `all_gather_bytes_per_step` (the buffers of each kind of
-            collective; the sharding modes gather weights),
-            `ring_bytes_per_step` (what a replica sends when each collective
-            runs as a ring: the traffic to compare between modes),
-            `fp32_bytes_per_step` (what plain float32 gradients would send),
-            `warmup_bytes_per_step`, `reductions` (all-reduces and
-            reduce-scatters per update), `reduction`, `compression` and
-            `buckets` (one dict per collective: label, tensors, elements,
-            dtype, bytes, phase, kind).
+            A dict with
+            - `bytes_per_step`: the total over every collective, the sum of
+              the four kinds below (what each replica puts in: its buffer
+              for an all-reduce or reduce-scatter, its part for an
+              all-gather; a broadcast's value counts 1/N per replica, as
+              one replica sends it).
+            - `all_reduce_bytes_per_step`: all-reduces of the gradients
+              (or of the weights' changes, at a meeting), as compressed.
+            - `reduce_scatter_bytes_per_step`: reduce-scatters of the
+              gradients (`sharding="gradients"`, `"parameters"`), as
+              compressed.
+            - `all_gather_bytes_per_step`: all-gathers of weight parts (the
+              updated rows under the sharding modes; the split weights of
+              `"parameters"` where layers use them), never compressed.
+            - `broadcast_bytes_per_step`: weights and state updated on an
+              owner device and sent to the other copies (the sharding
+              modes' update of what is not split by rows), never compressed.
+            - `ring_bytes_per_step`: what a replica sends when each
+              collective runs as a ring (an all-reduce sends 2(N-1)/N of its
+              buffer, a reduce-scatter (N-1)/N, an all-gather N-1 parts):
+              the traffic to compare between modes.
+            - `uncompressed_bytes_per_step`: `bytes_per_step` of the same
+              step with `compression=None`; `fp32_bytes_per_step` is its
+              former name, the same value.
+            - `compression_ratio`: `bytes_per_step` over
+              `uncompressed_bytes_per_step` (1.0 when nothing is sent).
+            - `warmup_bytes_per_step`: the total on steps before compression
+              starts (PowerSGD's warm-up); `bytes_per_step` without one.
+            - `bytes_per_update`, `steps_per_update`: an update's total and
+              the steps it takes.
+            - `reductions`: all-reduces and reduce-scatters per update.
+            - `reduction`, `compression`: their names.
+            - `buckets`: one dict per collective of an update (label,
+              tensors, elements, dtype, bytes, phase, kind).
 
         Example:
 
@@ -86,23 +114,16 @@ class ReplicaStrategy(tf.distribute.Strategy, SavedWithModel):
         ...  # build and compile in strategy.scope()
         model.fit(x, y, epochs=1)
         stats = strategy.communication_stats()
-        stats["bytes_per_step"] / stats["fp32_bytes_per_step"]  # 0.5
+        stats["compression_ratio"]  # 0.5: "auto" keeps no gather with it
         ```
         """
         stats = self.extended.gradient_reduction.communication_stats()
         steps = self.extended.steps_per_update
         per_update = stats["bytes_per_step"]
         if steps > 1:
-            for key in (
-                "bytes_per_step",
-                "fp32_bytes_per_step",
-                "warmup_bytes_per_step",
-                "all_reduce_bytes_per_step",
-                "reduce_scatter_bytes_per_step",
-                "all_gather_bytes_per_step",
-                "ring_bytes_per_step",
-            ):
-                stats[key] /= steps
+            for key in stats:
+                if key.endswith("_per_step"):
+                    stats[key] /= steps
         return dict(stats, bytes_per_update=per_update, steps_per_update=steps)
 
     def save_own_variables(self, store) -> None:

@@ -63,14 +63,19 @@ class DataParallel(ReplicaStrategy):
             `"fp16"` or `"bf16"` (half the bytes, added in that dtype), or
             `keras_parallel.PowerSGD(rank=...)` (low-rank, with error
             feedback). Only the optimizer's gradient all-reduce is
-            compressed; BatchNormalization statistics stay exact.
+            compressed; BatchNormalization statistics stay exact, and the
+            weights a sharding mode gathers travel as they are.
         sharding: What is split over the devices (the stages of ZeRO,
-            Rajbhandari et al., 2020). `"auto"` (default): `"optimizer"`,
-            or None with `sync_every` > 1.
+            Rajbhandari et al., 2020). `"auto"` (default): `"optimizer"`;
+            with a `compression`, None unless the devices' memory requires
+            `"optimizer"` (its all-gather is not compressed; see
+            `communication_stats`); None with `sync_every` > 1.
             `"optimizer"`: the optimizer state. Every slot is cut
             by rows into one equal part per device, each device updates its
             part of every weight, and the parts are gathered into every
-            copy. Gradients are all-reduced, so every compression applies.
+            copy, uncompressed (with a `compression` a warning says what
+            that gather adds). Gradients are all-reduced, so every
+            compression applies.
             `"gradients"`: also the summed gradients. They are
             reduce-scattered, so each device receives only the rows it
             updates (half the traffic of an all-reduce); compression None,

@@ -11,7 +11,8 @@ reads its input for its kernel's gradient through a reshape of its own
 (`parameter_shards.py`), which `graph_memory` counts as a tensor of its own.
 Communication is what `communication_stats()["ring_bytes_per_step"]`
 counts: 2(N-1)/N of each all-reduced buffer, (N-1)/N of each
-reduce-scattered or all-gathered one.
+reduce-scattered, all-gathered or broadcast one (the optimizer's 8-byte step
+counter, which the sharded modes broadcast too, is left out).
 """
 
 from __future__ import annotations
@@ -136,10 +137,17 @@ class OptimizerSharded(Replicated):
         return owned_slot_bytes(state.weights, n)
 
     def ring_bytes(self, state: ModelState, n: int) -> float:
-        reduced = Replicated.ring_bytes(self, state, n)
-        if not state.elementwise:
-            return reduced
-        return reduced + (n - 1) / n * _padded(state, n, lambda w: bool(w.slots))
+        # A weight whose state is split is updated in parts, then gathered;
+        # any other (no slots, or a non-elementwise optimizer) is updated on
+        # its owner device and broadcast.
+        def split(w) -> bool:
+            return state.elementwise and bool(w.slots)
+
+        broadcast = sum(w.bytes for w in _trainable(state) if not split(w))
+        gathered = _padded(state, n, split)
+        return Replicated.ring_bytes(self, state, n) + (n - 1) / n * (
+            gathered + broadcast
+        )
 
 
 class GradientSharded(OptimizerSharded):
@@ -150,7 +158,7 @@ class GradientSharded(OptimizerSharded):
 
     def ring_bytes(self, state: ModelState, n: int) -> float:
         if not state.elementwise:
-            return Replicated.ring_bytes(self, state, n)
+            return OptimizerSharded.ring_bytes(self, state, n)
         return 2 * (n - 1) / n * _padded(state, n)
 
 

@@ -6,10 +6,9 @@ import dataclasses
 from collections.abc import Sequence
 
 import keras
-import tensorflow as tf
 
 from keras_parallel._validation import check_int
-from keras_parallel.devices import resolve_devices, short_device
+from keras_parallel.devices import memory_limit, resolve_devices, short_device
 from keras_parallel.planning.candidates import Candidate, candidates
 from keras_parallel.planning.profile import measure_profile, one_device_clone
 from keras_parallel.planning.state import model_state
@@ -138,7 +137,7 @@ def _check_model(model) -> None:
 def _budget(device_memory, devices) -> int:
     if device_memory is not None:
         return check_int("device_memory", device_memory, 1)
-    limits = [_gpu_limit(d) for d in devices]
+    limits = [memory_limit(d) for d in devices]
     if None in limits:
         raise ValueError(
             "`device_memory` is required: TensorFlow reports no memory size "
@@ -148,19 +147,3 @@ def _budget(device_memory, devices) -> int:
             "Pass device_memory=<bytes per device>, e.g. 16 * 2**30."
         )
     return min(limits)
-
-
-def _gpu_limit(device: str) -> int | None:
-    """The memory limit of a logical GPU, in bytes, or None."""
-    if "GPU" not in short_device(device):
-        return None
-    index = int(short_device(device).split(":")[-1])
-    physical = tf.config.list_physical_devices("GPU")
-    logical = []
-    for gpu in physical:
-        config = tf.config.get_logical_device_configuration(gpu) or [None]
-        logical.extend(config)
-    if index >= len(logical) or logical[index] is None:
-        return None
-    limit = logical[index].memory_limit
-    return None if limit is None else int(limit) * 2**20

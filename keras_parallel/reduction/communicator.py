@@ -28,15 +28,17 @@ class Transfer:
     """One collective of one step, as one replica sees it.
 
     Attributes:
-        label: What was reduced (`"bucket 0"`, `"powersgd P"`, ...).
-        tensors: How many gradients it carries.
-        elements: Elements of its buffer on each replica (the input of an
-            all-reduce or reduce-scatter, the output of an all-gather).
+        label: What was sent (`"bucket 0"`, `"powersgd P"`, a weight's name).
+        tensors: How many gradients or weights it carries.
+        elements: Elements each replica puts in: its buffer for an
+            all-reduce or reduce-scatter, its part for an all-gather; for a
+            broadcast, the value its one sender puts in.
         dtype: Dtype on the wire.
-        bytes: Bytes of that buffer.
+        bytes: Bytes of those elements.
         phase: When it is sent: `"every step"`, or only `"warmup"` steps
             (before compression starts) or only `"compressed"` steps.
-        kind: `"all_reduce"`, `"reduce_scatter"` or `"all_gather"`.
+        kind: `"all_reduce"`, `"reduce_scatter"`, `"all_gather"` or
+            `"broadcast"`.
     """
 
     label: str
@@ -47,11 +49,19 @@ class Transfer:
     phase: str = "every step"
     kind: str = "all_reduce"
 
+    def put_in(self, num_replicas: int) -> float:
+        """Bytes one of `num_replicas` replicas puts into the collective, on
+        average: `bytes`, or a broadcast's 1/N of it (one replica sends)."""
+        return self.bytes / num_replicas if self.kind == "broadcast" else self.bytes
+
     def ring_bytes(self, num_replicas: int) -> float:
-        """Bytes one of `num_replicas` replicas sends when the collective runs
-        as a ring: 2(n-1)/n of the buffer for an all-reduce, (n-1)/n for a
-        reduce-scatter or an all-gather."""
+        """Bytes one of `num_replicas` replicas sends, on average, when the
+        collective runs as a ring: 2(N-1)/N of the buffer for an all-reduce,
+        (N-1)/N for a reduce-scatter, N-1 parts for an all-gather, (N-1)/N of
+        the value for a broadcast."""
         share = (num_replicas - 1) / num_replicas
+        if self.kind == "all_gather":
+            return (num_replicas - 1) * self.bytes
         return (2 if self.kind == "all_reduce" else 1) * share * self.bytes
 
 

@@ -2,13 +2,13 @@
 
 It takes every value of a batch reduction at once, hands the dense ones to a
 compression (which fuses them into buckets and sends them through an
-all-reduce algorithm), and keeps an account of the bytes of the last step.
+all-reduce algorithm), gathers the weight parts of the sharding modes, and
+keeps an account of every collective of the last step (`account.py`).
 Being a CrossDeviceOps, it also plugs into `tf.distribute.MirroredStrategy`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -22,10 +22,11 @@ from keras_parallel._tf_internal import (
     get_devices_from,
     regroup,
 )
+from keras_parallel.reduction.account import StepAccount
 from keras_parallel.reduction.algorithms import AllReduceAlgorithm, resolve_algorithm
 from keras_parallel.reduction.communicator import Communicator, Transfer
 from keras_parallel.reduction.compression import Compression, resolve_compression
-from keras_parallel.reduction.rows import join_rows, row_part, row_parts
+from keras_parallel.reduction.rows import join_rows, num_rows, row_part, row_parts
 from keras_parallel.reduction.states import CompressionStates
 
 
@@ -100,12 +101,7 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         self._bucket_mb = validate_bucket_mb(bucket_mb)
         self.compression = resolve_compression(compression)
         self.states = CompressionStates(self.compression)
-        self._last_step: list[Transfer] = []
-        self._last_replicas = 1
-        self._last_fp32_bytes = 0
-        self._in_step = False
-        self._pending: list[Transfer] = []
-        self._pending_fp32_bytes = 0
+        self.account = StepAccount()
 
     @property
     def _num_between_graph_workers(self) -> int:
@@ -247,29 +243,30 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
         """Every replica's copy of the value of `shape` whose row parts
         (`rows.row_parts`) are `parts`, one per replica on its device; counted
         as an all-gather of the step."""
-        self.count_all_gather(
-            parts[0].shape.num_elements() * len(parts), parts[0].dtype, label
-        )
+        self.count_all_gather(parts[0], len(parts), label)
         wholes = []
         for part in parts:
             with tf.device(part.device):
                 wholes.append(join_rows(parts, shape))
         return wholes
 
-    def count_all_gather(self, elements: int, dtype: tf.DType, label: str) -> None:
-        """Counts an all-gather whose result has `elements` of `dtype`."""
-        self._record(
-            [
-                Transfer(
-                    label,
-                    1,
-                    elements,
-                    dtype.name,
-                    elements * dtype.size,
-                    kind="all_gather",
-                )
-            ],
-            fp32_bytes=0,
+    def count_all_gather(self, part, num_parts: int, label: str) -> None:
+        """Counts an all-gather of `num_parts` parts like `part` (a tensor or
+        variable); one part, on one device, moves nothing."""
+        if num_parts > 1:
+            self._count(part, label, "all_gather")
+
+    def count_broadcast(self, value, num_copies: int, label: str) -> None:
+        """Counts `value` (a tensor or variable) sent by one replica to the
+        others of `num_copies`."""
+        if num_copies > 1:
+            self._count(value, label, "broadcast")
+
+    def _count(self, value, label, kind) -> None:
+        elements = value.shape.num_elements()
+        dtype = tf.as_dtype(value.dtype)
+        self.account.record(
+            [Transfer(label, 1, elements, dtype.name, elements * dtype.size, kind=kind)]
         )
 
     def _reduce_dense(self, gradients, scatter=False):
@@ -296,85 +293,64 @@ class GradientReduction(tf.distribute.CrossDeviceOps):
             return sums
 
         sums = self._in_groups([list(parts) for parts in gradients], reduce_group)
-        self._last_replicas = (
-            self._group_size(gradients[0]) * self._algorithm.num_workers
-        )
-        self._record(
-            transfers, sum(4 * parts[0].shape.num_elements() for parts in gradients)
+        group = self._group_size(gradients[0])
+        self.account.record(
+            transfers,
+            uncompressed=sum(
+                _uncompressed_bytes(parts[0], group if scatter else 1)
+                for parts in gradients
+            ),
+            replicas=group * self._algorithm.num_workers,
         )
         return sums
 
-    @contextlib.contextmanager
     def recording_step(self):
-        """Collects the account of every collective run while a step is
-        traced (reductions, reduce-scatters, gathers); it becomes the last
-        step's if the step summed gradients (a training step, not an
-        evaluation's forward). Outside it, each batch reduction is taken as
-        one step's (the engine under MirroredStrategy)."""
-        self._pending, self._pending_fp32_bytes = [], 0
-        self._in_step = True
-        try:
-            yield
-        finally:
-            self._in_step = False
-            if any(t.kind != "all_gather" for t in self._pending):
-                self._last_step = self._pending
-                self._last_fp32_bytes = self._pending_fp32_bytes
-
-    def _record(self, transfers, fp32_bytes):
-        if self._in_step:
-            self._pending.extend(transfers)
-            self._pending_fp32_bytes += fp32_bytes
-        else:
-            self._last_step, self._last_fp32_bytes = list(transfers), fp32_bytes
+        """A context collecting every collective recorded while a step is
+        traced (reductions, reduce-scatters, gathers, broadcasts): they become
+        the last step's if the step summed anything (`StepAccount`)."""
+        return self.account.recording_step()
 
     def _gather_implementation(self, per_replica_value, destinations, axis, options):
         return gather_to_one_device(per_replica_value, destinations, axis, options)
 
     def communication_stats(self) -> dict:
-        """What the last traced gradient reduction and weight updates send,
-        per replica.
+        """Bytes each replica puts into every collective of the last traced
+        training step, not only the gradients' (per step;
+        `DataParallel.communication_stats()` averages them over an update).
 
         Returns:
-            A dict with `bytes_per_step` (bytes of the gradients each replica
-            puts into all-reduces and reduce-scatters in a step once
-            compression runs), `all_reduce_bytes_per_step`,
-            `reduce_scatter_bytes_per_step` and `all_gather_bytes_per_step`
-            (the buffers of each kind of collective: an all-gather's is its
-            result), `ring_bytes_per_step` (what a replica sends when each
-            collective runs as a ring: the traffic to compare between sharding
-            modes), `fp32_bytes_per_step` (the gradients as plain float32),
-            `warmup_bytes_per_step` (steps before compression starts; equal
-            to `bytes_per_step` without warm-up), `reductions` (all-reduces
-            and reduce-scatters per step), `reduction`, `compression` and
-            `buckets` (one dict per collective: label, tensors, elements,
-            dtype, bytes, phase, kind).
+            A dict. `bytes_per_step`: the total, the sum of
+            `all_reduce_bytes_per_step` and `reduce_scatter_bytes_per_step`
+            (sums of the gradients, or of a meeting's weight changes, as
+            compressed: a replica's buffer), `all_gather_bytes_per_step`
+            (weight parts: a replica's part) and `broadcast_bytes_per_step`
+            (weights an owner device sends: 1/N per replica); gathers and
+            broadcasts are never compressed. `ring_bytes_per_step`: what a
+            replica sends when each collective runs as a ring.
+            `uncompressed_bytes_per_step` (former name `fp32_bytes_per_step`):
+            the total with `compression=None`; `compression_ratio`: the total
+            over it. `warmup_bytes_per_step`: the total before compression
+            starts. `reductions`: sums per step. `reduction`, `compression`:
+            names. `buckets`: one dict per collective (`Transfer`'s fields).
         """
-        every = [t for t in self._last_step if t.phase == "every step"]
-        compressed = [t for t in self._last_step if t.phase == "compressed"]
-        warmup = [t for t in self._last_step if t.phase == "warmup"] or compressed
-        steady = every + compressed
-        sums = [t for t in steady if t.kind != "all_gather"]
-        replicas = self._last_replicas
-
-        def of_kind(kind):
-            return sum(t.bytes for t in steady if t.kind == kind)
-
         return {
-            "bytes_per_step": sum(t.bytes for t in sums),
-            "all_reduce_bytes_per_step": of_kind("all_reduce"),
-            "reduce_scatter_bytes_per_step": of_kind("reduce_scatter"),
-            "all_gather_bytes_per_step": of_kind("all_gather"),
-            "ring_bytes_per_step": sum(t.ring_bytes(replicas) for t in steady),
-            "fp32_bytes_per_step": self._last_fp32_bytes,
-            "warmup_bytes_per_step": sum(
-                t.bytes for t in every + warmup if t.kind != "all_gather"
-            ),
-            "reductions": len(sums),
+            **self.account.stats(),
             "reduction": self._algorithm.name if self._algorithm else self._reduction,
             "compression": self.compression.name,
-            "buckets": [vars(t) for t in self._last_step],
+            "buckets": self.account.buckets,
         }
+
+
+def _uncompressed_bytes(gradient, num_parts: int) -> int:
+    """Bytes a replica puts into a reduction of `gradient` with
+    `compression=None`: the gradient, or, reduce-scattered into `num_parts`
+    row parts, the parts with their zero rows (`rows.row_parts`)."""
+    shape = gradient.shape
+    rows = num_rows(shape)
+    if not rows:
+        return 0
+    padded = -(-rows // num_parts) * num_parts
+    return shape.num_elements() // rows * padded * gradient.dtype.size
 
 
 def local_parts(value) -> list:

@@ -26,6 +26,8 @@ PACKAGE = MODES_DIR.parents[1]
         ({"sharding": "parameters"}, "ParameterSharded", True),
         ({"sync_every": 4}, "LocalSGD", False),
         ({"sharding": None, "sync_batch_norm": False}, "Replicated", False),
+        ({"compression": "bf16"}, "AutoSharding", True),
+        ({"compression": "bf16", "sharding": "optimizer"}, "OptimizerSharded", True),
     ],
 )
 def test_each_option_set_chooses_one_mode(options, expected, sync_batch_norm):

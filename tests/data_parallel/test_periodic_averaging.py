@@ -178,7 +178,7 @@ def test_with_8_steps_between_meetings_an_eighth_of_the_bytes():
     """Without BatchNormalization a model's weights are its gradients' size:
     one all-reduce of them every 8 steps sends 1/8 of synchronous training's
     per-step all-reduce of the gradients."""
-    synchronous = keras_parallel.DataParallel(devices(4))
+    synchronous = keras_parallel.DataParallel(devices(4), sharding=None)
     fit(synchronous, OPTIMIZERS["sgd_momentum"], epochs=1, batch_norm=False)
     local = keras_parallel.DataParallel(devices(4), sync_every=8)
     model = fit(local, OPTIMIZERS["sgd_momentum"], epochs=1, batch_norm=False)

@@ -67,6 +67,9 @@ def trained_stats(sharding, num_devices=4, compression=None):
 def test_each_mode_sends_what_its_collectives_carry():
     n = 4
     share = (n - 1) / n
+    # The optimizer's step counter (int64) is updated on its owner device
+    # and broadcast to the other copies in the sharded modes.
+    counter = 8
     _, replicated = trained_stats(None)
     _, optimizer = trained_stats("optimizer")
     _, gradients = trained_stats("gradients")
@@ -74,31 +77,38 @@ def test_each_mode_sends_what_its_collectives_carry():
     assert replicated["all_reduce_bytes_per_step"] == WEIGHT_BYTES
     assert replicated["reduce_scatter_bytes_per_step"] == 0
     assert replicated["all_gather_bytes_per_step"] == 0
+    assert replicated["broadcast_bytes_per_step"] == 0
+    assert replicated["bytes_per_step"] == WEIGHT_BYTES
     assert replicated["ring_bytes_per_step"] == pytest.approx(2 * share * WEIGHT_BYTES)
-    # "optimizer": the same all-reduce, then each device's updated rows are
-    # gathered into every copy: 1.5 times the traffic.
+    # "optimizer": the same all-reduce, then each device puts its updated
+    # rows (1/N of the weights) into an all-gather into every copy: 1.5
+    # times the traffic.
     assert optimizer["all_reduce_bytes_per_step"] == WEIGHT_BYTES
-    assert optimizer["all_gather_bytes_per_step"] == WEIGHT_BYTES
-    assert optimizer["ring_bytes_per_step"] == pytest.approx(3 * share * WEIGHT_BYTES)
+    assert optimizer["all_gather_bytes_per_step"] == WEIGHT_BYTES / n
+    assert optimizer["broadcast_bytes_per_step"] == counter / n
+    assert optimizer["bytes_per_step"] == (WEIGHT_BYTES + (WEIGHT_BYTES + counter) / n)
+    assert optimizer["ring_bytes_per_step"] == pytest.approx(
+        3 * share * WEIGHT_BYTES + share * counter
+    )
     # "gradients": a reduce-scatter instead, as much traffic as None.
     assert gradients["all_reduce_bytes_per_step"] == 0
     assert gradients["reduce_scatter_bytes_per_step"] == WEIGHT_BYTES
-    assert gradients["all_gather_bytes_per_step"] == WEIGHT_BYTES
+    assert gradients["all_gather_bytes_per_step"] == WEIGHT_BYTES / n
     assert gradients["ring_bytes_per_step"] == pytest.approx(
-        replicated["ring_bytes_per_step"]
+        replicated["ring_bytes_per_step"] + share * counter
     )
-    assert gradients["bytes_per_step"] == WEIGHT_BYTES
+    assert gradients["bytes_per_step"] == WEIGHT_BYTES + (WEIGHT_BYTES + counter) / n
     kinds = {b["kind"] for b in gradients["buckets"]}
-    assert kinds == {"reduce_scatter", "all_gather"}
+    assert kinds == {"reduce_scatter", "all_gather", "broadcast"}
     # "parameters": the weights gathered forward and the Dense kernels again
     # backward, the gradients reduce-scattered: about 1.5 times None's.
     _, parameters = trained_stats("parameters")
     gathered = WEIGHT_BYTES + KERNEL_BYTES
     assert parameters["all_reduce_bytes_per_step"] == 0
     assert parameters["reduce_scatter_bytes_per_step"] == WEIGHT_BYTES
-    assert parameters["all_gather_bytes_per_step"] == gathered
+    assert parameters["all_gather_bytes_per_step"] == gathered / n
     assert parameters["ring_bytes_per_step"] == pytest.approx(
-        share * (WEIGHT_BYTES + gathered)
+        share * (WEIGHT_BYTES + gathered + counter)
     )
 
 

@@ -21,19 +21,24 @@ def _demo_data(samples: int):
 
 
 @functools.cache
-def demo_convnet(compression, samples: int = 4096, epochs: int = 3) -> dict:
+def demo_convnet(
+    compression, samples: int = 4096, epochs: int = 3, sharding="auto"
+) -> dict:
     """The demo's convnet and task on 2 devices (Adam, global batch 128).
 
     Args:
         compression: A hashable `compression` argument; PowerSGD settings are
             given as a tuple of keyword items and built here.
+        sharding: The `sharding` argument.
 
     Returns:
         `{"accuracy": held-out accuracy, "stats": communication_stats(),
         "model": the trained model, "data": its training (x, y)}`.
     """
     (x, y), (x_test, y_test) = _demo_data(samples)
-    strategy = keras_parallel.DataParallel(devices(2), compression=_build(compression))
+    strategy = keras_parallel.DataParallel(
+        devices(2), compression=_build(compression), sharding=sharding
+    )
     model = demo.train(strategy, (x, y), batch_size=128, epochs=epochs, verbose=0)
     return _result(model, strategy, (x, y), (x_test, y_test))
 

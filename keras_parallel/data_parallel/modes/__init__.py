@@ -3,7 +3,8 @@
 | mode | chosen by | module |
 |---|---|---|
 | `Replicated` | `sharding=None` | `replicated.py` |
-| `OptimizerSharded` | `sharding="optimizer"` (the default) | `optimizer_sharded.py` |
+| `OptimizerSharded` | `"optimizer"`; `"auto"` uncompressed | `optimizer_sharded.py` |
+| `AutoSharding` | `"auto"` (the default) with a compression | `auto_sharding.py` |
 | `GradientSharded` | `sharding="gradients"` | `gradient_sharded.py` |
 | `ParameterSharded` | `sharding="parameters"` | `parameter_sharded.py` |
 | `LocalSGD` | `sync_every` > 1 | `local_sgd.py` |
@@ -15,7 +16,9 @@ synchronous modes.
 from __future__ import annotations
 
 from keras_parallel._validation import check_int
+from keras_parallel.data_parallel.modes.auto_sharding import AutoSharding
 from keras_parallel.data_parallel.modes.base import Mode
+from keras_parallel.data_parallel.modes.gather_warning import UncompressedGathers
 from keras_parallel.data_parallel.modes.gradient_sharded import GradientSharded
 from keras_parallel.data_parallel.modes.local_sgd import LocalSGD
 from keras_parallel.data_parallel.modes.optimizer_sharded import OptimizerSharded
@@ -23,7 +26,7 @@ from keras_parallel.data_parallel.modes.parameter_sharded import ParameterSharde
 from keras_parallel.data_parallel.modes.replicated import Replicated
 from keras_parallel.data_parallel.modes.sharding_argument import resolve_sharding
 from keras_parallel.data_parallel.periodic_averaging import outer_maker
-from keras_parallel.reduction.compression import Compression
+from keras_parallel.reduction.compression import Compression, NoCompression
 
 _SHARDED = {
     "optimizer": OptimizerSharded,
@@ -45,8 +48,10 @@ def choose_mode(
     synchronizes BatchNormalization.
 
     Args:
-        sharding: The `sharding` argument (`"auto"`: `"optimizer"`, or None
-            with `sync_every` > 1).
+        sharding: The `sharding` argument. `"auto"`: `"optimizer"`;
+            with a compression, None unless memory requires `"optimizer"`
+            (`AutoSharding`), as the all-gather that `"optimizer"` adds is
+            not compressed; None with `sync_every` > 1.
         shard_optimizer: The deprecated `shard_optimizer` argument.
         compression: The resolved compression.
         sync_every: The `sync_every` argument.
@@ -77,9 +82,21 @@ def choose_mode(
                 f"sync_every=1, outer_optimizer={outer_optimizer!r}. Pass "
                 "`sync_every=H` (e.g. 8), or drop `outer_optimizer`."
             )
-        sharding = "optimizer" if sharding == "auto" else sharding
-        sharding = resolve_sharding(sharding, shard_optimizer, compression)
-        mode = Replicated() if sharding is None else _SHARDED[sharding]()
+        chosen = sharding != "auto" or shard_optimizer is not None
+        sharding = resolve_sharding(
+            "optimizer" if sharding == "auto" else sharding,
+            shard_optimizer,
+            compression,
+        )
+        compresses = not isinstance(compression, NoCompression)
+        if compresses and not chosen:
+            mode = AutoSharding()
+        elif sharding is None:
+            mode = Replicated()
+        else:
+            mode = _SHARDED[sharding](
+                UncompressedGathers(sharding, compression) if compresses else None
+            )
     else:
         _check_local_sgd(sync_every, sharding, sync_batch_norm)
         resolve_sharding(

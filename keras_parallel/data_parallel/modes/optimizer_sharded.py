@@ -12,6 +12,8 @@ its value.
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from keras_parallel._tf_internal import (
@@ -26,13 +28,23 @@ from keras_parallel.data_parallel.element_shards import (
     create_row_shards,
     splits_by_elements,
 )
+from keras_parallel.data_parallel.modes.gather_warning import UncompressedGathers
 from keras_parallel.data_parallel.modes.replicated import Replicated
 from keras_parallel.data_parallel.ownership import OwnerTable
 from keras_parallel.sharded_variable import ShardedVariable
 
 
 class OptimizerSharded(Replicated):
-    """Optimizer state split over the replicas; weights whole on each."""
+    """Optimizer state split over the replicas; weights whole on each.
+
+    Args:
+        gather_warning: Warns after the first training step that the weights
+            gathered travel uncompressed (the user chose this mode with a
+            compression), or None.
+    """
+
+    def __init__(self, gather_warning: UncompressedGathers | None = None):
+        self._gather_warning = gather_warning
 
     def attach(self, engine) -> None:
         self.owners = OwnerTable(len(engine.devices))
@@ -60,6 +72,13 @@ class OptimizerSharded(Replicated):
         if isinstance(variable, MirroredVariable):
             self.owners.assign(variable)
         return variable
+
+    @contextlib.contextmanager
+    def step(self, engine, models, sizes, training):
+        with super().step(engine, models, sizes, training):
+            yield
+        if training and self._gather_warning is not None:
+            self._gather_warning.after_step(engine)
 
     def for_update(self, total, variable):
         # Only the owner's copy of a sum is read; a weight updated in parts
@@ -90,13 +109,16 @@ class OptimizerSharded(Replicated):
             return update_regroup(engine, results, group)
         if not isinstance(var, MirroredVariable):
             return super().update_mirrored(engine, var, fn, args, kwargs, group)
+        engine.gradient_reduction.count_broadcast(
+            var, len(var.values), var.name.split(":")[0]
+        )
         return update_regroup(
             engine, self._update_on_owner(var, fn, args, kwargs), group
         )
 
     def _update_on_owner(self, var, fn, args, kwargs) -> list:
         """The owner's copy updated by `fn`, the other copies assigned its new
-        value; each copy's result."""
+        value (a broadcast); each copy's result."""
         owner = self.owners.owner(var)
         components = var.values
         with (

@@ -10,6 +10,8 @@ pass, and each replica updates only its part. Other weights take
 
 from __future__ import annotations
 
+import contextlib
+
 from keras_parallel._tf_internal import keras_scope
 from keras_parallel.data_parallel.element_shards import create_row_shards
 from keras_parallel.data_parallel.modes.optimizer_sharded import OptimizerSharded
@@ -69,5 +71,10 @@ class ParameterSharded(OptimizerSharded):
             handed[i] = ShardedValue(local_parts(grads[i]), variables[i].value.join)
         return handed
 
+    @contextlib.contextmanager
     def step(self, engine, models, sizes, training):
-        return specialize_gathering(models)
+        with (
+            specialize_gathering(models),
+            super().step(engine, models, sizes, training),
+        ):
+            yield
