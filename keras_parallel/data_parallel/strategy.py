@@ -66,9 +66,13 @@ class DataParallel(ReplicaStrategy):
             compressed; BatchNormalization statistics stay exact, and the
             weights a sharding mode gathers travel as they are.
         sharding: What is split over the devices (the stages of ZeRO,
-            Rajbhandari et al., 2020). `"auto"` (default): `"optimizer"`;
+            Rajbhandari et al., 2020). `"auto"` (default): `"optimizer"`,
+            except that the state of a weight under 2 Mi (2**21) elements
+            stays whole on one device, chosen to balance bytes, which
+            updates it and sends it to the others (a small weight's update
+            costs per op, not per element: done once, not on every device);
             with a `compression`, None unless the devices' memory requires
-            `"optimizer"` (its all-gather is not compressed; see
+            splitting (the weights sent are not compressed; see
             `communication_stats`); None with `sync_every` > 1.
             `"optimizer"`: the optimizer state. Every slot is cut
             by rows into one equal part per device, each device updates its

@@ -47,7 +47,7 @@ def slot_of(model, variable, slot):
 
 @pytest.mark.parametrize("num_devices", [2, 4])
 def test_slots_are_split_evenly_by_rows_over_the_devices(num_devices):
-    strategy = keras_parallel.DataParallel(devices(num_devices))
+    strategy = keras_parallel.DataParallel(devices(num_devices), sharding="optimizer")
     with strategy.scope():
         model = four_equal_layers()
     for variable in model.trainable_variables:
@@ -102,7 +102,8 @@ def test_other_optimizers_keep_each_state_whole_on_one_owner():
 
 
 def traced_train_step(strategy, model):
-    data = tf.data.Dataset.from_tensors((tf.ones([8, 64]), tf.ones([8, 64])))
+    x, y = tf.ones([8, model.input_shape[-1]]), tf.ones([8, model.output_shape[-1]])
+    data = tf.data.Dataset.from_tensors((x, y))
     iterator = iter(strategy.experimental_distribute_dataset(data))
 
     @tf.function
@@ -119,6 +120,16 @@ def traced_train_step(strategy, model):
     return step.get_concrete_function(iterator).graph
 
 
+def velocity_roots(graph) -> list[tuple[str, tuple]]:
+    """(device, shape) of each square root of a tensor in `graph`, sorted:
+    Keras' Adam takes one of each velocity it updates."""
+    return sorted(
+        (op.device, tuple(op.outputs[0].shape))
+        for op in graph.get_operations()
+        if op.type == "Sqrt" and op.outputs[0].shape.rank
+    )
+
+
 @pytest.mark.parametrize("sharding", ["optimizer", "gradients", None])
 def test_each_device_updates_its_part(sharding):
     strategy = keras_parallel.DataParallel(devices(2), sharding=sharding)
@@ -127,11 +138,7 @@ def test_each_device_updates_its_part(sharding):
     graph = traced_train_step(strategy, model)
     # Keras' Adam takes the square root of each variable's velocity: on each
     # device, of its half of the rows when the state is split.
-    sqrt = sorted(
-        (op.device, tuple(op.outputs[0].shape))
-        for op in graph.get_operations()
-        if op.type == "Sqrt" and op.outputs[0].shape.rank
-    )
+    sqrt = velocity_roots(graph)
     rows = 32 if sharding else 64
     expected = sorted(
         (c.device, (rows, 64))
@@ -139,3 +146,31 @@ def test_each_device_updates_its_part(sharding):
         for c in v.value.values
     )
     assert sqrt == expected
+
+
+def test_auto_updates_each_small_weight_once_on_its_owner():
+    # A 2048x1024 kernel (2 Mi elements: split by rows) and three small
+    # weights (owned whole).
+    strategy = keras_parallel.DataParallel(devices(2))
+    with strategy.scope():
+        model = keras.Sequential(
+            [keras.Input((2048,)), keras.layers.Dense(1024), keras.layers.Dense(4)]
+        )
+        model.compile(keras.optimizers.Adam(1e-3), "mse")
+        model.optimizer.build(model.trainable_variables)
+    graph = traced_train_step(strategy, model)
+    # Keras' Adam takes the square root of each variable's velocity: on each
+    # device, of its half of the large kernel's rows; once for a small
+    # weight, whole, on its owner.
+    sqrt = velocity_roots(graph)
+    large, *small = model.trainable_variables
+    expected = [(c.device, (1024, 1024)) for c in large.value.values] + [
+        (owner_device(strategy, v), tuple(v.shape)) for v in small
+    ]
+    assert sqrt == sorted(expected)
+    # The large kernel, split, weighs on no owner: the owners share the
+    # bytes of the small weights and of the optimizer's step and rate.
+    whole = [*small, model.optimizer.iterations, model.optimizer.learning_rate]
+    owned = strategy.extended.mode.owners.owned_bytes
+    assert sum(owned) == sum(v.numpy().nbytes for v in whole)
+    assert all(owned)

@@ -90,6 +90,15 @@ def test_each_mode_sends_what_its_collectives_carry():
     assert optimizer["ring_bytes_per_step"] == pytest.approx(
         3 * share * WEIGHT_BYTES + share * counter
     )
+    # "auto" (the default): this MLP's small weights are each updated whole
+    # by one owner, which broadcasts the new weight: the same traffic.
+    _, auto = trained_stats("auto")
+    assert auto["all_reduce_bytes_per_step"] == WEIGHT_BYTES
+    assert auto["all_gather_bytes_per_step"] == 0
+    assert auto["broadcast_bytes_per_step"] == (WEIGHT_BYTES + counter) / n
+    assert auto["ring_bytes_per_step"] == pytest.approx(
+        optimizer["ring_bytes_per_step"]
+    )
     # "gradients": a reduce-scatter instead, as much traffic as None.
     assert gradients["all_reduce_bytes_per_step"] == 0
     assert gradients["reduce_scatter_bytes_per_step"] == WEIGHT_BYTES

@@ -21,7 +21,10 @@ from keras_parallel.data_parallel.modes.base import Mode
 from keras_parallel.data_parallel.modes.gather_warning import UncompressedGathers
 from keras_parallel.data_parallel.modes.gradient_sharded import GradientSharded
 from keras_parallel.data_parallel.modes.local_sgd import LocalSGD
-from keras_parallel.data_parallel.modes.optimizer_sharded import OptimizerSharded
+from keras_parallel.data_parallel.modes.optimizer_sharded import (
+    AUTO_MIN_SPLIT_ELEMENTS,
+    OptimizerSharded,
+)
 from keras_parallel.data_parallel.modes.parameter_sharded import ParameterSharded
 from keras_parallel.data_parallel.modes.replicated import Replicated
 from keras_parallel.data_parallel.modes.sharding_argument import resolve_sharding
@@ -48,10 +51,11 @@ def choose_mode(
     synchronizes BatchNormalization.
 
     Args:
-        sharding: The `sharding` argument. `"auto"`: `"optimizer"`;
-            with a compression, None unless memory requires `"optimizer"`
-            (`AutoSharding`), as the all-gather that `"optimizer"` adds is
-            not compressed; None with `sync_every` > 1.
+        sharding: The `sharding` argument. `"auto"`: `"optimizer"` with
+            each weight under `AUTO_MIN_SPLIT_ELEMENTS` owned whole; with a
+            compression, None unless memory requires that (`AutoSharding`),
+            as the all-gather that `"optimizer"` adds is not compressed; None
+            with `sync_every` > 1.
         shard_optimizer: The deprecated `shard_optimizer` argument.
         compression: The resolved compression.
         sync_every: The `sync_every` argument.
@@ -91,6 +95,8 @@ def choose_mode(
         compresses = not isinstance(compression, NoCompression)
         if compresses and not chosen:
             mode = AutoSharding()
+        elif not chosen:
+            mode = OptimizerSharded(min_split_elements=AUTO_MIN_SPLIT_ELEMENTS)
         elif sharding is None:
             mode = Replicated()
         else:

@@ -7,8 +7,9 @@ carries the weights as they are, so with a compression it can be most of a
 step's bytes (`communication_stats()`; docs/reduction.md gives the numbers).
 With a compression, "auto" therefore trains as `sharding=None`
 (`Replicated`), where the compressed reduction is all a step sends, and
-splits the optimizer state (`OptimizerSharded`) only when memory requires
-it: when the model's trainable weights, their gradients and two optimizer
+splits the optimizer state (`OptimizerSharded`, as "auto" without a
+compression: small weights' state whole on an owner) only when memory
+requires it: when the model's trainable weights, their gradients and two optimizer
 slots per weight (Adam's) would take more than half the memory TensorFlow
 reports for the smallest device (`devices.memory_limit`, a logical GPU's
 configured limit; the other half is left to activations). CPUs, and GPUs
@@ -26,7 +27,10 @@ from collections.abc import Sequence
 
 from keras_parallel._tf_internal import MirroredVariable
 from keras_parallel.data_parallel.modes.base import Mode
-from keras_parallel.data_parallel.modes.optimizer_sharded import OptimizerSharded
+from keras_parallel.data_parallel.modes.optimizer_sharded import (
+    AUTO_MIN_SPLIT_ELEMENTS,
+    OptimizerSharded,
+)
 from keras_parallel.data_parallel.modes.replicated import Replicated
 from keras_parallel.devices import memory_limit
 
@@ -60,7 +64,7 @@ class AutoSharding(Mode):
 
     def __init__(self):
         self._replicated = Replicated()
-        self._sharded = OptimizerSharded()
+        self._sharded = OptimizerSharded(min_split_elements=AUTO_MIN_SPLIT_ELEMENTS)
         self._chosen: Mode | None = None
         self._weight_bytes = 0
 
