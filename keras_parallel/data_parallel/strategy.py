@@ -37,8 +37,9 @@ class DataParallel(ReplicaStrategy):
     Compared with MirroredStrategy it feeds replicas without rebuilding a
     multi-device iterator each epoch, supports `steps_per_execution > 1`,
     never uses collective ops (so strategies for differently shaped models
-    can be created one after another in a process), and by default splits
-    the optimizer state evenly over the devices.
+    can be created one after another in a process), and by default
+    (without compression) splits the optimizer state over the devices,
+    balanced by bytes.
 
     Args:
         devices: A device name or list of names (`"GPU:0"`,

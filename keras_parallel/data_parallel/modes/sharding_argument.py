@@ -44,8 +44,9 @@ def resolve_sharding(
     if sharding not in MODES:
         raise ValueError(
             f"Unknown `sharding`: {sharding!r}. Allowed: 'auto' (the default: "
-            "'optimizer', or None with `sync_every` > 1), 'optimizer' (split "
-            "the optimizer state), 'gradients' (also reduce-scatter the "
+            "'optimizer' with each weight under 2 Mi elements updated whole on "
+            "one device, or None with `sync_every` > 1), 'optimizer' (split "
+            "the optimizer state by rows), 'gradients' (also reduce-scatter the "
             "gradients), 'parameters' (also split the weights) or None "
             "(everything whole on every device)."
         )
