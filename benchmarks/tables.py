@@ -134,6 +134,42 @@ TABLES = {
             "(keras-team/keras#19246)."
         ),
     ),
+    "overhead": Table(
+        source="overhead.json",
+        columns={
+            "model": _text("model"),
+            "devices": _text("devices"),
+            "one device ms": _num(".1f", "single_ms"),
+            "DataParallel / one device": _num(".2f", "DataParallel_over_single_epoch"),
+            "steps only": _num(".2f", "DataParallel_over_single_steps"),
+            "per `fit` call": _num(".2f", "DataParallel_over_single_fit"),
+            "CPU time": _num(".2f", "DataParallel_over_single_cpu"),
+            '`sharding="optimizer"` / one device': _num(
+                ".2f", "DataParallel_optimizer_over_single_epoch"
+            ),
+            "MirroredStrategy / one device": _num(
+                ".2f", "MirroredStrategy_over_single_epoch"
+            ),
+            'ops per step: one device, DataParallel, `"optimizer"`': (
+                lambda row, rows, settings: ", ".join(
+                    f"{row[f'{name}_ops']:,}"
+                    for name in ("single", "DataParallel", "DataParallel_optimizer")
+                )
+            ),
+        },
+        note=(
+            "How computed: each row runs in its own process, where the setups take "
+            "turns, one `fit(epochs=1)` each, for {rounds} rounds; a ratio is the "
+            "median over the rounds of each round's ratio to one device, of the "
+            "epoch's wall time inside `fit` (its iterator and {steps_per_epoch} "
+            "steps), of its steps alone (`steps only`: the calls of the compiled "
+            "train function), of the whole `fit` call (`per fit call`: also Keras' "
+            "work once per call, which under any strategy reads and reduces a first "
+            "batch), or of the epoch's CPU time (`CPU time`: all threads of the "
+            'process). DataParallel is its default, `sharding="auto"`. Ops per '
+            "step: the traced `train_step`, without constants and no-ops."
+        ),
+    ),
     "bucket_mb": Table(
         source="step_time_bucket_mb_25.json",
         columns={
