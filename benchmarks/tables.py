@@ -170,6 +170,33 @@ TABLES = {
             "step: the traced `train_step`, without constants and no-ops."
         ),
     ),
+    "first_fit": Table(
+        source="first_fit.json",
+        columns={
+            "setting": _text("setting"),
+            "first step s": _num(".1f", "first_step_s"),
+            "its CPU time / Mirrored": _num(".2f", "first_step_cpu_over_mirrored"),
+            "rest of epoch s": _num(".1f", "rest_of_epoch_s"),
+            "first fit s": _num(".1f", "first_fit_s"),
+            "first fit / Mirrored": _num(".2f", "first_fit_over_mirrored"),
+            "second fit s": _num(".1f", "second_fit_s"),
+            "second fit / Mirrored": _num(".2f", "second_fit_over_mirrored"),
+            "nodes in the traced step": _num(",", "step_nodes"),
+        },
+        note=(
+            "How computed: MobileNetV2 (alpha 0.35, 32x32x3, 10 classes), Adam, "
+            "{samples} samples, batch {batch}, one epoch per `fit`, 2 logical CPU "
+            "devices, DataParallel with its default options; one fresh process per "
+            "setting and round, the settings taking turns for {rounds} rounds. "
+            "First step: from the `fit` call to the end "
+            "of batch 0 (tracing, graph optimization, one step); its CPU time: all "
+            "the process's threads. Times are medians "
+            "over the rounds; a ratio is the median over the rounds of that round's "
+            "time over MirroredStrategy's, so it is not the ratio of the medians "
+            "shown. Nodes: the graph of `strategy.run(model.train_step)` traced "
+            "again after the timed fits, function bodies and constants included."
+        ),
+    ),
     "bucket_mb": Table(
         source="step_time_bucket_mb_25.json",
         columns={

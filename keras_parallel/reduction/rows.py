@@ -53,5 +53,12 @@ def row_part(value, num_parts: int, index: int):
 def join_rows(parts, shape: tf.TensorShape) -> tf.Tensor:
     """The value of `shape` whose `row_parts` are `parts` (on the current
     device)."""
-    joined = tf.concat(list(parts), axis=0)[: num_rows(shape)]
-    return tf.reshape(joined, shape)
+    joined = tf.concat(list(parts), axis=0)
+    # Only padding rows are cut and only a value of another shape (a scalar,
+    # as one row) is reshaped: an op the graph does not need is still traced
+    # and optimized.
+    if joined.shape[0] != num_rows(shape):
+        joined = joined[: num_rows(shape)]
+    if not (joined.shape.is_fully_defined() and joined.shape == shape):
+        joined = tf.reshape(joined, shape)
+    return joined

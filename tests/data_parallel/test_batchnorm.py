@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from graph_devices import traced_train_step
 from models import CONV_DATA, conv_batchnorm_adam
 from transparency import devices, max_weight_diff, train
 
@@ -146,3 +147,18 @@ def test_masked_statistics_are_global():
     reference, _ = train(masked_batch_norm, data)
     model, _ = train(masked_batch_norm, data, keras_parallel.DataParallel(devices(4)))
     assert max_weight_diff(model, reference) <= 1e-5
+
+
+def test_rows_are_merged_once_per_layer_not_in_every_replica():
+    # The merge reads the gathered rows (count, mean, residual, squares):
+    # one unstack of 4 per layer, however many replicas (a merge in every
+    # replica would be traced and optimized 4 times here).
+    strategy = keras_parallel.DataParallel(devices(4))
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = conv_batchnorm_adam()
+    x, y = CONV_DATA["x"][:32], CONV_DATA["y"][:32]
+    model.train_on_batch(x, y)  # makes the metrics' and optimizer's variables
+    nodes, _ = traced_train_step(model, strategy, x, y)
+    merges = [n for n in nodes if n.op == "Unpack" and n.attr["num"].i == 4]
+    assert len(merges) == 1
