@@ -130,4 +130,3 @@ def collective_bytes(graph, num_replicas: int) -> dict[str, float]:
     sent = {source: size for (source, _), size in found.writes.items()}
     kinds["broadcast"] = sum(sent.values()) / num_replicas
     return kinds
-
