@@ -4,11 +4,14 @@ Dense MLPs (`depth x width`, Adam, global batch 256): 2x16, 40x64 and
 2x1024 on 2 logical CPUs and 2x1024 on 4, each configuration in its own
 process (the device layout is fixed per process, and MirroredStrategy cannot
 be re-created for another model shape in one, tensorflow/tensorflow#62790).
-In a process one device, DataParallel (its default, `sharding="auto"`),
-DataParallel with `sharding="optimizer"` (every weight's Adam state split by
-rows, the default before) and MirroredStrategy take turns, one
-`fit(epochs=1)` each and a different one first every round, after a warm-up
-epoch. Per round and setup:
+In a process one device, one device computing the step's gradient as two
+half-batch gradients (`HalvesMLP`: the ops of two replicas' forward and
+backward, without any communication, what any data-parallel step runs),
+DataParallel (its default, `sharding="auto"`), DataParallel with
+`sharding="optimizer"` (every weight's Adam state split by rows, the default
+before) and MirroredStrategy take turns, one `fit(epochs=1)` each and a
+different one first every round, after a warm-up epoch. Per round and
+setup:
 
 - epoch: the epoch's wall time inside `fit` (from `on_epoch_begin` to its
   last step: the epoch's iterator and its steps), per step;
@@ -21,13 +24,15 @@ epoch. Per round and setup:
   busy machine moves less than wall time.
 
 A ratio is the median over the rounds of each round's ratio to one device,
-so a slow spell, which moves every setup of its round, cancels. Ops per step
+so a slow spell, which moves every setup of its round, cancels. The whole
+measurement runs `--runs` times (each configuration's process once per run);
+a row gives the median of the runs' ratios and their range. Ops per step
 count the traced `train_step` (`graph_memory.traced_train_step`), without
 constants and no-ops: the work a small model's step is made of.
 
 Usage:
-    python benchmarks/overhead.py               # results/overhead.json
-    python benchmarks/overhead.py --rounds 3    # quick check (same file)
+    python benchmarks/overhead.py                        # results/overhead.json
+    python benchmarks/overhead.py --runs 1 --rounds 3    # quick check (same file)
 """
 
 from __future__ import annotations
@@ -46,7 +51,19 @@ from mlp import SAMPLES, build_mlp, make_data
 
 BATCH = 256
 CONFIGS = (("2x16", 2), ("40x64", 2), ("2x1024", 2), ("2x1024", 4))
-SETUPS = ("single", "DataParallel", "DataParallel_optimizer", "MirroredStrategy")
+SETUPS = (
+    "single",
+    "single_halves",
+    "DataParallel",
+    "DataParallel_optimizer",
+    "MirroredStrategy",
+)
+# The ratios a row gives the median and range of over the runs.
+RATIOS = tuple(
+    f"{name}_over_single_{kind}"
+    for name in SETUPS[1:]
+    for kind in ("epoch", "steps", "fit", "cpu")
+)
 # Graph nodes that do no work when the step runs.
 _NOT_RUN = {"Const", "NoOp", "Placeholder"}
 
@@ -64,6 +81,37 @@ def step_ops(model, x, y) -> int:
     return count(graph_memory.traced_train_step(model, x, y))
 
 
+class HalvesMLP(keras.Sequential):
+    """An MLP whose step sums the gradients of its batch's two halves (each
+    loss halved, so the sum is the whole batch's gradient): on one device,
+    the forward and backward ops of two replicas, without communication."""
+
+    @classmethod
+    def like(cls, model: keras.Sequential) -> HalvesMLP:
+        halves = cls(model.layers)
+        halves.compile(optimizer=model.optimizer, loss=model.loss)
+        return halves
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        half = tf.shape(x)[0] // 2
+        gradients = None
+        for part in (slice(None, half), slice(half, None)):
+            with tf.GradientTape() as tape:
+                predicted = self(x[part], training=True)
+                loss = self.compute_loss(x=x[part], y=y[part], y_pred=predicted) / 2
+            part_gradients = tape.gradient(loss, self.trainable_variables)
+            gradients = (
+                part_gradients
+                if gradients is None
+                else [a + b for a, b in zip(gradients, part_gradients, strict=True)]
+            )
+        self.optimizer.apply(gradients, self.trainable_variables)
+        return {"loss": loss}
+
+
 def measure(shape: str, num_devices: int, rounds: int) -> dict:
     """Runs in a worker process: the figures of one configuration."""
     import keras_parallel
@@ -75,6 +123,7 @@ def measure(shape: str, num_devices: int, rounds: int) -> dict:
     x, y = make_data()
     strategies = {
         "single": tf.distribute.get_strategy(),
+        "single_halves": tf.distribute.get_strategy(),
         "DataParallel": keras_parallel.DataParallel(devices),
         "DataParallel_optimizer": keras_parallel.DataParallel(
             devices, sharding="optimizer"
@@ -84,6 +133,8 @@ def measure(shape: str, num_devices: int, rounds: int) -> dict:
     models = {}
     for name, strategy in strategies.items():
         models[name] = build_mlp(strategy, depth, width)
+        if name == "single_halves":
+            models[name] = HalvesMLP.like(models[name])
         models[name].fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
     ops = {
         name: step_ops(models[name], x[:BATCH], y[:BATCH])
@@ -155,6 +206,7 @@ def summarize(shape: str, num_devices: int, measured: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,35 +214,50 @@ def main() -> None:
         shape, n = args.worker
         print(json.dumps(measure(shape, int(n), args.rounds)))
         return
-    rows = []
-    for shape, n in CONFIGS:
-        out = subprocess.run(
-            [sys.executable, __file__, "--rounds", str(args.rounds)]
-            + ["--worker", shape, str(n)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        )
-        measured = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(summarize(shape, n, measured))
-        print(
-            f"{shape} on {n}: DataParallel / single "
-            f"{rows[-1]['DataParallel_over_single_epoch']:.2f}",
-            flush=True,
-        )
+    runs = {config: [] for config in CONFIGS}
+    for run in range(args.runs):
+        for shape, n in CONFIGS:
+            out = subprocess.run(
+                [sys.executable, __file__, "--rounds", str(args.rounds)]
+                + ["--worker", shape, str(n)],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+            )
+            measured = json.loads(out.stdout.strip().splitlines()[-1])
+            runs[shape, n].append(summarize(shape, n, measured))
+            print(
+                f"run {run + 1}, {shape} on {n}: DataParallel / single "
+                f"{runs[shape, n][-1]['DataParallel_over_single_epoch']:.2f}",
+                flush=True,
+            )
     tables.publish(
         "overhead",
         {
             "settings": {
+                "runs": args.runs,
                 "rounds": args.rounds,
                 "global_batch": BATCH,
                 "steps_per_epoch": SAMPLES // BATCH,
                 "physical_cores": os.cpu_count(),
             },
-            "rows": rows,
+            "rows": [over_runs(config_runs) for config_runs in runs.values()],
         },
     )
+
+
+def over_runs(config_runs: list[dict]) -> dict:
+    """One configuration's row: the first run's row with each of `RATIOS`
+    the median over the runs, its range under `<ratio>_range`, and every
+    run's row under `runs`."""
+    row = {key: value for key, value in config_runs[0].items() if key != "times_ms"}
+    for ratio in RATIOS:
+        values = [run[ratio] for run in config_runs]
+        row[ratio] = statistics.median(values)
+        row[f"{ratio}_range"] = [min(values), max(values)]
+    row["runs"] = config_runs
+    return row
 
 
 if __name__ == "__main__":

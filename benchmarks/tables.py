@@ -58,6 +58,16 @@ def _num(spec: str, key: str, missing: str = "fails") -> Callable:
     return cell
 
 
+def _ranged(key: str) -> Callable:
+    """`key` with its range over several runs (`<key>_range`)."""
+
+    def cell(row, rows, settings):
+        low, high = row[f"{key}_range"]
+        return f"{row[key]:.2f} ({low:.2f}–{high:.2f})"
+
+    return cell
+
+
 def _text(key: str, missing: str = "–") -> Callable:
     def cell(row, rows, settings):
         value = row.get(key)
@@ -140,7 +150,12 @@ TABLES = {
             "model": _text("model"),
             "devices": _text("devices"),
             "one device ms": _num(".1f", "single_ms"),
-            "DataParallel / one device": _num(".2f", "DataParallel_over_single_epoch"),
+            "DataParallel / one device (range over runs)": _ranged(
+                "DataParallel_over_single_epoch"
+            ),
+            "two half batches on one device / one device": _ranged(
+                "single_halves_over_single_epoch"
+            ),
             "steps only": _num(".2f", "DataParallel_over_single_steps"),
             "per `fit` call": _num(".2f", "DataParallel_over_single_fit"),
             "CPU time": _num(".2f", "DataParallel_over_single_cpu"),
@@ -150,24 +165,50 @@ TABLES = {
             "MirroredStrategy / one device": _num(
                 ".2f", "MirroredStrategy_over_single_epoch"
             ),
-            'ops per step: one device, DataParallel, `"optimizer"`': (
+            'ops per step: one device, two halves, DataParallel, `"optimizer"`': (
                 lambda row, rows, settings: ", ".join(
                     f"{row[f'{name}_ops']:,}"
-                    for name in ("single", "DataParallel", "DataParallel_optimizer")
+                    for name in (
+                        "single",
+                        "single_halves",
+                        "DataParallel",
+                        "DataParallel_optimizer",
+                    )
                 )
             ),
         },
         note=(
             "How computed: each row runs in its own process, where the setups take "
-            "turns, one `fit(epochs=1)` each, for {rounds} rounds; a ratio is the "
-            "median over the rounds of each round's ratio to one device, of the "
+            "turns, one `fit(epochs=1)` each, for {rounds} rounds; in a run, a ratio "
+            "is the median over the rounds of each round's ratio to one device, of the "
             "epoch's wall time inside `fit` (its iterator and {steps_per_epoch} "
             "steps), of its steps alone (`steps only`: the calls of the compiled "
             "train function), of the whole `fit` call (`per fit call`: also Keras' "
             "work once per call, which under any strategy reads and reduces a first "
             "batch), or of the epoch's CPU time (`CPU time`: all threads of the "
-            'process). DataParallel is its default, `sharding="auto"`. Ops per '
+            'process). DataParallel is its default, `sharding="auto"`. Two half '
+            "batches: one device whose step sums the gradients of its batch's two "
+            "halves (two replicas' forward and backward ops, no communication). The "
+            "measurement ran {runs} times, each row's process once per run: shown is "
+            "the median of the runs' ratios, in parentheses their range. Ops per "
             "step: the traced `train_step`, without constants and no-ops."
+        ),
+    ),
+    "overhead_parts": Table(
+        source="overhead_parts.json",
+        columns={
+            "setup": _text("setup"),
+            "step ms": _num(".2f", "step_ms"),
+            "/ one device": _num(".2f", "over_single"),
+            "ops per step": _num(",", "ops"),
+        },
+        note=(
+            "How computed: the {model} MLP, Adam, batch {global_batch}, 2 logical "
+            "CPU devices, DataParallel's default; the setups take turns in one "
+            "process, one `fit(epochs=1)` each, for {rounds} rounds; a ratio is the "
+            "median over the rounds of the round's epoch time over one device's. "
+            "With a part left out the numbers are wrong: a diagnostic of where the "
+            "time goes (`benchmarks/overhead_parts.py`)."
         ),
     ),
     "first_fit": Table(
