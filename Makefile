@@ -52,6 +52,7 @@ test-oldest: $(OLDEST_VENV)/.installed
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/step_time.py
 	$(VENV)/bin/python benchmarks/overhead.py
+	$(VENV)/bin/python benchmarks/overhead_parts.py
 	$(VENV)/bin/python benchmarks/first_fit.py
 	$(VENV)/bin/python benchmarks/compression.py
 	$(VENV)/bin/python benchmarks/overlap.py
