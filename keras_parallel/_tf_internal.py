@@ -17,6 +17,7 @@ call; the test checks that each still exists with the arguments we pass.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 
 import keras
@@ -179,6 +180,45 @@ def wait_for_all_workers(barrier_id: str, timeout_seconds: float) -> None:
     from tensorflow.python.eager import context
 
     context.context().wait_at_barrier(barrier_id, int(timeout_seconds * 1000))
+
+
+def share_among_workers(
+    key: str, value: str, worker: int, workers: int, timeout_seconds: float
+) -> list[str]:
+    """Every worker's `value` for `key`, in worker order, through the
+    key-value store of TensorFlow's coordination service (no collective op
+    involved); returns once all of them have given theirs."""
+    from tensorflow.python.eager import context
+
+    store = context.context()
+    store.set_config_key_value(f"{key}/{worker}", value)
+    return [
+        store.get_config_key_value(f"{key}/{index}", int(timeout_seconds * 1000))
+        for index in range(workers)
+    ]
+
+
+def fit_callbacks() -> list:
+    """The callbacks given to the Keras `fit` (or `evaluate`) that this call
+    is made from, flattened; [] outside one.
+
+    No hook gives a strategy the callbacks of `fit`: Keras' trainer builds its
+    `CallbackList` inside `fit` (`keras/src/backend/tensorflow/trainer.py`)
+    and neither it nor any callback consults the strategy. This reads, and
+    only reads, the `callbacks` argument of the innermost `fit`/`evaluate`
+    frame of a Keras model on the stack.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name in ("fit", "evaluate"):
+            local = frame.f_locals
+            if isinstance(local.get("self"), keras.Model) and "callbacks" in local:
+                given = local["callbacks"]
+                if isinstance(given, keras.callbacks.CallbackList):
+                    return list(given.callbacks)
+                return keras.tree.flatten(given) if given else []
+        frame = frame.f_back
+    return []
 
 
 def nccl_all_sum(tensors: list) -> list:

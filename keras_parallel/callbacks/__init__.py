@@ -8,12 +8,22 @@ from keras_parallel.callbacks.consistency import (
 from keras_parallel.callbacks.lr_scaling import LinearScalingWarmup
 from keras_parallel.callbacks.memory import DeviceMemoryMonitor
 from keras_parallel.callbacks.throughput import ThroughputMonitor
+from keras_parallel.callbacks.written_once import (
+    BackupAndRestore,
+    CSVLogger,
+    ModelCheckpoint,
+    TensorBoard,
+)
 
 __all__ = [
+    "BackupAndRestore",
+    "CSVLogger",
     "CommunicationMonitor",
     "DeviceMemoryMonitor",
     "LinearScalingWarmup",
+    "ModelCheckpoint",
     "ReplicaConsistencyCheck",
     "ReplicaDivergenceError",
+    "TensorBoard",
     "ThroughputMonitor",
 ]

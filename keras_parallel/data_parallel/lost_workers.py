@@ -62,6 +62,6 @@ def describe(error: tf.errors.OpError) -> str:
         f"A worker of the cluster is gone ({', '.join(tasks) or 'unknown task'}); "
         f"TensorFlow reports: {reason!r}. Training cannot continue without it: "
         "restart all workers (`keras-parallel launch` stops and starts them "
-        "together); with keras.callbacks.BackupAndRestore they resume from the "
-        "last finished epoch."
+        "together); with keras_parallel.callbacks.BackupAndRestore they resume "
+        "from the last finished epoch."
     )

@@ -28,6 +28,10 @@ from keras_parallel._tf_internal import (
     worker_id,
 )
 from keras_parallel.data_parallel.engine import DataParallelEngine
+from keras_parallel.data_parallel.file_collisions import (
+    explain_lock_errors,
+    warn_about_keras_writers,
+)
 from keras_parallel.data_parallel.lost_workers import report_lost_workers
 from keras_parallel.reduction.algorithms import CollectiveAllReduce
 from keras_parallel.reduction.engine import GradientReduction
@@ -61,6 +65,12 @@ class OnCluster:
     @property
     def is_chief(self) -> bool:
         return self.extended.should_checkpoint
+
+    def experimental_distribute_dataset(self, dataset, options=None):
+        # Keras' `fit` distributes its data before it runs any callback: the
+        # first point where a strategy hook runs inside `fit`.
+        warn_about_keras_writers()
+        return super().experimental_distribute_dataset(dataset, options)
 
     def reduce(self, reduce_op, value, axis):
         # Keras 3 takes every step's scalar logs through `reduce(MEAN, v,
@@ -162,6 +172,7 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
             f"keras_parallel/strategy/{next(_CREATIONS)}", STRATEGY_TIMEOUT_SECONDS
         )
         report_lost_workers()
+        explain_lock_errors()
         algorithm = CollectiveAllReduce(self._cross_device_ops, num_workers(self))
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops

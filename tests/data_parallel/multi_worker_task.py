@@ -133,6 +133,53 @@ class _Die(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def file_callbacks(folder: str, worker: int) -> list:
+    """Our file-writing callbacks, all writing into `folder`, and Keras' own
+    CSVLogger writing a file per worker (it gets a warning)."""
+    import keras_parallel
+
+    # CSVLogger, as Keras', makes no folder.
+    pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+    return [
+        keras_parallel.callbacks.ModelCheckpoint(
+            f"{folder}/best_{{epoch}}.keras", monitor="loss", save_best_only=True
+        ),
+        keras_parallel.callbacks.ModelCheckpoint(f"{folder}/last.keras"),
+        keras_parallel.callbacks.CSVLogger(f"{folder}/log.csv"),
+        keras_parallel.callbacks.TensorBoard(f"{folder}/logs", histogram_freq=1),
+        keras.callbacks.CSVLogger(f"{folder}/keras_{worker}.csv"),
+    ]
+
+
+class _HoldOpen(keras.callbacks.Callback):
+    """Holds an HDF5 file open for writing during `fit`, as a worker does
+    while it saves it."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def on_train_begin(self, logs=None):
+        import h5py
+
+        self._file = h5py.File(self._path, "w")
+        print("holding the file open", flush=True)
+
+    def on_train_end(self, logs=None):
+        self._file.close()
+
+
+def lock_callbacks(folder: str, worker: int) -> list:
+    """Worker 0 holds `folder/model.weights.h5` open while worker 1's Keras
+    ModelCheckpoint saves to it: the collision of two workers' saves,
+    whichever comes first."""
+    path = f"{folder}/model.weights.h5"
+    if worker == 0:
+        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+        return [_HoldOpen(path)]
+    return [keras.callbacks.ModelCheckpoint(path, save_weights_only=True)]
+
+
 # DiLoCo's outer optimizer (Douillard et al. 2023), as a config: a Keras
 # optimizer instance would start TensorFlow before the strategy.
 OUTER_OPTIMIZER = {
@@ -191,6 +238,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--compression", default=None)
     parser.add_argument("--backup", default=None, help="BackupAndRestore folder")
+    parser.add_argument(
+        "--keras-backup", default=None, help="Keras' BackupAndRestore, per worker"
+    )
+    parser.add_argument("--files", default=None, help="folder of file callbacks")
+    parser.add_argument("--lock", default=None, help="HDF5 file two workers open")
     parser.add_argument("--die-at", default=None, help="worker:epoch:batch")
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--samples", type=int, default=SAMPLES)
@@ -216,12 +268,19 @@ def main(argv: list[str]) -> int:
     print(f"{strategy!r}", flush=True)
     callbacks = []
     if args.backup:
-        # One folder per worker: all of them write their backup at once.
+        # One folder, written by worker 0, read by all.
+        callbacks.append(keras_parallel.callbacks.BackupAndRestore(args.backup))
+    if args.keras_backup:
+        # Keras' own: one folder per worker, each saving its own state.
         callbacks.append(
             keras.callbacks.BackupAndRestore(
-                f"{args.backup}/worker_{strategy.worker_index}"
+                f"{args.keras_backup}/worker_{strategy.worker_index}"
             )
         )
+    if args.files:
+        callbacks += file_callbacks(args.files, strategy.worker_index)
+    if args.lock:
+        callbacks += lock_callbacks(args.lock, strategy.worker_index)
     if args.terminate_on_nan:
         callbacks.append(keras.callbacks.TerminateOnNaN())
     if args.die_at:

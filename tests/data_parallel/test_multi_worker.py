@@ -21,20 +21,21 @@ TASK = pathlib.Path(__file__).with_name("multi_worker_task.py")
 TIMEOUT = 240
 
 
-def _env() -> dict:
+def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    return env
+    return {**env, **extra}
 
 
-def _launch(out, *args, workers=2):
+def _launch(out, *args, workers=2, **env):
+    """Runs the task on `workers` launched workers (`env`: extra variables)."""
     return subprocess.run(
         [sys.executable, "-m", "keras_parallel", "launch", "-n", str(workers)]
         + [str(TASK), str(out), *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env=_env(),
+        env=_env(**env),
     )
 
 
@@ -221,11 +222,16 @@ def test_backup_and_restore_resumes_after_a_killed_worker(tmp_path, reference):
     assert "[worker 1] killing myself at epoch 2, batch 1" in first_try.stdout
     assert "[worker 0] epoch 1 done" in first_try.stdout
     assert "epoch 2 done" not in first_try.stdout
+    # keras_parallel.callbacks.BackupAndRestore: one backup, worker 0's.
+    assert sorted(os.listdir(backup)) == ["latest.weights.h5", "training_metadata.json"]
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
     second_try = _launch(tmp_path / "2", "--backup", str(backup))
     assert second_try.returncode == 0, second_try.stderr[-3000:]
     first, second = _results(tmp_path / "2")
-    # Resumed from the last finished epoch: only epoch 2 ran again.
+    # Every worker resumed from it, after the last finished epoch: only
+    # epoch 2 ran again.
     assert first["epochs"].tolist() == second["epochs"].tolist() == [2]
+    assert not backup.exists()  # deleted at the end, once
     assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
 
@@ -286,7 +292,7 @@ def test_strategy_created_again_in_the_same_workers(tmp_path):
 
 def test_powersgd_memory_survives_a_killed_worker(tmp_path):
     backup = tmp_path / "backup"
-    args = ("--compression", "powersgd", "--backup", str(backup))
+    args = ("--compression", "powersgd", "--keras-backup", str(backup))
     first_try = _launch(tmp_path / "1", *args, "--die-at", "1:2:1")
     assert first_try.returncode == 137, first_try.stderr[-3000:]
     second_try = _launch(tmp_path / "2", *args)
