@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import warnings
 
+from keras_parallel.data_parallel.modes.optimizer_sharded import (
+    AUTO_MIN_SPLIT_ELEMENTS,
+)
 from keras_parallel.reduction.compression import Compression
 
 MODES = ("optimizer", "gradients", "parameters", None)
@@ -44,7 +47,8 @@ def resolve_sharding(
     if sharding not in MODES:
         raise ValueError(
             f"Unknown `sharding`: {sharding!r}. Allowed: 'auto' (the default: "
-            "'optimizer' with each weight under 2 Mi elements updated whole on "
+            f"'optimizer' with each weight under {AUTO_MIN_SPLIT_ELEMENTS:,} "
+            "elements updated whole on "
             "one device, or None with `sync_every` > 1), 'optimizer' (split "
             "the optimizer state by rows), 'gradients' (also reduce-scatter the "
             "gradients), 'parameters' (also split the weights) or None "
