@@ -37,7 +37,11 @@ from tensorflow.python.distribute import (
     values,
 )
 from tensorflow.python.framework import composite_tensor
-from tensorflow.python.ops import control_flow_util, resource_variable_ops
+from tensorflow.python.ops import (
+    control_flow_util,
+    handle_data_util,
+    resource_variable_ops,
+)
 
 # Strategy internals our strategies derive from (`strategies/`): MirroredStrategy's
 # replicas on one machine, the collective engine across workers, one device.
@@ -67,6 +71,20 @@ get_devices_from = cross_device_ops.get_devices_from
 check_destinations = cross_device_ops.check_destinations
 divide_by_n = cross_device_utils.divide_by_n_tensors_or_indexed_slices
 aggregate_tensors = cross_device_utils.aggregate_tensors_or_indexed_slices
+
+# A variable over a resource handle we made (`parameter_server/variables.py`):
+# TF 2's eager `tf.Variable` always makes an anonymous, per-client resource, and
+# workers share a parameter-server variable only through a shared name.
+BaseResourceVariable = resource_variable_ops.BaseResourceVariable
+
+
+def give_handle_shape(handle, shape, dtype) -> None:
+    """Records `shape` and `dtype` on an eager resource `handle`, as
+    `tf.Variable` does for its own, so reads traced in a tf.function have
+    static shapes."""
+    data = handle_data_util.create_handle_data(tf.TensorShape(shape), dtype)
+    resource_variable_ops._set_handle_shapes_and_types(handle, data, False)
+
 
 # Keras recognises a distributed dataset by this class (`batch_split.py`);
 # our iterator is a composite tensor so that it can enter a tf.function.

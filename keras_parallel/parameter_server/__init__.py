@@ -1,0 +1,5 @@
+"""Asynchronous training with the variables on parameter-server tasks."""
+
+from keras_parallel.parameter_server.strategy import ParameterServer
+
+__all__ = ["ParameterServer"]

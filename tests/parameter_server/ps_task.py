@@ -1,0 +1,82 @@
+"""The training job of the ParameterServer tests, run in every task.
+
+`python ps_task.py OUT [--epochs E]` with `TF_CONFIG` set: a ps task serves
+(never returns); worker i trains a small MLP with Adam under
+`ParameterServer()`, then writes `OUT/worker_<i>.npz` (weights, loss per
+epoch, evaluate's loss, staleness) and saves `OUT/worker_<i>.keras`. `train`
+is also called without a strategy, as the one-device reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+BATCH = 32
+SAMPLES = 256
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, 8)).astype("float32")
+    y = (np.tanh(x @ rng.normal(size=(8, 1))) + 0.1 * x[:, :1]).astype("float32")
+    return x, y
+
+
+def build():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    return model
+
+
+def train(strategy=None, epochs=2):
+    x, y = data()
+    if strategy is None:
+        model = build()
+    else:
+        with strategy.scope():
+            model = build()
+    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+    return model, history
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=pathlib.Path)
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    import keras_parallel
+
+    strategy = keras_parallel.ParameterServer()
+    print(strategy, flush=True)
+    model, history = train(strategy, args.epochs)
+    x, y = data()
+    evaluated = model.evaluate(x, y, batch_size=BATCH, verbose=0)
+    index = strategy.worker_index
+    model.save(args.out / f"worker_{index}.keras")
+    stats = strategy.staleness()
+    print("staleness", stats, flush=True)
+    np.savez(
+        args.out / f"worker_{index}.npz",
+        *model.get_weights(),
+        loss=np.array(history.history["loss"]),
+        evaluated=np.array(evaluated),
+        **{k: np.array(v) for k, v in stats.items()},
+    )
+
+
+if __name__ == "__main__":
+    main()
