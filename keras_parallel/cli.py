@@ -49,6 +49,13 @@ def parser() -> argparse.ArgumentParser:
         help="number of worker processes (default 2)",
     )
     launcher.add_argument(
+        "--ps",
+        type=int,
+        default=0,
+        help="parameter-server tasks to start besides the workers, for "
+        "keras_parallel.ParameterServer (default 0)",
+    )
+    launcher.add_argument(
         "--port",
         type=int,
         help="worker i listens on 127.0.0.1:PORT+i (default: free ports)",
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.num_workers,
                 args.port,
                 network=args.network,
+                num_ps=args.ps,
             )
         except ValueError as error:
             print(f"keras-parallel launch: {error}", file=sys.stderr)

@@ -36,14 +36,22 @@ _POLL_INTERVAL = 0.1
 _READER_JOIN_TIMEOUT = 5.0
 
 
-def tf_config(num_workers: int, index: int, ports: Sequence[int]) -> dict:
-    """The `TF_CONFIG` of worker `index` in a cluster of local workers.
+def tf_config(
+    num_workers: int,
+    index: int,
+    ports: Sequence[int],
+    num_ps: int = 0,
+    task_type: str = "worker",
+) -> dict:
+    """The `TF_CONFIG` of task `index` in a cluster of local workers.
 
     Args:
         num_workers: number of workers in the cluster.
-        index: this worker's task index, in `[0, num_workers)`.
-        ports: one port on `127.0.0.1` per worker, worker `i` listening on
-            `ports[i]`.
+        index: this task's index in its job.
+        ports: one port on `127.0.0.1` per task: worker `i` listens on
+            `ports[i]`, parameter server `k` on `ports[num_workers + k]`.
+        num_ps: number of parameter-server (`ps`) tasks.
+        task_type: `"worker"` or `"ps"`.
 
     Returns:
         A dict to be serialised with `json.dumps` into the `TF_CONFIG`
@@ -57,14 +65,18 @@ def tf_config(num_workers: int, index: int, ports: Sequence[int]) -> dict:
     #  "task": {"type": "worker", "index": 1}}
     ```
     """
-    if len(ports) != num_workers:
-        raise ValueError(f"need {num_workers} ports, got {len(ports)}: {list(ports)}")
-    if not 0 <= index < num_workers:
-        raise ValueError(f"index must be in [0, {num_workers}), got {index}")
-    return {
-        "cluster": {"worker": [f"{HOST}:{port}" for port in ports]},
-        "task": {"type": "worker", "index": index},
-    }
+    if len(ports) != num_workers + num_ps:
+        raise ValueError(
+            f"need {num_workers + num_ps} ports, got {len(ports)}: {list(ports)}"
+        )
+    count = num_ps if task_type == "ps" else num_workers
+    if not 0 <= index < count:
+        raise ValueError(f"index must be in [0, {count}), got {index}")
+    addresses = [f"{HOST}:{port}" for port in ports]
+    cluster = {"worker": addresses[:num_workers]}
+    if num_ps:
+        cluster["ps"] = addresses[num_workers:]
+    return {"cluster": cluster, "task": {"type": task_type, "index": index}}
 
 
 def launch(
@@ -74,6 +86,7 @@ def launch(
     port: int | None = None,
     grace_period: float = GRACE_PERIOD,
     network: str = "private",
+    num_ps: int = 0,
 ) -> int:
     """Runs `script` as `num_workers` local workers and waits for all of them.
 
@@ -101,6 +114,9 @@ def launch(
         network: `"private"` (the default: loopback only, isolated from other
             hosts) or `"host"` (this machine's network, for a script that must
             download something; every worker's port is open to the network).
+        num_ps: parameter-server tasks to start besides the workers (for
+            `keras_parallel.ParameterServer`): each runs the script with a
+            `ps` TF_CONFIG, and is stopped once every worker has exited 0.
 
     Returns:
         The exit code for the launcher: 0 when every worker exited 0, else the
@@ -121,13 +137,17 @@ def launch(
         raise ValueError(
             f"network must be one of {', '.join(map(repr, NETWORKS))}, got {network!r}."
         )
-    ports = free_ports(num_workers) if port is None else _port_range(port, num_workers)
+    if num_ps < 0:
+        raise ValueError(f"the number of ps tasks must be >= 0, got {num_ps}")
+    tasks = [("worker", i) for i in range(num_workers)]
+    tasks += [("ps", k) for k in range(num_ps)]
+    ports = free_ports(len(tasks)) if port is None else _port_range(port, tasks)
     private = _private_network(ports) if network == "private" else None
     if private is None:
         if network == "host":
             _warn_open(ports, "--network host was given")
-        for index, candidate in enumerate(ports):
-            _check_port(candidate, index)
+        for (job, index), candidate in zip(tasks, ports, strict=True):
+            _check_port(candidate, f"{job} {index}")
 
     received: list[int] = []
 
@@ -143,10 +163,11 @@ def launch(
     workers: list[subprocess.Popen] = []
     readers: list[threading.Thread] = []
     try:
-        for index in range(num_workers):
+        for job, index in tasks:
+            config = tf_config(num_workers, index, ports, num_ps, job)
             env = {
                 **os.environ,
-                "TF_CONFIG": json.dumps(tf_config(num_workers, index, ports)),
+                "TF_CONFIG": json.dumps(config),
                 "PYTHONUNBUFFERED": "1",
             }
             worker = subprocess.Popen(
@@ -161,7 +182,7 @@ def launch(
                 start_new_session=True,
             )
             workers.append(worker)
-            prefix = f"[worker {index}] "
+            prefix = f"[{job} {index}] "
             for pipe, out in ((worker.stdout, sys.stdout), (worker.stderr, sys.stderr)):
                 reader = threading.Thread(
                     target=_echo,
@@ -170,7 +191,7 @@ def launch(
                 )
                 reader.start()
                 readers.append(reader)
-        code = _supervise(workers, received, grace_period, lock)
+        code = _supervise(workers, tasks, received, grace_period, lock)
     finally:
         if private:
             private.close()
@@ -219,29 +240,37 @@ def _warn_open(ports: Sequence[int], reason: str) -> None:
 
 def _supervise(
     workers: list[subprocess.Popen],
+    tasks: list[tuple[str, int]],
     received: list[int],
     grace_period: float,
     lock: threading.Lock,
 ) -> int:
+    """Waits for the workers; a parameter server only serves them, so it is
+    stopped once they are all done, and its exit before that is a failure."""
     while True:
         if received:
             signum = received[0]
             _stop(workers, signum, grace_period, received)
             return 128 + signum
         codes = [worker.poll() for worker in workers]
-        for index, code in enumerate(codes):
-            if code is not None and code != 0:
+        for (job, index), code in zip(tasks, codes, strict=True):
+            if code is not None and (code != 0 or job == "ps"):
                 running = any(other is None for other in codes)
                 with lock:
                     print(
-                        f"keras-parallel launch: worker {index} {_describe(code)}"
+                        f"keras-parallel launch: {job} {index} {_describe(code)}"
                         + ("; stopping the other workers." if running else "."),
                         file=sys.stderr,
                         flush=True,
                     )
                 _stop(workers, signal.SIGTERM, grace_period, received)
-                return 128 - code if code < 0 else code
-        if all(code == 0 for code in codes):
+                return 128 - code if code < 0 else code or 1
+        if all(
+            code == 0
+            for (job, _), code in zip(tasks, codes, strict=True)
+            if job != "ps"
+        ):
+            _stop(workers, signal.SIGTERM, grace_period, received)
             return 0
         time.sleep(_POLL_INTERVAL)
 
@@ -330,16 +359,18 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _port_range(port: int, count: int) -> list[int]:
+def _port_range(port: int, tasks: list[tuple[str, int]]) -> list[int]:
+    count = len(tasks)
     if not 1 <= port <= 65536 - count:
+        ps = " and the ps tasks the ports after" if tasks[-1][0] == "ps" else ""
         raise ValueError(
             f"--port must be between 1 and {65536 - count} for {count} "
-            f"worker(s) (worker i uses port + i), got {port}."
+            f"worker(s) (worker i uses port + i{ps}), got {port}."
         )
     return list(range(port, port + count))
 
 
-def _check_port(port: int, index: int) -> None:
+def _check_port(port: int, task: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the workers' gRPC servers do, so that a port left in TIME_WAIT by
         # the previous run does not count as in use.
@@ -348,6 +379,6 @@ def _check_port(port: int, index: int) -> None:
             sock.bind((HOST, port))
         except OSError as error:
             raise ValueError(
-                f"port {port} (worker {index}) on {HOST} is in use. Pick another "
+                f"port {port} ({task}) on {HOST} is in use. Pick another "
                 "base port with --port, or leave --port out to choose free ports."
             ) from error

@@ -20,6 +20,22 @@ def max_weight_diff(a, b) -> float:
     )
 
 
+def max_difference(a, b) -> float:
+    """Largest absolute difference between two lists of arrays."""
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+def worker_results(out, workers: int) -> list[dict]:
+    """What each worker of a launched job saved in `out/worker_<i>.npz`."""
+    return [dict(np.load(out / f"worker_{i}.npz")) for i in range(workers)]
+
+
+def saved_weights(result: dict) -> list:
+    """The weights a worker saved with `np.savez(path, *weights, ...)`."""
+    count = sum(key.startswith("arr_") for key in result)
+    return [result[f"arr_{i}"] for i in range(count)]
+
+
 def max_history_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys(), (a.keys(), b.keys())
     return max(float(np.max(np.abs(np.subtract(a[k], b[k])))) for k in a)

@@ -12,7 +12,9 @@ import keras
 import numpy as np
 import pytest
 from multi_worker_task import OUTER_OPTIMIZER, compression, data, train
-from transparency import devices
+from transparency import devices, worker_results
+from transparency import max_difference as _max_difference
+from transparency import saved_weights as _weights
 
 import keras_parallel
 from keras_parallel.launch import free_ports
@@ -40,16 +42,7 @@ def _launch(out, *args, workers=2, **env):
 
 
 def _results(out, workers=2):
-    return [dict(np.load(out / f"worker_{i}.npz")) for i in range(workers)]
-
-
-def _weights(result):
-    count = sum(key.startswith("arr_") for key in result)
-    return [result[f"arr_{i}"] for i in range(count)]
-
-
-def _max_difference(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+    return worker_results(out, workers)
 
 
 @pytest.fixture(scope="module")

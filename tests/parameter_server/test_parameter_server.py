@@ -1,0 +1,76 @@
+"""ParameterServer on a local cluster of ps and worker processes, started by
+`keras-parallel launch --ps K`. Every process is bounded by a timeout."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from ps_task import BATCH, SAMPLES, data, train
+from transparency import max_difference, saved_weights, worker_results
+
+TASK = pathlib.Path(__file__).with_name("ps_task.py")
+TIMEOUT = 240
+EPOCHS = 2
+
+
+def _launch(out, workers, ps=1):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_parallel", "launch", "--ps", str(ps)]
+        + ["-n", str(workers), str(TASK), str(out), "--epochs", str(EPOCHS)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return worker_results(out, workers)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    model, history = train(epochs=EPOCHS)
+    x, y = data()
+    return (
+        model.get_weights(),
+        history.history["loss"],
+        model.evaluate(x, y, batch_size=BATCH, verbose=0),
+    )
+
+
+def test_one_worker_equals_one_device(tmp_path, reference):
+    (result,) = _launch(tmp_path, workers=1)
+    assert max_difference(saved_weights(result), reference[0]) <= 1e-5
+    np.testing.assert_allclose(result["loss"], reference[1], rtol=1e-5)
+    # Alone, no other update ever comes between a read and a write.
+    steps = EPOCHS * SAMPLES // BATCH
+    assert int(result["updates"]) == int(result["total_updates"]) == steps
+    assert int(result["max_staleness"]) == 0
+    # Saved from variables on the ps task, loaded with no strategy.
+    loaded = keras.models.load_model(tmp_path / "worker_0.keras")
+    assert max_difference(loaded.get_weights(), reference[0]) == 0.0
+
+
+def test_two_workers_train_asynchronously_and_end_alike(tmp_path, reference):
+    first, second = _launch(tmp_path, workers=2)
+    # Both read the same variables once fit has ended, so they evaluate and
+    # save the same model.
+    assert max_difference(saved_weights(first), saved_weights(second)) == 0.0
+    np.testing.assert_array_equal(first["evaluated"], second["evaluated"])
+    loaded = keras.models.load_model(tmp_path / "worker_1.keras")
+    assert max_difference(loaded.get_weights(), saved_weights(first)) == 0.0
+    # Each worker took one device's steps on half of every batch, and every
+    # update of both reached the shared variables.
+    steps = EPOCHS * SAMPLES // BATCH
+    for result in (first, second):
+        assert int(result["updates"]) == steps
+        assert int(result["total_updates"]) == 2 * steps
+    # Asynchronous: not the one-device (or synchronous) result...
+    assert max_difference(saved_weights(first), reference[0]) > 1e-3
+    # ...but it trained as well on this easy task.
+    assert first["evaluated"][0] < 1.2 * reference[2][0]
