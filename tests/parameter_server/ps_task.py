@@ -53,6 +53,59 @@ def train(strategy=None, epochs=2):
     return model, history
 
 
+COUNTING_BATCH = 8
+
+
+def count_updates(strategy):
+    """A model whose every update subtracts exactly 0.5 from each weight
+    (inputs of ones, targets far below, MAE, SGD at 0.5), so that its final
+    weights count the updates that reached them; the trained weights."""
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros"),
+            ]
+        )
+        model.compile(keras.optimizers.SGD(0.5), "mean_absolute_error")
+    x = np.ones((SAMPLES, 4), "float32")
+    y = np.full((SAMPLES, 1), -1e9, "float32")
+    model.fit(x, y, batch_size=COUNTING_BATCH, epochs=1, verbose=0)
+    return model.get_weights()[0]
+
+
+def placement(strategy, model):
+    """Where things are: the jobs of the model's, the optimizer's and the
+    metrics' variables, and of the ops of a traced training step that do
+    the forward pass (MatMul) and Adam's update (Sqrt)."""
+    import tensorflow as tf
+
+    def job(device):
+        return device.split("/replica")[0]
+
+    x, y = data()
+    step = tf.function(
+        lambda: strategy.run(model.train_step, args=((x[:BATCH], y[:BATCH]),))
+    )
+    ops = {"MatMul": set(), "Sqrt": set()}
+
+    def walk(graph):
+        for op in graph.get_operations():
+            if op.type in ops:
+                ops[op.type].add(job(op.device))
+        for function in graph._functions.values():
+            walk(function.graph)
+
+    walk(step.get_concrete_function().graph)
+    variables = {
+        "model_variables": model.weights,
+        "optimizer_variables": model.optimizer.variables,
+        "metric_variables": model.metrics_variables,
+    }
+    found = {k: {job(v.value.device) for v in vs} for k, vs in variables.items()}
+    return {k: np.array(sorted(v)) for k, v in {**found, **ops}.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=pathlib.Path)
@@ -68,6 +121,8 @@ def main():
     index = strategy.worker_index
     model.save(args.out / f"worker_{index}.keras")
     stats = strategy.staleness()
+    where = placement(strategy, model) if strategy.num_workers == 1 else {}
+    counted = count_updates(strategy)
     print("staleness", stats, flush=True)
     np.savez(
         args.out / f"worker_{index}.npz",
@@ -75,6 +130,8 @@ def main():
         loss=np.array(history.history["loss"]),
         evaluated=np.array(evaluated),
         **{k: np.array(v) for k, v in stats.items()},
+        **where,
+        counted=counted,
     )
 
 

@@ -9,7 +9,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from ps_task import BATCH, SAMPLES, data, train
+from ps_task import BATCH, COUNTING_BATCH, SAMPLES, data, train
 from transparency import max_difference, saved_weights, worker_results
 
 TASK = pathlib.Path(__file__).with_name("ps_task.py")
@@ -51,6 +51,12 @@ def test_one_worker_equals_one_device(tmp_path, reference):
     steps = EPOCHS * SAMPLES // BATCH
     assert int(result["updates"]) == int(result["total_updates"]) == steps
     assert int(result["max_staleness"]) == 0
+    # The variables and Adam's arithmetic live on the ps task; the forward
+    # pass and the metrics stay on the worker.
+    for name in ("model_variables", "optimizer_variables", "Sqrt"):
+        assert list(result[name]) == ["/job:ps"], (name, result[name])
+    for name in ("metric_variables", "MatMul"):
+        assert list(result[name]) == ["/job:worker"], (name, result[name])
     # Saved from variables on the ps task, loaded with no strategy.
     loaded = keras.models.load_model(tmp_path / "worker_0.keras")
     assert max_difference(loaded.get_weights(), reference[0]) == 0.0
@@ -70,6 +76,10 @@ def test_two_workers_train_asynchronously_and_end_alike(tmp_path, reference):
     for result in (first, second):
         assert int(result["updates"]) == steps
         assert int(result["total_updates"]) == 2 * steps
+    # No update is lost when both write one variable at once: each of the
+    # 2 x 32 SGD steps of the counting model took exactly 0.5 off.
+    for result in (first, second):
+        assert np.all(result["counted"] == -0.5 * 2 * SAMPLES // COUNTING_BATCH)
     # Asynchronous: not the one-device (or synchronous) result...
     assert max_difference(saved_weights(first), reference[0]) > 1e-3
     # ...but it trained as well on this easy task.
