@@ -54,7 +54,8 @@ def shared_variable(
         shared_name: the resource's name, the same on every worker.
         device: the ps device holding it.
         initial_value: a tensor, or a callable returning one.
-        initialize: True on the one worker that writes the initial value;
+        initialize: True on the one worker that writes the initial value
+            (unless it is there already: that worker was started again);
             the others wait (at most `timeout` seconds) until it is written.
         name, dtype, shape, trainable, synchronization, aggregation,
         distribute_strategy: as for `tf.Variable`.
@@ -72,9 +73,9 @@ def shared_variable(
             dtype=dtype, shape=shape, shared_name=shared_name, container=""
         )
         give_handle_shape(handle, shape, dtype)
-        if initialize:
+        if initialize and not bool(tf.raw_ops.VarIsInitializedOp(resource=handle)):
             tf.raw_ops.AssignVariableOp(resource=handle, value=value)
-        else:
+        elif not initialize:
             _wait_initialized(handle, shared_name, timeout)
             found = tuple(tf.raw_ops.VariableShape(input=handle).numpy())
             if found != tuple(shape):
