@@ -86,7 +86,8 @@ class ParameterServerExtended(OneDeviceExtended):
 
     def __init__(self, container_strategy, resolver):
         host = cluster.connect_worker(resolver)
-        super().__init__(container_strategy, f"{host}/device:CPU:0")
+        self.worker_device = f"{host}/device:CPU:0"
+        super().__init__(container_strategy, self.worker_device)
         self.worker_index = resolver.task_id
         self.num_workers = len(resolver.cluster_spec().job_tasks(cluster.WORKER_JOB))
         devices = cluster.ps_devices(resolver)
@@ -97,7 +98,7 @@ class ParameterServerExtended(OneDeviceExtended):
             self._prefix, devices[0], self.num_workers, self.worker_index
         )
         self.updates = UpdateCounter(
-            self._prefix, devices[0], self.worker_index, self._device
+            self._prefix, devices[0], self.worker_index, self.worker_device
         )
         self._step_updates = None
 
@@ -106,7 +107,7 @@ class ParameterServerExtended(OneDeviceExtended):
         if kwargs.get("synchronization") == tf.VariableSynchronization.ON_READ:
             # Metrics: each worker keeps its own, as TensorFlow's parameter
             # servers kept them with the worker.
-            with tf.device(self._device):
+            with tf.device(self.worker_device):
                 return next_creator(**kwargs)
         value = kwargs["initial_value"]
         if callable(value):
