@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_parallel.callbacks.chief_files import Scratch, Workers, pointed_at
+from keras_parallel.collective_saves import every_worker_saves
 
 
 class ChiefWrites:
@@ -59,9 +60,9 @@ class BackupAndRestore(ChiefWrites, keras.callbacks.BackupAndRestore):
     join). When `fit` starts, every worker restores from `backup_dir`, and
     they check that they restored the same training step: `backup_dir` must be
     a folder all workers read (one machine, or a shared filesystem). The
-    backup holds worker 0's PowerSGD error memory, which is each worker's own:
-    a resumed PowerSGD run continues with it on every worker (give Keras'
-    callback a folder per worker there). On one worker this is Keras'
+    backup holds PowerSGD's error memory summed over all workers (each
+    keeps its own; only their sum enters the next steps), so a resumed run
+    continues as the uninterrupted one. On one worker this is Keras'
     callback unchanged.
 
     Args:
@@ -112,22 +113,25 @@ class BackupAndRestore(ChiefWrites, keras.callbacks.BackupAndRestore):
             )
 
     def on_train_batch_end(self, batch, logs=None) -> None:
-        if self._writer is None:
-            super().on_train_batch_end(batch, logs)
-        else:
-            self._writer.on_train_batch_end(batch, logs)
+        with every_worker_saves():
+            if self._writer is None:
+                super().on_train_batch_end(batch, logs)
+            else:
+                self._writer.on_train_batch_end(batch, logs)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        if self._writer is None:
-            super().on_epoch_end(epoch, logs)
-        else:
-            self._writer.on_epoch_end(epoch, logs)
+        with every_worker_saves():
+            if self._writer is None:
+                super().on_epoch_end(epoch, logs)
+            else:
+                self._writer.on_epoch_end(epoch, logs)
 
     def on_train_end(self, logs=None) -> None:
-        if self._writer is None:
-            super().on_train_end(logs)
-        else:
-            self._writer.on_train_end(logs)
+        with every_worker_saves():
+            if self._writer is None:
+                super().on_train_end(logs)
+            else:
+                self._writer.on_train_end(logs)
             self._scratch.clear()
         self._all_done()
 
@@ -181,14 +185,15 @@ class ModelCheckpoint(ChiefWrites, keras.callbacks.ModelCheckpoint):
 
     @contextlib.contextmanager
     def _written_here(self):
-        """On a worker other than the chief, saves go to its scratch folder,
-        emptied afterwards."""
+        """Every worker saves at once; on a worker other than the chief, to
+        its scratch folder, emptied afterwards."""
         if not self._throwaway:
-            yield
+            with every_worker_saves():
+                yield
             return
         path = os.path.join(self._scratch.path(), os.path.basename(self.filepath))
         try:
-            with pointed_at(self, "filepath", path):
+            with pointed_at(self, "filepath", path), every_worker_saves():
                 yield
         finally:
             self._scratch.clear()

@@ -27,6 +27,7 @@ from keras_parallel._tf_internal import (
     wait_for_all_workers,
     worker_id,
 )
+from keras_parallel.collective_saves import every_worker_is_saving
 from keras_parallel.data_parallel.engine import DataParallelEngine
 from keras_parallel.data_parallel.file_collisions import (
     explain_lock_errors,
@@ -83,6 +84,20 @@ class OnCluster:
         if axis is not None and _all_scalars(value):
             return self._mean_over_all_replicas(value)
         return super().reduce(reduce_op, value, axis)
+
+    def _replica_total(self):
+        if not every_worker_is_saving():
+            # A save by one worker alone: no collective the others miss.
+            return None
+
+        def total(variables):
+            # Every worker's replicas: PowerSGD's error memory is each
+            # worker's own, and the others may restore from this save.
+            value = PerReplica([variable.read_value() for variable in variables])
+            summed = self.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+            return summed.numpy()
+
+        return total
 
     def _mean_over_all_replicas(self, value):
         """All scalar logs in one collective: stacked per replica, averaged."""

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import SavedWithModel
+from keras_parallel.reduction.compression import Total
 from keras_parallel.scope_errors import explained
 
 
@@ -136,9 +137,14 @@ class ReplicaStrategy(tf.distribute.Strategy, SavedWithModel):
             store: Keras' weights store of this object (a dict of arrays).
         """
         states = self.extended.gradient_reduction.states
-        for index, arrays in enumerate(states.save()):
+        for index, arrays in enumerate(states.save(self._replica_total())):
             for name, array in arrays.items():
                 store[f"{index}:{name}"] = array
+
+    def _replica_total(self) -> Total | None:
+        """How a save sums a state kept per replica: None, over this
+        process's replicas (all of them on one machine)."""
+        return None
 
     def load_own_variables(self, store) -> None:
         """Keras' loading hook: restores what `save_own_variables` saved.
@@ -152,5 +158,5 @@ class ReplicaStrategy(tf.distribute.Strategy, SavedWithModel):
             index, name = key.split(":", 1)
             saved.setdefault(int(index), {})[name] = np.asarray(store[key])
         self.extended.gradient_reduction.states.restore(
-            [saved[index] for index in sorted(saved)]
+            [saved[index] for index in sorted(saved)], self.num_workers
         )

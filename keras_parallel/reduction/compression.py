@@ -10,12 +10,15 @@ compression object may serve several strategies and models.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from keras_parallel.reduction.communicator import Communicator
+
+# Sums one per-replica state (a variable on each of this process's replicas).
+Total = Callable[[list[tf.Variable]], np.ndarray]
 
 
 class CompressionState(abc.ABC):
@@ -26,13 +29,25 @@ class CompressionState(abc.ABC):
     """
 
     @abc.abstractmethod
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The state as named arrays, to be saved."""
+    def arrays(self, total: Total | None = None) -> dict[str, np.ndarray]:
+        """The state as named arrays, to be saved.
+
+        Args:
+            total: Sums a state kept per replica over the replicas: by
+                default this process's, or every worker's when all of them
+                save at once (see `collective_saves`).
+        """
 
     @abc.abstractmethod
-    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+    def restore(self, arrays: Mapping[str, np.ndarray], workers: int = 1) -> None:
         """Takes the state from `arrays` (as returned by `arrays()`), now or,
-        when its variables do not exist yet, when they are made."""
+        when its variables do not exist yet, when they are made.
+
+        Args:
+            arrays: The saved state.
+            workers: Workers training now; a sum saved over every worker's
+                replicas is shared among all their replicas.
+        """
 
 
 class Compression(abc.ABC):

@@ -28,7 +28,10 @@ import tensorflow as tf
 
 from keras_parallel._tf_internal import local_variable
 from keras_parallel._validation import check_int
-from keras_parallel.reduction.compression import Compression, CompressionState
+from keras_parallel.reduction.compression import Compression, CompressionState, Total
+
+# Marks a saved state whose errors are summed over every worker's replicas.
+ALL_WORKERS = "errors_of_all_workers"
 
 
 class PowerSGD(Compression):
@@ -218,10 +221,11 @@ class PowerSGDState(CompressionState):
 
     Made on the devices of the gradients it first sees (the strategy's). Saved
     as `step`, `q_<g>_<k>` and `error_<g>_<k>`, where the error is the sum
-    over this process's replicas: only that sum enters the next steps (P,
-    Q and the approximation are linear in the replicas' summed matrices), so
-    restoring it split evenly over the replicas continues exactly, on any
-    number of devices.
+    over this process's replicas, or over every worker's (then
+    `errors_of_all_workers` is 1) when all workers save at once: only the
+    sum over all replicas enters the next steps (P, Q and the approximation
+    are linear in the replicas' summed matrices), so restoring it split
+    evenly over the replicas continues exactly, on any number of devices.
     """
 
     def __init__(self, compression: PowerSGD):
@@ -231,6 +235,7 @@ class PowerSGDState(CompressionState):
         # {"shape", "q": [per replica], "error": [per replica]}.
         self._groups: dict = {}
         self._pending: dict[str, np.ndarray] = {}
+        self._sharing_workers = 1
 
     def step(self) -> tf.Variable:
         """Steps reduced so far (warm-up included)."""
@@ -271,7 +276,7 @@ class PowerSGDState(CompressionState):
                         )
         return entry
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self, total: Total | None = None) -> dict[str, np.ndarray]:
         arrays = dict(self._pending)
         if self._step is not None:
             arrays["step"] = self._step.numpy()
@@ -279,13 +284,17 @@ class PowerSGDState(CompressionState):
             for k, entry in enumerate(entries):
                 arrays[f"q_{group}_{k}"] = entry["q"][0].numpy()
                 if entry["error"]:
-                    arrays[f"error_{group}_{k}"] = sum(
-                        e.numpy() for e in entry["error"]
+                    arrays[f"error_{group}_{k}"] = (total or _local_total)(
+                        entry["error"]
                     )
+        if total is not None and self._groups:
+            arrays[ALL_WORKERS] = np.array(1)
         return arrays
 
-    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+    def restore(self, arrays: Mapping[str, np.ndarray], workers: int = 1) -> None:
         self._pending = {name: np.asarray(value) for name, value in arrays.items()}
+        # A sum over every worker's replicas is shared among all of them.
+        self._sharing_workers = workers if self._pending.pop(ALL_WORKERS, 0) else 1
         self._take_pending()
 
     def _take_pending(self) -> None:
@@ -304,8 +313,13 @@ class PowerSGDState(CompressionState):
                 error = self._pending.pop(f"error_{group}_{k}", None)
                 if error is not None and entry["error"]:
                     _check_shape(f"error_{group}_{k}", error, (n, m))
+                    replicas = len(entry["error"]) * self._sharing_workers
                     for variable in entry["error"]:
-                        variable.assign(error / len(entry["error"]))
+                        variable.assign(error / replicas)
+
+
+def _local_total(variables: list[tf.Variable]) -> np.ndarray:
+    return sum(variable.numpy() for variable in variables)
 
 
 def _check_shape(name, array, shape) -> None:

@@ -13,7 +13,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from keras_parallel.reduction.compression import Compression, CompressionState
+from keras_parallel.reduction.compression import (
+    Compression,
+    CompressionState,
+    Total,
+)
 
 
 class CompressionStates:
@@ -36,6 +40,7 @@ class CompressionStates:
         self._unowned: dict[int, CompressionState | None] = {}
         self._owner = None
         self._waiting: list[Mapping[str, np.ndarray]] = []
+        self._waiting_workers = 1
 
     @contextlib.contextmanager
     def owned_by(self, owner):
@@ -60,7 +65,7 @@ class CompressionStates:
     def _new(self) -> CompressionState | None:
         state = self._compression.new_state()
         if state is not None and self._waiting:
-            state.restore(self._waiting.pop(0))
+            state.restore(self._waiting.pop(0), self._waiting_workers)
         return state
 
     def all(self) -> list[CompressionState]:
@@ -72,16 +77,27 @@ class CompressionStates:
         ]
         return [state for state in states if state is not None]
 
-    def save(self) -> list[dict[str, np.ndarray]]:
-        """Each live state's arrays, then those still waiting for an owner."""
-        return [state.arrays() for state in self.all()] + [
+    def save(self, total: Total | None = None) -> list[dict[str, np.ndarray]]:
+        """Each live state's arrays, then those still waiting for an owner.
+
+        Args:
+            total: Sums a per-replica state over the replicas (see
+                `CompressionState.arrays`); None: this process's.
+        """
+        return [state.arrays(total) for state in self.all()] + [
             dict(arrays) for arrays in self._waiting
         ]
 
-    def restore(self, saved: list[Mapping[str, np.ndarray]]) -> None:
+    def restore(self, saved: list[Mapping[str, np.ndarray]], workers: int = 1) -> None:
         """Gives the i-th saved state to the i-th live state; the rest wait
-        for the next owners."""
+        for the next owners.
+
+        Args:
+            saved: The states' arrays, as `save` returned them.
+            workers: Workers training now (see `CompressionState.restore`).
+        """
         live = self.all()
         for state, arrays in zip(live, saved, strict=False):
-            state.restore(arrays)
+            state.restore(arrays, workers)
         self._waiting = list(saved[len(live) :])
+        self._waiting_workers = workers

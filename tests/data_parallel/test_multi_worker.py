@@ -283,9 +283,13 @@ def test_strategy_created_again_in_the_same_workers(tmp_path):
             assert f"[worker {worker}] run {run} {expected}" in done.stdout
 
 
-def test_powersgd_memory_survives_a_killed_worker(tmp_path):
+@pytest.mark.parametrize("callback", ["--keras-backup", "--backup"])
+def test_powersgd_memory_survives_a_killed_worker(tmp_path, callback):
+    # Keras' callback: each worker saves and restores its own error memory;
+    # ours: worker 0 saves the sum over both workers, which each restores
+    # half of; either continues as the uninterrupted run.
     backup = tmp_path / "backup"
-    args = ("--compression", "powersgd", "--keras-backup", str(backup))
+    args = ("--compression", "powersgd", callback, str(backup))
     first_try = _launch(tmp_path / "1", *args, "--die-at", "1:2:1")
     assert first_try.returncode == 137, first_try.stderr[-3000:]
     second_try = _launch(tmp_path / "2", *args)
@@ -293,8 +297,7 @@ def test_powersgd_memory_survives_a_killed_worker(tmp_path):
     first, second = _results(tmp_path / "2")
     assert first["epochs"].tolist() == [2]
     assert _max_difference(_weights(first), _weights(second)) == 0.0
-    # Each worker restored its replica's error memory and the step count: the
-    # run ends as the uninterrupted one (= one process with 2 replicas).
+    # The run ends as the uninterrupted one (= one process with 2 replicas).
     strategy = keras_parallel.DataParallel(
         devices(2), compression=compression("powersgd")
     )
