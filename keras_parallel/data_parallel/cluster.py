@@ -121,8 +121,9 @@ def _check_cluster(cluster: dict, task, source: str) -> None:
         if job not in TRAINING_JOBS:
             _fail(
                 f"has a job {job!r}; DataParallel trains on jobs "
-                f"{TRAINING_JOBS} only (parameter servers belong to "
-                "tf.distribute.experimental.ParameterServerStrategy).",
+                f"{TRAINING_JOBS} only. Parameter servers ('ps' tasks) "
+                "serve keras_parallel.ParameterServer, which trains "
+                "asynchronously: use it, or launch without `--ps`.",
                 source,
             )
         addresses = _address_list(addresses)

@@ -35,7 +35,7 @@ def _config(workers=("127.0.0.1:2000", "127.0.0.1:2001"), index=0, job="worker")
         ),
         (_config(index=2), "index must be an integer from 0 to 1"),
         (_config(index="0"), "has task index '0'"),
-        (_config(job="ps"), "parameter servers"),
+        (_config(job="ps"), "keras_parallel.ParameterServer"),
         (_config(workers=["127.0.0.1:2000"] * 2), "more than one task"),
         (
             json.dumps({"cluster": {"worker": ["127.0.0.1:2000"]}}),
