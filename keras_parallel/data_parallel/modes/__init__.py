@@ -21,10 +21,7 @@ from keras_parallel.data_parallel.modes.base import Mode
 from keras_parallel.data_parallel.modes.gather_warning import UncompressedGathers
 from keras_parallel.data_parallel.modes.gradient_sharded import GradientSharded
 from keras_parallel.data_parallel.modes.local_sgd import LocalSGD
-from keras_parallel.data_parallel.modes.optimizer_sharded import (
-    AUTO_MIN_SPLIT_ELEMENTS,
-    OptimizerSharded,
-)
+from keras_parallel.data_parallel.modes.optimizer_sharded import OptimizerSharded
 from keras_parallel.data_parallel.modes.parameter_sharded import ParameterSharded
 from keras_parallel.data_parallel.modes.replicated import Replicated
 from keras_parallel.data_parallel.modes.sharding_argument import resolve_sharding
@@ -96,7 +93,7 @@ def choose_mode(
         if compresses and not chosen:
             mode = AutoSharding()
         elif not chosen:
-            mode = OptimizerSharded(min_split_elements=AUTO_MIN_SPLIT_ELEMENTS)
+            mode = OptimizerSharded.auto()
         elif sharding is None:
             mode = Replicated()
         else:

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from keras_parallel._tf_internal import MirroredVariable
 from keras_parallel.data_parallel.modes.base import Mode
 from keras_parallel.data_parallel.modes.optimizer_sharded import (
-    AUTO_MIN_SPLIT_ELEMENTS,
     OptimizerSharded,
 )
 from keras_parallel.data_parallel.modes.replicated import Replicated
@@ -64,7 +63,7 @@ class AutoSharding(Mode):
 
     def __init__(self):
         self._replicated = Replicated()
-        self._sharded = OptimizerSharded(min_split_elements=AUTO_MIN_SPLIT_ELEMENTS)
+        self._sharded = OptimizerSharded.auto()
         self._chosen: Mode | None = None
         self._weight_bytes = 0
 

@@ -75,6 +75,12 @@ class OptimizerSharded(Replicated):
         self._gather_warning = gather_warning
         self.min_split_elements = min_split_elements
 
+    @classmethod
+    def auto(cls) -> OptimizerSharded:
+        """The sharding `"auto"` chooses: each weight under
+        `AUTO_MIN_SPLIT_ELEMENTS` keeps its state whole on its owner."""
+        return cls(min_split_elements=AUTO_MIN_SPLIT_ELEMENTS)
+
     def attach(self, engine) -> None:
         self.owners = OwnerTable(len(engine.devices))
         self.weight_shards = WeightShards()
