@@ -255,7 +255,10 @@ class PartitionedVariable(BaseResourceVariable):
         if shard is not None:
             return getattr(shard, method)(value, *args, **kwargs)
         if not isinstance(value, tf.IndexedSlices):
-            value = tf.convert_to_tensor(value, dtype=self.dtype)
+            # A restored checkpoint's tensor has no static shape.
+            value = tf.ensure_shape(
+                tf.convert_to_tensor(value, dtype=self.dtype), self.full_shape
+            )
         done = [
             getattr(part, method)(piece, *args, **kwargs)
             for part, piece in zip(self.shards, self.pieces(value), strict=True)
@@ -286,12 +289,16 @@ class PartitionedVariable(BaseResourceVariable):
         return self
 
     def pieces(self, value) -> list:
-        """`value` as each shard's part: the rows of a whole tensor or of a
+        """`value` as each shard's part: the rows of a tensor or of a
         `tf.IndexedSlices` of this variable's shape (renumbered from the
         shard's first row); anything else is the same for every shard."""
         if isinstance(value, tf.IndexedSlices):
             return [self._rows_of_slices(value, k) for k in range(len(self.shards))]
-        if isinstance(value, tf.Tensor) and value.shape == self.full_shape:
+        if (
+            isinstance(value, tf.Tensor)
+            and value.shape.rank == self.full_shape.rank
+            and value.shape.is_compatible_with(self.full_shape)
+        ):
             return [
                 value[start:stop]
                 for start, stop in zip(self.offsets[:-1], self.offsets[1:], strict=True)

@@ -46,6 +46,7 @@ def build():
             keras.layers.Embedding(VOCABULARY, 4),
             keras.layers.Dropout(0.25),
             keras.layers.Flatten(),
+            keras.layers.BatchNormalization(),
             keras.layers.Dense(8, activation="relu"),
             keras.layers.Dense(1),
         ]
@@ -144,9 +145,10 @@ def main():
         )
     )
     model, history = train(strategy, args.samples)
-    extra = {}
+    x, y = data(args.samples)
+    extra = {"evaluated": np.array(model.evaluate(x, y, batch_size=BATCH, verbose=0))}
     if strategy.num_workers == 1:
-        extra = placement(strategy, model)
+        extra.update(placement(strategy, model))
         extra["round_trip"] = np.array(round_trip(model))
     else:
         extra["endless"] = np.array(endless_fit(model))

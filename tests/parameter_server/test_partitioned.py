@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from ps_cluster import launch
-from ps_partitioned_task import train
+from ps_partitioned_task import BATCH, data, train
 from transparency import max_difference, saved_weights
 
 import keras_parallel
@@ -27,6 +27,9 @@ def test_partitioned_embedding_equals_one_device(tmp_path):
     reference, history = train()
     assert max_difference(saved_weights(result), reference.get_weights()) <= 1e-5
     np.testing.assert_allclose(result["loss"], history.history["loss"], rtol=1e-5)
+    x, y = data(64)
+    evaluated = reference.evaluate(x, y, batch_size=BATCH, verbose=0)
+    np.testing.assert_allclose(result["evaluated"], evaluated, rtol=1e-5)
     # The table's rows are split in two, one range on each ps task, and
     # Adam's two slots for it alike.
     assert list(result["table_shards"]) == PS
@@ -57,6 +60,7 @@ def test_two_workers_skip_empty_pieces_and_refuse_endless_data(tmp_path):
         assert all(np.isfinite(w).all() for w in saved_weights(result))
         assert np.isfinite(result["loss"]).all()
     assert max_difference(saved_weights(first), saved_weights(second)) == 0.0
+    np.testing.assert_array_equal(first["evaluated"], second["evaluated"])
     # Worker 0 skipped the update of each one-row batch; worker 1 did not.
     steps = 2 * 9
     assert int(first["updates"]) == steps - 2
