@@ -25,7 +25,6 @@ Outside a step, reads join the shards and assignments split a whole value, so
 from __future__ import annotations
 
 import contextlib
-import numbers
 import threading
 
 import keras
@@ -40,80 +39,7 @@ from keras_parallel._tf_internal import (
     variable_accessed,
 )
 
-# The shape a partitioner is tried on when the strategy is made, so that a
-# wrong one fails there rather than at the first large weight.
-_PROBE_SHAPE = (1024, 64)
-_ALLOWED = (
-    "a callable `partitioner(shape, dtype)` returning the number of "
-    "partitions per axis, all 1 but the first (as TensorFlow's "
-    "ParameterServerStrategy takes), e.g. "
-    "tf.distribute.experimental.partitioners.MinSizePartitioner(), "
-    "FixedShardsPartitioner(2) or MaxSizePartitioner(...)"
-)
-
 _SCOPE = threading.local()
-
-
-def check_partitioner(partitioner) -> None:
-    """Raises a clear error unless `partitioner` is None or a partitioner
-    that gives a valid answer for a typical weight.
-
-    Raises:
-        TypeError: not callable, or not callable as `(shape=, dtype=)`.
-        ValueError: its answer is not a list of partitions per axis.
-    """
-    if partitioner is None:
-        return
-    if not callable(partitioner):
-        raise TypeError(
-            f"`variable_partitioner` must be None or {_ALLOWED}. Received: "
-            f"variable_partitioner={partitioner!r}"
-        )
-    row_count(partitioner, tf.TensorShape(_PROBE_SHAPE), tf.float32)
-
-
-def row_count(partitioner, shape: tf.TensorShape, dtype) -> int:
-    """Into how many row ranges `partitioner` splits a weight of `shape`
-    (1: not split), its answer checked."""
-    try:
-        answer = partitioner(shape=shape, dtype=tf.as_dtype(dtype))
-    except TypeError as error:
-        raise TypeError(
-            f"`variable_partitioner` must be {_ALLOWED}. Calling "
-            f"variable_partitioner(shape={shape}, dtype={dtype.name}) failed: "
-            f"{error}"
-        ) from error
-    valid = (
-        isinstance(answer, (list, tuple))
-        and len(answer) == shape.rank
-        and all(
-            isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in answer
-        )
-        and all(n >= 1 for n in answer)
-    )
-    if not valid:
-        raise ValueError(
-            f"`variable_partitioner` must return a list of {shape.rank} "
-            "positive integers, the number of partitions along each axis of "
-            f"the weight. For shape={shape} it returned {answer!r}."
-        )
-    if any(n != 1 for n in answer[1:]):
-        raise ValueError(
-            "ParameterServer partitions weights along their first axis only "
-            "(rows, as an Embedding's table), so `variable_partitioner` must "
-            f"return 1 for every other axis. For shape={shape} it returned "
-            f"{list(answer)}."
-        )
-    return min(int(answer[0]), shape[0])
-
-
-def row_offsets(rows: int, count: int) -> list[int]:
-    """Where each of `count` row ranges starts (and the last ends), the
-    first ones a row longer when `count` does not divide `rows`, as
-    TensorFlow's ParameterServerStrategy splits."""
-    base, extra = divmod(rows, count)
-    sizes = [base + (k < extra) for k in range(count)]
-    return [0, *np.cumsum(sizes).tolist()]
 
 
 @contextlib.contextmanager
@@ -152,7 +78,8 @@ class PartitionedVariable(BaseResourceVariable):
         distribute_strategy=None,
     ):
         self.shards = list(shards)
-        self.offsets = tuple(row_offsets_of(self.shards))
+        sizes = [int(part.shape[0]) for part in self.shards]
+        self.offsets = (0, *np.cumsum(sizes).tolist())
         self.full_shape = tf.TensorShape([self.offsets[-1]]).concatenate(
             self.shards[0].shape[1:]
         )
@@ -321,10 +248,6 @@ class PartitionedVariable(BaseResourceVariable):
             tf.boolean_mask(indices, inside) - tf.cast(start, indices.dtype),
             tf.cast(dense_shape, indices.dtype),
         )
-
-
-def row_offsets_of(shards: list) -> list[int]:
-    return [0, *np.cumsum([int(part.shape[0]) for part in shards]).tolist()]
 
 
 def update_by_shard(var: PartitionedVariable, fn, args, kwargs) -> list:

@@ -12,7 +12,7 @@ from keras_parallel._tf_internal import (
     UpdateContext,
     keras_method_running,
 )
-from keras_parallel.parameter_server import cluster, partitioned
+from keras_parallel.parameter_server import cluster, partitioned, row_ranges
 from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
 from keras_parallel.parameter_server.variables import BytePlacer, shared_variable
 from keras_parallel.specialize import keras_step, reachable, specialized
@@ -64,7 +64,7 @@ class ParameterServer(tf.distribute.Strategy):
     """
 
     def __init__(self, cluster_resolver=None, *, variable_partitioner=None):
-        partitioned.check_partitioner(variable_partitioner)
+        row_ranges.check_partitioner(variable_partitioner)
         resolver = cluster.resolve_ps_cluster(cluster_resolver)
         if resolver.task_type == cluster.PS_JOB:
             cluster.serve(resolver)
@@ -136,7 +136,9 @@ class ParameterServerExtended(OneDeviceExtended):
             distribute_strategy=self._container_strategy(),
         )
         shared_name = f"{self._prefix}/{next(self._count)}/{name}"
-        shards = self._row_shards(value, colocate_with)
+        shards = row_ranges.row_ranges(
+            self._partitioner, self._placer, value, colocate_with
+        )
         if shards:
             parts = [
                 shared_variable(
@@ -163,32 +165,6 @@ class ParameterServerExtended(OneDeviceExtended):
         return shared_variable(
             shared_name, device, value, shape=kwargs.get("shape"), **settings
         )
-
-    def _row_shards(self, value, colocate_with) -> list[tuple[str, int, int]]:
-        """(device, first row, end row) of each row range `value` is cut
-        into: as `colocate_with` is cut (an optimizer slot of a partitioned
-        weight), or as the partitioner says; [] to keep it whole."""
-        if isinstance(colocate_with, partitioned.PartitionedVariable):
-            if value.shape != colocate_with.full_shape:
-                return []
-            offsets = colocate_with.offsets
-            devices = [part.device for part in colocate_with.shards]
-        elif colocate_with is not None or self._partitioner is None:
-            return []
-        elif value.shape.rank == 0:
-            return []
-        else:
-            count = partitioned.row_count(self._partitioner, value.shape, value.dtype)
-            if count <= 1:
-                return []
-            offsets = partitioned.row_offsets(value.shape[0], count)
-            row_bytes = value.dtype.size * value.shape[1:].num_elements()
-            devices = []
-            for start, stop in zip(offsets[:-1], offsets[1:], strict=True):
-                devices.append(
-                    self._placer.place_bytes((stop - start) * row_bytes, avoid=devices)
-                )
-        return list(zip(devices, offsets[:-1], offsets[1:], strict=True))
 
     def _experimental_distribute_dataset(self, dataset, options):
         if (
