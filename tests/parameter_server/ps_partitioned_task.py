@@ -10,7 +10,8 @@ With one worker it also records where things are (the row ranges and Adam's
 slots, the ops of a traced step that touch them, the Dropout's seed state)
 and a `set_weights`/`get_weights` round trip. With several, the data has a
 last batch of one row (fewer than the workers), and the worker records what
-`fit` on an endless dataset with `steps_per_epoch` raised.
+`fit` on an endless dataset with `steps_per_epoch` raised, and what `fit`
+raised for a `train_step` returning its own logs on such data.
 """
 
 from __future__ import annotations
@@ -132,6 +133,29 @@ def endless_fit(model) -> str:
     return ""
 
 
+class OwnLogs(keras.Sequential):
+    """A model whose `train_step` returns its own logs."""
+
+    def train_step(self, data):
+        return {"own": super().train_step(data)["loss"]}
+
+
+def own_logs_fit(strategy) -> str:
+    """What `fit` raises for a model whose `train_step` returns other logs
+    than its metrics, on data with a batch smaller than the workers."""
+    with strategy.scope():
+        model = OwnLogs(
+            [keras.Input((3,), dtype="int32"), keras.layers.Embedding(4, 1)]
+        )
+        model.compile("sgd", "mse")
+    x, y = data(BATCH + 1)
+    try:
+        model.fit(x, y[:, :1, None] * np.ones((1, 3, 1)), batch_size=BATCH, verbose=0)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=pathlib.Path)
@@ -152,6 +176,7 @@ def main():
         extra["round_trip"] = np.array(round_trip(model))
     else:
         extra["endless"] = np.array(endless_fit(model))
+        extra["own_logs"] = np.array(own_logs_fit(strategy))
     index = strategy.worker_index
     model.save(args.out / f"worker_{index}.keras")
     np.savez(

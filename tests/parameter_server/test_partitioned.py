@@ -69,6 +69,9 @@ def test_two_workers_skip_empty_pieces_and_refuse_endless_data(tmp_path):
     for result in (first, second):
         assert "cannot train on an endless dataset" in str(result["endless"])
         assert "dataset.take(steps_per_epoch)" in str(result["endless"])
+        # A train_step of its own logs: no metrics to return for a skipped
+        # step, and the message says what to change.
+        assert "Return `self.get_metrics_result()`" in str(result["own_logs"])
 
 
 @pytest.mark.parametrize(
