@@ -8,7 +8,7 @@ strategy is the one-device reference.
 
 With one worker it also records where things are (the row ranges and Adam's
 slots, the ops of a traced step that touch them, the Dropout's seed state)
-and a `set_weights`/`get_weights` round trip. With several, the data has a
+and `set_weights`/`get_weights` and checkpoint round trips. With several, the data has a
 last batch of one row (fewer than the workers), and the worker records what
 `fit` on an endless dataset with `steps_per_epoch` raised, and what `fit`
 raised for a `train_step` returning its own logs on such data.
@@ -52,7 +52,9 @@ def build():
             keras.layers.Dense(1),
         ]
     )
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
+    # EMA: at the end of fit the weights take their averages, an update
+    # with another split variable as its argument.
+    model.compile(optimizer=keras.optimizers.Adam(0.02, use_ema=True), loss="mse")
     return model
 
 
@@ -110,17 +112,24 @@ def placement(strategy, model) -> dict:
     }
 
 
-def round_trip(model) -> float:
-    """set_weights then get_weights of changed values: the largest error."""
+def round_trip(model, folder: pathlib.Path) -> float:
+    """The largest error of get_weights after set_weights of changed values,
+    and after a tf.train.Checkpoint written and read back."""
     before = model.get_weights()
     changed = [w + 1.0 for w in before]
     model.set_weights(changed)
-    error = max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(model.get_weights(), changed, strict=True)
-    )
+    errors = [_error(model.get_weights(), changed)]
+    checkpoint = tf.train.Checkpoint(model=model)
+    path = checkpoint.write(str(folder / "checkpoint"))
     model.set_weights(before)
-    return error
+    checkpoint.read(path)
+    errors.append(_error(model.get_weights(), changed))
+    model.set_weights(before)
+    return max(errors)
+
+
+def _error(found, expected) -> float:
+    return max(float(np.abs(a - b).max()) for a, b in zip(found, expected, strict=True))
 
 
 def endless_fit(model) -> str:
@@ -173,7 +182,7 @@ def main():
     extra = {"evaluated": np.array(model.evaluate(x, y, batch_size=BATCH, verbose=0))}
     if strategy.num_workers == 1:
         extra.update(placement(strategy, model))
-        extra["round_trip"] = np.array(round_trip(model))
+        extra["round_trip"] = np.array(round_trip(model, args.out))
     else:
         extra["endless"] = np.array(endless_fit(model))
         extra["own_logs"] = np.array(own_logs_fit(strategy))

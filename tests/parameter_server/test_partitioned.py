@@ -31,10 +31,10 @@ def test_partitioned_embedding_equals_one_device(tmp_path):
     evaluated = reference.evaluate(x, y, batch_size=BATCH, verbose=0)
     np.testing.assert_allclose(result["evaluated"], evaluated, rtol=1e-5)
     # The table's rows are split in two, one range on each ps task, and
-    # Adam's two slots for it alike.
+    # Adam's state for it (momentum, velocity, average) alike.
     assert list(result["table_shards"]) == PS
     assert list(result["table_rows"]) == [20, 20]
-    assert [list(s) for s in result["slot_shards"]] == [PS, PS]
+    assert [list(s) for s in result["slot_shards"]] == [PS] * 3
     # In a training step each range is gathered (the forward pass) and
     # updated on its own ps task; only the gathered rows reach the worker.
     users = [u.split(" ") for u in result["shard_users"]]
