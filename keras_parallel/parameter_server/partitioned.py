@@ -57,6 +57,9 @@ def shard_scope(offsets: tuple, index: int):
 class PartitionedVariable(BaseResourceVariable):
     """One weight whose row ranges are variables on ps tasks.
 
+    Its assignments return the assignment (None when eager), never the new
+    value, which would read every row range back.
+
     Args:
         shards: the row ranges, in order (variables on ps devices).
         local_device: where the weight's own handle lives (this worker).
