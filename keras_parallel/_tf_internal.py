@@ -110,15 +110,18 @@ def record_on_tape(op_type: str, output: tf.Tensor, source: tf.Tensor, backward)
     )
 
 
-def keras_method_running(name: str) -> bool:
-    """Whether this call is made from a Keras model's `name` method (`fit`):
-    Keras hands a strategy its dataset without saying what for."""
+def making_fit_training_data() -> bool:
+    """Whether this call is made while a Keras `fit` makes the iterator over
+    its training data. Keras hands a strategy a dataset without saying what
+    for; `fit` (`keras/src/backend/tensorflow/trainer.py`) makes the
+    training data's iterator, its local `epoch_iterator`, before the
+    validation data's."""
     frame = inspect.currentframe()
     while frame is not None:
-        if frame.f_code.co_name == name and isinstance(
+        if frame.f_code.co_name == "fit" and isinstance(
             frame.f_locals.get("self"), keras.Model
         ):
-            return True
+            return "epoch_iterator" not in frame.f_locals
         frame = frame.f_back
     return False
 

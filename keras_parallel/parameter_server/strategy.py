@@ -10,7 +10,7 @@ import tensorflow as tf
 from keras_parallel._tf_internal import (
     OneDeviceExtended,
     UpdateContext,
-    keras_method_running,
+    making_fit_training_data,
 )
 from keras_parallel.parameter_server import cluster, partitioned, row_ranges
 from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
@@ -169,7 +169,7 @@ class ParameterServerExtended(OneDeviceExtended):
     def _experimental_distribute_dataset(self, dataset, options):
         if (
             dataset.cardinality() == tf.data.INFINITE_CARDINALITY
-            and keras_method_running("fit")
+            and making_fit_training_data()
         ):
             raise ValueError(
                 "ParameterServer cannot train on an endless dataset: its "

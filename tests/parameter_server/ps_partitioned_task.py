@@ -8,10 +8,12 @@ strategy is the one-device reference.
 
 With one worker it also records where things are (the row ranges and Adam's
 slots, the ops of a traced step that touch them, the Dropout's seed state)
-and `set_weights`/`get_weights` and checkpoint round trips. With several, the data has a
-last batch of one row (fewer than the workers), and the worker records what
-`fit` on an endless dataset with `steps_per_epoch` raised, and what `fit`
-raised for a `train_step` returning its own logs on such data.
+and `set_weights`/`get_weights` and checkpoint round trips. With several,
+the data has a last batch of one row (fewer than the workers), and after
+saving the trained model the worker records what `fit` on an endless
+dataset with `steps_per_epoch` raised, a `fit` whose validation data is
+endless, and what `fit` raised for a `train_step` returning its own logs on
+such data.
 """
 
 from __future__ import annotations
@@ -132,14 +134,43 @@ def _error(found, expected) -> float:
     return max(float(np.abs(a - b).max()) for a, b in zip(found, expected, strict=True))
 
 
-def endless_fit(model) -> str:
+def small(strategy, cls=keras.Sequential):
+    """A small model of class `cls`, with no EMA: a worker ending `fit`
+    assigns the averages to the shared weights while a slower one may still
+    be validating."""
+    with strategy.scope():
+        model = cls(
+            [
+                keras.Input((3,), dtype="int32"),
+                keras.layers.Embedding(VOCABULARY, 1),
+                keras.layers.Flatten(),
+                keras.layers.Dense(1),
+            ]
+        )
+        model.compile("sgd", "mse")
+    return model
+
+
+def endless_fit(strategy) -> dict:
+    """What `fit` raised for endless training data; the validation loss of
+    a `fit` with endless validation data, and `evaluate`'s of that data
+    after it."""
+    model = small(strategy)
     x, y = data(32)
     endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat()
     try:
         model.fit(endless, steps_per_epoch=2, epochs=1, verbose=0)
+        raised = ""
     except ValueError as error:
-        return str(error)
-    return ""
+        raised = str(error)
+    history = model.fit(
+        x, y, batch_size=BATCH, validation_data=endless, validation_steps=2, verbose=0
+    )
+    return {
+        "endless": np.array(raised),
+        "validated": np.array(history.history["val_loss"][-1]),
+        "evaluated_after": np.array(model.evaluate(endless, steps=2, verbose=0)),
+    }
 
 
 class OwnLogs(keras.Sequential):
@@ -152,14 +183,10 @@ class OwnLogs(keras.Sequential):
 def own_logs_fit(strategy) -> str:
     """What `fit` raises for a model whose `train_step` returns other logs
     than its metrics, on data with a batch smaller than the workers."""
-    with strategy.scope():
-        model = OwnLogs(
-            [keras.Input((3,), dtype="int32"), keras.layers.Embedding(4, 1)]
-        )
-        model.compile("sgd", "mse")
+    model = small(strategy, OwnLogs)
     x, y = data(BATCH + 1)
     try:
-        model.fit(x, y[:, :1, None] * np.ones((1, 3, 1)), batch_size=BATCH, verbose=0)
+        model.fit(x, y, batch_size=BATCH, verbose=0)
     except ValueError as error:
         return str(error)
     return ""
@@ -172,29 +199,27 @@ def main():
     args = parser.parse_args()
     import keras_parallel
 
+    partitioners = tf.distribute.experimental.partitioners
     strategy = keras_parallel.ParameterServer(
-        variable_partitioner=tf.distribute.experimental.partitioners.FixedShardsPartitioner(
-            2
-        )
+        variable_partitioner=partitioners.FixedShardsPartitioner(2)
     )
     model, history = train(strategy, args.samples)
     x, y = data(args.samples)
-    extra = {"evaluated": np.array(model.evaluate(x, y, batch_size=BATCH, verbose=0))}
-    if strategy.num_workers == 1:
-        extra.update(placement(strategy, model))
-        extra["round_trip"] = np.array(round_trip(model, args.out))
-    else:
-        extra["endless"] = np.array(endless_fit(model))
-        extra["own_logs"] = np.array(own_logs_fit(strategy))
     index = strategy.worker_index
     model.save(args.out / f"worker_{index}.keras")
-    np.savez(
-        args.out / f"worker_{index}.npz",
-        *model.get_weights(),
-        loss=np.array(history.history["loss"]),
+    trained = {
+        "evaluated": np.array(model.evaluate(x, y, batch_size=BATCH, verbose=0)),
+        "loss": np.array(history.history["loss"]),
         **{k: np.array(v) for k, v in strategy.staleness().items()},
-        **extra,
-    )
+    }
+    weights = model.get_weights()
+    if strategy.num_workers == 1:
+        trained.update(placement(strategy, model))
+        trained["round_trip"] = np.array(round_trip(model, args.out))
+    else:
+        trained.update(endless_fit(strategy))
+        trained["own_logs"] = np.array(own_logs_fit(strategy))
+    np.savez(args.out / f"worker_{index}.npz", *weights, **trained)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """ParameterServer's `variable_partitioner`, empty pieces of a batch and
-endless datasets, on local clusters of 2 ps tasks started by
-`keras-parallel launch --ps 2`; bad partitioners without a cluster."""
+endless datasets, on local clusters started by `keras-parallel launch --ps
+K`; bad partitioners without a cluster."""
 
 import pathlib
 
@@ -18,8 +18,8 @@ TASK = pathlib.Path(__file__).with_name("ps_partitioned_task.py")
 PS = [f"/job:ps/replica:0/task:{k}/device:CPU:0" for k in range(2)]
 
 
-def _launch(out, workers, *args):
-    return launch(TASK, out, workers, 2, *args)
+def _launch(out, workers, *args, ps=2):
+    return launch(TASK, out, workers, ps, *args)
 
 
 def test_partitioned_embedding_equals_one_device(tmp_path):
@@ -54,8 +54,9 @@ def test_partitioned_embedding_equals_one_device(tmp_path):
 
 def test_two_workers_skip_empty_pieces_and_refuse_endless_data(tmp_path):
     # 65 rows in batches of 8: each epoch ends with a batch of one row,
-    # which leaves worker 0's piece empty.
-    first, second = _launch(tmp_path, 2, "--samples", "65")
+    # which leaves worker 0's piece empty. (One ps task holds both row
+    # ranges of each split weight.)
+    first, second = _launch(tmp_path, 2, "--samples", "65", ps=1)
     for result in (first, second):
         assert all(np.isfinite(w).all() for w in saved_weights(result))
         assert np.isfinite(result["loss"]).all()
@@ -69,8 +70,13 @@ def test_two_workers_skip_empty_pieces_and_refuse_endless_data(tmp_path):
     for result in (first, second):
         assert "cannot train on an endless dataset" in str(result["endless"])
         assert "dataset.take(steps_per_epoch)" in str(result["endless"])
-        # A train_step of its own logs: no metrics to return for a skipped
-        # step, and the message says what to change.
+    # Endless validation data is fine: evaluation meets at its start, so
+    # both workers validate the same weights.
+    assert float(first["validated"]) == float(second["validated"])
+    assert float(first["evaluated_after"]) == float(second["evaluated_after"])
+    # A train_step of its own logs: no metrics to return for a skipped step,
+    # and the message says what to change.
+    for result in (first, second):
         assert "Return `self.get_metrics_result()`" in str(result["own_logs"])
 
 
