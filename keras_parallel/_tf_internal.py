@@ -36,6 +36,7 @@ from tensorflow.python.distribute import (
     one_device_strategy,
     values,
 )
+from tensorflow.python.eager import record
 from tensorflow.python.framework import composite_tensor
 from tensorflow.python.ops import (
     control_flow_util,
@@ -84,6 +85,45 @@ def give_handle_shape(handle, shape, dtype) -> None:
     static shapes."""
     data = handle_data_util.create_handle_data(tf.TensorShape(shape), dtype)
     resource_variable_ops._set_handle_shapes_and_types(handle, data, False)
+
+
+# A weight split by rows over ps tasks (`parameter_server/partitioned.py`) is
+# one variable to Keras' gradient tape: a resource handle of its own that holds
+# no value, which every read of the shards names as its input on the tape.
+variable_accessed = resource_variable_ops.variable_accessed
+
+
+def placeholder_handle(shape, dtype, device: str, name: str) -> tf.Tensor:
+    """A handle on `device` to an anonymous variable resource never written,
+    with `shape` and `dtype` recorded on it."""
+    with tf.device(device):
+        return resource_variable_ops._variable_handle_from_shape_and_dtype(
+            shape, dtype, shared_name=None, name=name, graph_mode=False
+        )
+
+
+def record_on_tape(op_type: str, output: tf.Tensor, source: tf.Tensor, backward):
+    """Tells the gradient tapes that `output` was computed from `source` and
+    that `backward(d_output)` is the gradient of `source`."""
+    record.record_operation(
+        op_type, [output], [source], backward_function=lambda dy: [backward(dy)]
+    )
+
+
+def making_fit_training_data() -> bool:
+    """Whether this call is made while a Keras `fit` makes the iterator over
+    its training data. Keras hands a strategy a dataset without saying what
+    for; `fit` (`keras/src/backend/tensorflow/trainer.py`) makes the
+    training data's iterator, its local `epoch_iterator`, before the
+    validation data's."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and isinstance(
+            frame.f_locals.get("self"), keras.Model
+        ):
+            return "epoch_iterator" not in frame.f_locals
+        frame = frame.f_back
+    return False
 
 
 # Keras recognises a distributed dataset by this class (`batch_split.py`);
@@ -147,6 +187,7 @@ HOOKS = {
         "_update",
     ),
     Mirrored: ("_get_cross_replica",),
+    BaseResourceVariable: ("_read_variable_op", "_restore_from_tensors"),
     MirroredVariable: (
         "_dense_var_to_tensor",
         "_get_as_operand",

@@ -7,11 +7,15 @@ import itertools
 
 import tensorflow as tf
 
-from keras_parallel._tf_internal import OneDeviceExtended, UpdateContext
-from keras_parallel.parameter_server import cluster
+from keras_parallel._tf_internal import (
+    OneDeviceExtended,
+    UpdateContext,
+    making_fit_training_data,
+)
+from keras_parallel.parameter_server import cluster, partitioned, row_ranges
 from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
 from keras_parallel.parameter_server.variables import BytePlacer, shared_variable
-from keras_parallel.specialize import keras_step
+from keras_parallel.specialize import keras_step, reachable, specialized
 
 # Strategies made in this process, numbered alike on every worker (they run
 # the same script), so their variables' shared names agree.
@@ -37,7 +41,16 @@ class ParameterServer(tf.distribute.Strategy):
     Args:
         cluster_resolver: the cluster, with `ps` and `worker` jobs; None
             reads `TF_CONFIG`.
-        variable_partitioner: not implemented in this prototype.
+        variable_partitioner: None (each weight whole on one ps task), or a
+            callable `partitioner(shape, dtype)` returning the number of
+            partitions along each axis, as TensorFlow's
+            ParameterServerStrategy takes (e.g.
+            `tf.distribute.experimental.partitioners.MinSizePartitioner()`).
+            A weight it splits is cut along its first axis into row ranges
+            on different ps tasks (balanced by bytes); the optimizer's state
+            for it is cut alike and updated where its rows live, and an
+            Embedding gathers the rows a step needs from the ps tasks holding
+            them. Outside a step it is one weight (`get_weights`, saving).
 
     Example:
 
@@ -51,12 +64,11 @@ class ParameterServer(tf.distribute.Strategy):
     """
 
     def __init__(self, cluster_resolver=None, *, variable_partitioner=None):
-        if variable_partitioner is not None:
-            raise NotImplementedError("variable_partitioner: not in the prototype")
+        row_ranges.check_partitioner(variable_partitioner)
         resolver = cluster.resolve_ps_cluster(cluster_resolver)
         if resolver.task_type == cluster.PS_JOB:
             cluster.serve(resolver)
-        super().__init__(ParameterServerExtended(self, resolver))
+        super().__init__(ParameterServerExtended(self, resolver, variable_partitioner))
 
     @property
     def worker_index(self) -> int:
@@ -84,7 +96,7 @@ class ParameterServer(tf.distribute.Strategy):
 class ParameterServerExtended(OneDeviceExtended):
     """One replica on this worker's device; variables on the ps tasks."""
 
-    def __init__(self, container_strategy, resolver):
+    def __init__(self, container_strategy, resolver, variable_partitioner=None):
         host = cluster.connect_worker(resolver)
         self.worker_device = f"{host}/device:CPU:0"
         super().__init__(container_strategy, self.worker_device)
@@ -101,30 +113,21 @@ class ParameterServerExtended(OneDeviceExtended):
             self._prefix, devices[0], self.worker_index, self.worker_device
         )
         self._step_updates = None
+        self._partitioner = variable_partitioner
 
     def _create_variable(self, next_creator, **kwargs):
         colocate_with = kwargs.pop("colocate_with", None)
-        if kwargs.get("synchronization") == tf.VariableSynchronization.ON_READ:
-            # Metrics: each worker keeps its own, as TensorFlow's parameter
-            # servers kept them with the worker.
-            with tf.device(self.worker_device):
-                return next_creator(**kwargs)
         value = kwargs["initial_value"]
         if callable(value):
             value = value()
         value = tf.convert_to_tensor(value, dtype=kwargs.get("dtype"))
-        if colocate_with is not None:
-            device = colocate_with.device
-        else:
-            device = self._placer.place(value.shape, value.dtype)
+        if _worker_local(kwargs, value.dtype):
+            with tf.device(self.worker_device):
+                return next_creator(**{**kwargs, "initial_value": value})
         name = kwargs.get("name") or "Variable"
-        return shared_variable(
-            f"{self._prefix}/{next(self._count)}/{name}",
-            device,
-            value,
+        settings = dict(
             initialize=self.worker_index == 0,
             name=name,
-            shape=kwargs.get("shape"),
             trainable=kwargs.get("trainable", True),
             synchronization=kwargs.get(
                 "synchronization", tf.VariableSynchronization.AUTO
@@ -132,28 +135,84 @@ class ParameterServerExtended(OneDeviceExtended):
             aggregation=kwargs.get("aggregation", tf.VariableAggregation.NONE),
             distribute_strategy=self._container_strategy(),
         )
+        shared_name = f"{self._prefix}/{next(self._count)}/{name}"
+        shards = row_ranges.row_ranges(
+            self._partitioner, self._placer, value, colocate_with
+        )
+        if shards:
+            parts = [
+                shared_variable(
+                    f"{shared_name}/part_{k}",
+                    device,
+                    value[start:stop],
+                    **{**settings, "name": f"{name}/part_{k}", "trainable": False},
+                )
+                for k, (device, start, stop) in enumerate(shards)
+            ]
+            settings.pop("initialize")
+            return partitioned.PartitionedVariable(
+                parts,
+                local_device=self.worker_device,
+                unique_id=shared_name,
+                **settings,
+            )
+        if isinstance(colocate_with, partitioned.PartitionedVariable):
+            device = colocate_with.shards[0].device
+        elif colocate_with is not None:
+            device = colocate_with.device
+        else:
+            device = self._placer.place(value.shape, value.dtype)
+        return shared_variable(
+            shared_name, device, value, shape=kwargs.get("shape"), **settings
+        )
 
     def _experimental_distribute_dataset(self, dataset, options):
+        if (
+            dataset.cardinality() == tf.data.INFINITE_CARDINALITY
+            and making_fit_training_data()
+        ):
+            raise ValueError(
+                "ParameterServer cannot train on an endless dataset: its "
+                "workers meet when a pass over the data ends, so that after "
+                "`fit` every worker sees every worker's updates, and `fit` "
+                "with `steps_per_epoch` on an endless dataset never ends one. "
+                "Give `fit` one epoch's data instead, e.g. "
+                "`model.fit(dataset.take(steps_per_epoch), epochs=...)` "
+                "(Keras starts a new pass every epoch; leave out "
+                "`steps_per_epoch`). Received a dataset of infinite "
+                "cardinality."
+            )
         distributed = super()._experimental_distribute_dataset(dataset, options)
         return _MeetingDataset(distributed, self.meetings)
 
     def _own_piece(self, batch):
         """Rows [i*b/n, (i+1)*b/n) of every tensor of a batch of b rows, on
-        worker i of n: each worker takes as many steps as one device would,
-        on its own part of each batch."""
+        worker i of n, and how many rows that is: each worker takes as many
+        steps as one device would, on its own part of each batch."""
         index, count = self.worker_index, self.num_workers
         size = tf.shape(tf.nest.flatten(batch)[0])[0]
         start, stop = index * size // count, (index + 1) * size // count
-        return tf.nest.map_structure(lambda t: t[start:stop], batch)
+        piece = tf.nest.map_structure(lambda t: t[start:stop], batch)
+        return piece, stop - start
 
     def _call_for_each_replica(self, fn, args, kwargs):
         if tf.executing_eagerly():
             return super()._call_for_each_replica(fn, args, kwargs)
-        step = keras_step(fn)
-        if step is not None and step[1] == "train_step" and self.num_workers > 1:
-            # Evaluation and prediction take whole batches: every worker
-            # gets the numbers one device would.
-            args = self._own_piece(args)
+        lookups = partitioned.partitioned_lookups(reachable(fn, args))
+        with specialized(lookups, partitioned.PartitionedLookup):
+            step = keras_step(fn)
+            if step is None or step[1] != "train_step" or self.num_workers == 1:
+                # Evaluation and prediction take whole batches: every worker
+                # gets the numbers one device would.
+                return self._counted_step(fn, args, kwargs)
+            args, rows = self._own_piece(args)
+            if tf.get_static_value(rows):
+                return self._counted_step(fn, args, kwargs)
+            return _unless_empty(
+                rows, lambda: self._counted_step(fn, args, kwargs), step[0]
+            )
+
+    def _counted_step(self, fn, args, kwargs):
         start = self.updates.read()
         self._step_updates = []
         try:
@@ -173,7 +232,10 @@ class ParameterServerExtended(OneDeviceExtended):
         with tf.device(var.device), UpdateContext(var.device):
             graph = tf.compat.v1.get_default_graph()
             first = len(graph.get_operations())
-            result = fn(var, *args, **kwargs)
+            if isinstance(var, partitioned.PartitionedVariable):
+                result = partitioned.update_by_shard(var, fn, args, kwargs)
+            else:
+                result = fn(var, *args, **kwargs)
             if self._step_updates is not None:
                 self._step_updates.extend(graph.get_operations()[first:])
             return (
@@ -204,3 +266,49 @@ class _MeetingDataset:
 
     def __getattr__(self, name):
         return getattr(self._distributed, name)
+
+
+def _worker_local(kwargs, dtype) -> bool:
+    """Whether a new variable stays on this worker: metrics (`ON_READ`), as
+    TensorFlow's parameter servers kept them with the worker, and integer
+    state of no aggregation that is not trained (a Dropout's seed
+    generator), which would otherwise cost every step a ps round trip and
+    make the workers draw from one shared random state."""
+    if kwargs.get("synchronization") == tf.VariableSynchronization.ON_READ:
+        return True
+    return (
+        dtype.is_integer
+        and not kwargs.get("trainable", True)
+        and kwargs.get("aggregation", tf.VariableAggregation.NONE)
+        == tf.VariableAggregation.NONE
+    )
+
+
+def _unless_empty(rows, step, model):
+    """`step()` if this worker's piece of the batch has rows; else no
+    update at all, and the model's metrics as they are: a batch smaller
+    than the number of workers leaves some pieces empty, whose mean loss is
+    NaN."""
+    traced = []
+
+    def run():
+        traced.append(step())
+        return traced[0]
+
+    def skip():
+        current = model.get_metrics_result()
+        try:
+            tf.nest.assert_same_structure(traced[0], current)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                "Under ParameterServer a worker skips a step whose piece of "
+                "the batch is empty (a batch of fewer rows than workers) and "
+                "returns `model.get_metrics_result()`, but this model's "
+                "`train_step` returns something else. Return "
+                "`self.get_metrics_result()` from `train_step` (as Keras' "
+                "does), or give every batch at least as many rows as there "
+                f"are workers. Received: {error}"
+            ) from error
+        return current
+
+    return tf.cond(rows > 0, run, skip)

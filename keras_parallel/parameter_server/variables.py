@@ -120,6 +120,12 @@ class BytePlacer:
 
     def place(self, shape, dtype) -> str:
         size = int(np.prod(shape, dtype=np.int64)) * tf.as_dtype(dtype).size
-        index = int(np.argmin(self.bytes))
+        return self.place_bytes(size)
+
+    def place_bytes(self, size: int, avoid=()) -> str:
+        """The device for `size` more bytes, not one of `avoid` (the devices
+        holding a weight's other row ranges) while another is left."""
+        indices = [i for i, d in enumerate(self.devices) if d not in avoid]
+        index = min(indices or range(len(self.devices)), key=self.bytes.__getitem__)
         self.bytes[index] += size
         return self.devices[index]

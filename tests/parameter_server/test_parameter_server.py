@@ -1,35 +1,21 @@
 """ParameterServer on a local cluster of ps and worker processes, started by
 `keras-parallel launch --ps K`. Every process is bounded by a timeout."""
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
+from ps_cluster import launch
 from ps_task import BATCH, COUNTING_BATCH, SAMPLES, data, train
-from transparency import max_difference, saved_weights, worker_results
+from transparency import max_difference, saved_weights
 
 TASK = pathlib.Path(__file__).with_name("ps_task.py")
-TIMEOUT = 240
 EPOCHS = 2
 
 
 def _launch(out, workers, ps=1):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    done = subprocess.run(
-        [sys.executable, "-m", "keras_parallel", "launch", "--ps", str(ps)]
-        + ["-n", str(workers), str(TASK), str(out), "--epochs", str(EPOCHS)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return worker_results(out, workers)
+    return launch(TASK, out, workers, ps, "--epochs", str(EPOCHS))
 
 
 @pytest.fixture(scope="module")
