@@ -10,6 +10,7 @@ import tensorflow as tf
 from keras_parallel._tf_internal import OneDeviceExtended, UpdateContext
 from keras_parallel.parameter_server import cluster
 from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
+from keras_parallel.parameter_server.lost_ps import watch_ps_tasks
 from keras_parallel.parameter_server.variables import BytePlacer, shared_variable
 from keras_parallel.specialize import keras_step
 
@@ -86,6 +87,7 @@ class ParameterServerExtended(OneDeviceExtended):
 
     def __init__(self, container_strategy, resolver):
         host = cluster.connect_worker(resolver)
+        watch_ps_tasks(resolver.cluster_spec().job_tasks(cluster.PS_JOB))
         self.worker_device = f"{host}/device:CPU:0"
         super().__init__(container_strategy, self.worker_device)
         self.worker_index = resolver.task_id
@@ -94,11 +96,15 @@ class ParameterServerExtended(OneDeviceExtended):
         self._placer = BytePlacer(devices)
         self._prefix = f"keras_parallel/{next(_CREATIONS)}"
         self._count = itertools.count()
-        self.meetings = Meetings(
-            self._prefix, devices[0], self.num_workers, self.worker_index
-        )
         self.updates = UpdateCounter(
             self._prefix, devices[0], self.worker_index, self.worker_device
+        )
+        self.meetings = Meetings(
+            self._prefix,
+            devices[0],
+            self.num_workers,
+            self.worker_index,
+            self.updates.steps,
         )
         self._step_updates = None
 
