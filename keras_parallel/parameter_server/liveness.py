@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from keras_parallel.parameter_server.lost_ps import reported_as_lost
+from keras_parallel.parameter_server.lost_ps import reported_as_lost, unreachable
 from keras_parallel.parameter_server.variables import shared_variable
 
 WORKER_TIMEOUT_ENV = "KERAS_PARALLEL_PS_WORKER_TIMEOUT"
@@ -103,6 +103,8 @@ class Heartbeat:
     def stop(self) -> None:
         """Stops beating and marks this worker gone (unless the ps is)."""
         self._stopping.set()
+        if unreachable():
+            return  # nobody waits for this worker, and a write could hang
         self._thread.join(self._interval + 5)
         if not self._thread.is_alive():
             try:

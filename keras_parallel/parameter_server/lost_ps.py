@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -37,6 +38,9 @@ CHECK_SECONDS = 1.0
 LOST_AFTER_SECONDS = 3.0
 # Given to the script to end by its own error, before the worker exits.
 REPORT_SECONDS = 20.0
+# The line of TensorFlow's message that says why (its first line often says
+# only "Graph execution error:").
+_CAUSE = re.compile(r"socket|connect|unavailable|poisoned|reset", re.IGNORECASE)
 
 
 class ParameterServerLostError(RuntimeError):
@@ -128,7 +132,8 @@ def _explain(error: BaseException) -> ParameterServerLostError | None:
     if not gone:
         return None
     lines = [line.strip() for line in failures[0].message.splitlines()]
-    return ParameterServerLostError(describe(gone, next(filter(None, lines), None)))
+    said = next(filter(_CAUSE.search, lines), next(filter(None, lines), None))
+    return ParameterServerLostError(describe(gone, said))
 
 
 def _check_forever() -> None:

@@ -15,7 +15,8 @@ epoch E), `--hold-at E` (after epoch E, wait until `OUT/rejoined` exists),
 `--announce` (create `OUT/rejoined` once the strategy exists), `--signal-at
 E:B` (create `OUT/ready_<i>` before batch B of epoch E), `--slow S` (sleep S
 seconds before each batch), `--backup DIR` (keras_parallel's
-BackupAndRestore). Warnings are printed with the time they were issued.
+BackupAndRestore), `--swallow` (catch the error that ends `fit`, then
+block). Warnings are printed with the time they were issued.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def main():
     parser.add_argument("--signal-at")
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--backup")
+    parser.add_argument("--swallow", action="store_true")
     args = parser.parse_args()
     warnings.showwarning = stamped
     import keras_parallel
@@ -140,6 +142,15 @@ def main():
     faults = Faults(args, strategy)
     if args.model == "count":
         result = count(strategy, faults, args.epochs)
+    elif args.swallow:
+        try:
+            mlp(strategy, faults, args.epochs, args.backup)
+        except Exception as error:  # noqa: BLE001 - what a careless script does
+            print(f"caught {type(error).__name__}", flush=True)
+        # Blocked, as the next TensorFlow operation on a ps that is gone can
+        # be (it waits for the ps to come back), which no test can provoke
+        # at will.
+        time.sleep(120)
     else:
         result = mlp(strategy, faults, args.epochs, args.backup)
     name = args.name or f"worker_{strategy.worker_index}"
