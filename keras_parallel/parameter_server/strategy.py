@@ -35,6 +35,15 @@ class ParameterServer(tf.distribute.Strategy):
     On a ps task, creating the strategy serves that task's variables until
     the process is stopped; it does not return.
 
+    Faults: a worker that stops (killed, or its machine lost) does not stop
+    the others: once it has sent no heartbeat for
+    `KERAS_PARALLEL_PS_WORKER_TIMEOUT` seconds (default 60) the others
+    warn once and no longer wait for it; started again with the same
+    `TF_CONFIG` it rejoins, on the variables as they are. A ps task that
+    stops ends every worker within seconds with
+    `keras_parallel.ParameterServerLostError` naming it: restart the job,
+    and `keras_parallel.callbacks.BackupAndRestore` resumes it.
+
     Args:
         cluster_resolver: the cluster, with `ps` and `worker` jobs; None
             reads `TF_CONFIG`.
