@@ -122,7 +122,9 @@ class Heartbeat:
             try:
                 self._beat({})
             except Exception:  # noqa: BLE001 - a ps gone is lost_ps's to report
-                return
+                if unreachable():
+                    return
+                # Otherwise a passing failure: beat again at the next turn.
 
 
 class Attendance:
