@@ -17,6 +17,7 @@ _EXPORTS = {
     "DataParallel": "keras_parallel.data_parallel",
     "MeshParallel": "keras_parallel.mesh",
     "ParameterServer": "keras_parallel.parameter_server",
+    "ParameterServerLostError": "keras_parallel.parameter_server",
     "ModelParallel": "keras_parallel.pipeline",
     "PipelineParallel": "keras_parallel.pipeline",
     "PowerSGD": "keras_parallel.reduction.powersgd",

@@ -11,18 +11,19 @@ raise: Keras builds its `CallbackList` inside `fit` and calls the callbacks
 itself. So the warning reads the `callbacks` argument of the `fit` on the
 stack when `fit` distributes its data (`_tf_internal.fit_callbacks`), and
 the explanation comes from `sys.excepthook`, Python's hook for an error that
-ends the script, which is how such a collision ends a launched worker.
+ends the script, which is how such a collision ends a launched worker (an
+explainer of `keras_parallel.error_reports`).
 """
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 
 import keras
 
 from keras_parallel._tf_internal import fit_callbacks
+from keras_parallel.error_reports import add_explainer, chain
 
 WRITERS = (
     keras.callbacks.BackupAndRestore,
@@ -39,7 +40,6 @@ LOCK_MESSAGE = (
     "every worker reads what it needs."
 )
 _warned: weakref.WeakSet = weakref.WeakSet()
-_previous_hook = None
 
 
 def warn_about_keras_writers() -> None:
@@ -69,25 +69,14 @@ def warn_about_keras_writers() -> None:
 
 def explain_lock_errors() -> None:
     """Makes an HDF5 "unable to lock file" error that ends the script end
-    with `LOCK_MESSAGE` (installed once, after any hook already there)."""
-    global _previous_hook
-    if _previous_hook is None:
-        _previous_hook = sys.excepthook
-        sys.excepthook = _excepthook
+    with `LOCK_MESSAGE`, printed after it."""
+    add_explainer(_explain)
 
 
-def _excepthook(kind, error, traceback) -> None:
-    _previous_hook(kind, error, traceback)
-    if _is_lock_error(error):
-        print(f"\n{LOCK_MESSAGE}", file=sys.stderr, flush=True)
-
-
-def _is_lock_error(error: BaseException | None) -> bool:
-    """Whether `error`, or one it was raised from, is HDF5's lock failure."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError) and "unable to lock file" in str(error):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
+def _explain(error: BaseException) -> str | None:
+    """`LOCK_MESSAGE` when `error`, or one it was raised from, is HDF5's
+    lock failure."""
+    for cause in chain(error):
+        if isinstance(cause, OSError) and "unable to lock file" in str(cause):
+            return LOCK_MESSAGE
+    return None

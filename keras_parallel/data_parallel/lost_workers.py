@@ -6,17 +6,18 @@ Keras runs a step through its compiled function, and the error of a
 collective whose peer is gone is raised from there, out of `fit`; nothing
 of the strategy's runs in between, and the user's model is not ours to
 wrap. What Python does with an uncaught error is its `sys.excepthook`'s to
-say: the strategy adds one, once per process, that reports those errors (and
-only those) as `WorkerFailedError` and hands every other one to the hook
-that was there before.
+say: the strategy adds an explainer to the package's hook
+(`keras_parallel.error_reports`) that reports those errors, and only those,
+as `WorkerFailedError`.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 
 import tensorflow as tf
+
+from keras_parallel.error_reports import add_explainer
 
 # What a collective step raises when a peer is gone: the coordination
 # service's heartbeat check aborts every collective of the survivors.
@@ -33,21 +34,14 @@ class WorkerFailedError(RuntimeError):
 
 def report_lost_workers() -> None:
     """Makes Python report an uncaught error of a lost peer as a
-    `WorkerFailedError` (once per process)."""
-    global _previous_hook
-    if sys.excepthook is not _reporting_hook:
-        _previous_hook = sys.excepthook
-        sys.excepthook = _reporting_hook
+    `WorkerFailedError`."""
+    add_explainer(_explain)
 
 
-_previous_hook = sys.__excepthook__
-
-
-def _reporting_hook(kind, error, traceback) -> None:
+def _explain(error: BaseException) -> WorkerFailedError | None:
     if isinstance(error, PEER_ERRORS):
-        _previous_hook(WorkerFailedError, WorkerFailedError(describe(error)), None)
-    else:
-        _previous_hook(kind, error, traceback)
+        return WorkerFailedError(describe(error))
+    return None
 
 
 def describe(error: tf.errors.OpError) -> str:

@@ -1,5 +1,6 @@
 """Asynchronous training with the variables on parameter-server tasks."""
 
+from keras_parallel.parameter_server.lost_ps import ParameterServerLostError
 from keras_parallel.parameter_server.strategy import ParameterServer
 
-__all__ = ["ParameterServer"]
+__all__ = ["ParameterServer", "ParameterServerLostError"]

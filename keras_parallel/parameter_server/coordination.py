@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import tensorflow as tf
 
+from keras_parallel.parameter_server.liveness import (
+    ARRIVALS,
+    BEATS,
+    GONE,
+    Attendance,
+    Heartbeat,
+    Roll,
+    worker_timeout,
+)
 from keras_parallel.parameter_server.variables import POLL_SECONDS, shared_variable
 
 MEETING_TIMEOUT_SECONDS = 600
@@ -19,40 +27,60 @@ _NO_LIMIT = 2**62
 
 
 class Meetings:
-    """Workers meeting: each counts its arrivals in its own slot, and waits
-    until every slot reaches its own count."""
+    """Workers meeting: each writes in its row of the roll how many meetings
+    it reached, and waits until every other worker's count reaches its own,
+    except workers gone or stopped (`liveness.Attendance`).
 
-    def __init__(self, prefix: str, device: str, num_workers: int, index: int):
+    A worker started again counts its meetings on from the others' count,
+    so that it meets them at their next meeting rather than at their first.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        device: str,
+        num_workers: int,
+        index: int,
+        updates: tf.Variable,
+    ):
         self.index = index
-        self.count = 0
-        self.arrivals = shared_variable(
-            f"{prefix}/meetings",
-            device,
-            tf.zeros([num_workers], tf.int64),
-            initialize=index == 0,
-            name="meetings",
-            trainable=False,
-        )
+        self.roll = Roll(prefix, device, num_workers, index)
+        timeout = worker_timeout()
+        self.attendance = Attendance(index, timeout)
+        rows = self.roll.read()
+        self.count = int(rows[index, ARRIVALS])
+        if rows[index, BEATS] > 0:  # this worker ran before: started again
+            others = [
+                int(row[ARRIVALS])
+                for j, row in enumerate(rows)
+                if j != index and row[BEATS] > 0 and not row[GONE]
+            ]
+            self.count = max(others, default=self.count)
+            self.roll.write({ARRIVALS: self.count})
+        self.heartbeat = Heartbeat(self.roll, updates, min(1.0, timeout / 5))
+        self.heartbeat.start()
 
     def meet(self, what: str, timeout: float = MEETING_TIMEOUT_SECONDS) -> None:
-        """Returns once every worker has arrived here as often as this one."""
+        """Returns once every other worker still running has arrived here as
+        often as this one."""
         self.count += 1
-        with tf.device(self.arrivals.device):
-            tf.raw_ops.ResourceScatterAdd(
-                resource=self.arrivals.handle,
-                indices=tf.constant([self.index]),
-                updates=tf.constant([1], tf.int64),
-            )
+        self.roll.write({ARRIVALS: self.count})
         deadline = time.monotonic() + timeout
         while True:
-            arrived = self.arrivals.numpy()
-            if np.all(arrived >= self.count):
+            rows = self.roll.read()
+            absent = self.attendance.absent(rows)
+            missing = [
+                j
+                for j, row in enumerate(rows)
+                if row[ARRIVALS] < self.count and j not in absent
+            ]
+            if not missing:
                 return
             if time.monotonic() > deadline:
-                missing = [i for i, n in enumerate(arrived) if n < self.count]
                 raise TimeoutError(
                     f"Worker(s) {missing} did not reach {what} (meeting "
-                    f"{self.count}) within {timeout:.0f} s."
+                    f"{self.count}) within {timeout:.0f} s, and still beat "
+                    "(or never started)."
                 )
             time.sleep(POLL_SECONDS)
 

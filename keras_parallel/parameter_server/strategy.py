@@ -14,6 +14,7 @@ from keras_parallel._tf_internal import (
 )
 from keras_parallel.parameter_server import cluster, partitioned, row_ranges
 from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
+from keras_parallel.parameter_server.lost_ps import watch_ps_tasks
 from keras_parallel.parameter_server.variables import BytePlacer, shared_variable
 from keras_parallel.specialize import keras_step, reachable, specialized
 
@@ -37,6 +38,15 @@ class ParameterServer(tf.distribute.Strategy):
 
     On a ps task, creating the strategy serves that task's variables until
     the process is stopped; it does not return.
+
+    Faults: a worker that stops (killed, or its machine lost) does not stop
+    the others: once it has sent no heartbeat for
+    `KERAS_PARALLEL_PS_WORKER_TIMEOUT` seconds (default 60) the others
+    warn once and no longer wait for it; started again with the same
+    `TF_CONFIG` it rejoins, on the variables as they are. A ps task that
+    stops ends every worker within seconds with
+    `keras_parallel.ParameterServerLostError` naming it: restart the job,
+    and `keras_parallel.callbacks.BackupAndRestore` resumes it.
 
     Args:
         cluster_resolver: the cluster, with `ps` and `worker` jobs; None
@@ -98,6 +108,7 @@ class ParameterServerExtended(OneDeviceExtended):
 
     def __init__(self, container_strategy, resolver, variable_partitioner=None):
         host = cluster.connect_worker(resolver)
+        watch_ps_tasks(resolver.cluster_spec().job_tasks(cluster.PS_JOB))
         self.worker_device = f"{host}/device:CPU:0"
         super().__init__(container_strategy, self.worker_device)
         self.worker_index = resolver.task_id
@@ -106,11 +117,15 @@ class ParameterServerExtended(OneDeviceExtended):
         self._placer = BytePlacer(devices)
         self._prefix = f"keras_parallel/{next(_CREATIONS)}"
         self._count = itertools.count()
-        self.meetings = Meetings(
-            self._prefix, devices[0], self.num_workers, self.worker_index
-        )
         self.updates = UpdateCounter(
             self._prefix, devices[0], self.worker_index, self.worker_device
+        )
+        self.meetings = Meetings(
+            self._prefix,
+            devices[0],
+            self.num_workers,
+            self.worker_index,
+            self.updates.steps,
         )
         self._step_updates = None
         self._partitioner = variable_partitioner

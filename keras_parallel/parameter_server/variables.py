@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_parallel._tf_internal import BaseResourceVariable, give_handle_shape
+from keras_parallel.parameter_server.lost_ps import reported_as_lost
 
 POLL_SECONDS = 0.05
 INIT_TIMEOUT_SECONDS = 600
@@ -73,7 +74,7 @@ def shared_variable(
             dtype=dtype, shape=shape, shared_name=shared_name, container=""
         )
         give_handle_shape(handle, shape, dtype)
-        if initialize and not bool(tf.raw_ops.VarIsInitializedOp(resource=handle)):
+        if initialize and not _initialized(handle):
             tf.raw_ops.AssignVariableOp(resource=handle, value=value)
         elif not initialize:
             _wait_initialized(handle, shared_name, timeout)
@@ -100,9 +101,14 @@ def shared_variable(
     )
 
 
+def _initialized(handle) -> bool:
+    with reported_as_lost():
+        return bool(tf.raw_ops.VarIsInitializedOp(resource=handle))
+
+
 def _wait_initialized(handle, shared_name: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not bool(tf.raw_ops.VarIsInitializedOp(resource=handle)):
+    while not _initialized(handle):
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"Worker 0 did not initialise variable {shared_name!r} within "

@@ -56,10 +56,11 @@ def train(strategy=None, epochs=2):
 COUNTING_BATCH = 8
 
 
-def count_updates(strategy):
+def counting_model(strategy):
     """A model whose every update subtracts exactly 0.5 from each weight
-    (inputs of ones, targets far below, MAE, SGD at 0.5), so that its final
-    weights count the updates that reached them; the trained weights."""
+    when trained on `counting_data` (inputs of ones, targets far below, MAE,
+    SGD at 0.5), so that its final weights count the updates that reached
+    them."""
     with strategy.scope():
         model = keras.Sequential(
             [
@@ -68,8 +69,17 @@ def count_updates(strategy):
             ]
         )
         model.compile(keras.optimizers.SGD(0.5), "mean_absolute_error")
-    x = np.ones((SAMPLES, 4), "float32")
-    y = np.full((SAMPLES, 1), -1e9, "float32")
+    return model
+
+
+def counting_data(samples):
+    return np.ones((samples, 4), "float32"), np.full((samples, 1), -1e9, "float32")
+
+
+def count_updates(strategy):
+    """The weights of `counting_model` after one epoch."""
+    model = counting_model(strategy)
+    x, y = counting_data(SAMPLES)
     model.fit(x, y, batch_size=COUNTING_BATCH, epochs=1, verbose=0)
     return model.get_weights()[0]
 
