@@ -241,6 +241,12 @@ def wait_for_all_workers(barrier_id: str, timeout_seconds: float) -> None:
     context.context().wait_at_barrier(barrier_id, int(timeout_seconds * 1000))
 
 
+# Where `keras.callbacks.BackupAndRestore` looks for the weights it restores:
+# pointed elsewhere, it takes only the epoch to resume at (`written_once.py`,
+# under ParameterServer on a worker whose variables are trained already).
+BACKUP_WEIGHTS_PATH = "_weights_path"
+
+
 def share_among_workers(
     key: str, value: str, worker: int, workers: int, timeout_seconds: float
 ) -> list[str]:

@@ -22,6 +22,7 @@ import weakref
 import keras
 
 from keras_parallel._tf_internal import share_among_workers
+from keras_parallel.parameter_server.strategy import ParameterServer
 
 # Agreements made in this process, counted alike on every worker (each runs
 # the same callbacks in the same order), and how long one waits for the
@@ -42,6 +43,23 @@ class Workers:
         strategy = model.distribute_strategy
         self.count = getattr(strategy, "num_workers", 1)
         self.index = getattr(strategy, "worker_index", 0)
+        # Under ParameterServer the workers share one copy of the variables:
+        # a save reads them with no collective, so the chief alone saves; a
+        # restore writes them for every worker, so the chief alone restores,
+        # and only variables it did not find already trained.
+        self._shared = strategy if isinstance(strategy, ParameterServer) else None
+
+    @property
+    def share_variables(self) -> bool:
+        """Whether the workers share one copy of the variables."""
+        return self._shared is not None
+
+    @property
+    def restores(self) -> bool:
+        """Whether this worker loads a backup's weights: every worker of a
+        collective strategy; under ParameterServer the chief, when it
+        initialised the variables itself."""
+        return self._shared is None or not self._shared.found_variables
 
     @property
     def several(self) -> bool:
@@ -53,9 +71,17 @@ class Workers:
         """Whether this worker writes the files (the chief, or the only one)."""
         return self.index == 0
 
+    def wait_for_all(self, what: str) -> None:
+        """Returns once every (live) worker has reached this point."""
+        if self._shared is not None:
+            self._shared.extended.meetings.meet(what)
+        else:
+            self.gather(None)
+
     def gather(self, value) -> list:
         """Every worker's `value` (JSON-serialisable), in worker order; returns
-        once all have given theirs, so it is also a barrier."""
+        once all have given theirs, so it is also a barrier. Not under
+        ParameterServer, whose cluster has no key-value store."""
         key = f"keras_parallel/files/{next(_AGREEMENTS)}"
         texts = share_among_workers(
             key, json.dumps(value), self.index, self.count, AGREEMENT_TIMEOUT_SECONDS

@@ -20,6 +20,7 @@ import os
 import keras
 import numpy as np
 
+from keras_parallel._tf_internal import BACKUP_WEIGHTS_PATH
 from keras_parallel.callbacks.chief_files import Scratch, Workers, pointed_at
 from keras_parallel.collective_saves import every_worker_saves
 
@@ -44,11 +45,18 @@ class ChiefWrites:
         """Whether this worker's writes are thrown away (it is not the chief)."""
         return self._workers.several and not self._workers.writes
 
+    @property
+    def _silent(self) -> bool:
+        """Whether this worker saves nothing at all: not the chief, under
+        ParameterServer (its saves would read the variables the chief's
+        save reads, and join no collective)."""
+        return self._throwaway and self._workers.share_variables
+
     def _all_done(self) -> None:
         # Called after the chief's last write of `fit`: whatever a worker
         # reads once `fit` returns (the checkpoint, the CSV) is complete.
         if self._workers.several:
-            self._workers.gather(None)
+            self._workers.wait_for_all("the end of worker 0's files")
 
 
 class BackupAndRestore(ChiefWrites, keras.callbacks.BackupAndRestore):
@@ -86,7 +94,7 @@ class BackupAndRestore(ChiefWrites, keras.callbacks.BackupAndRestore):
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model)
         self._writer = None
-        if self._throwaway:
+        if self._throwaway and not self._silent:
             self._writer = keras.callbacks.BackupAndRestore(
                 self._scratch.path(),
                 save_freq=self.save_freq,
@@ -95,8 +103,14 @@ class BackupAndRestore(ChiefWrites, keras.callbacks.BackupAndRestore):
             self._writer.set_model(model)
 
     def on_train_begin(self, logs=None) -> None:
-        super().on_train_begin(logs)
-        if self._workers.several:
+        if self._workers.restores:
+            super().on_train_begin(logs)
+        else:
+            # The variables are trained already (ParameterServer): take the
+            # epoch to resume at, and leave the weights as they are.
+            with pointed_at(self, BACKUP_WEIGHTS_PATH, os.devnull + ".absent"):
+                super().on_train_begin(logs)
+        if self._workers.several and not self._workers.share_variables:
             self._check_restored()
 
     def _check_restored(self) -> None:
@@ -113,27 +127,25 @@ class BackupAndRestore(ChiefWrites, keras.callbacks.BackupAndRestore):
             )
 
     def on_train_batch_end(self, batch, logs=None) -> None:
-        with every_worker_saves():
-            if self._writer is None:
-                super().on_train_batch_end(batch, logs)
-            else:
-                self._writer.on_train_batch_end(batch, logs)
+        self._pass_on("on_train_batch_end", batch, logs)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        with every_worker_saves():
-            if self._writer is None:
-                super().on_epoch_end(epoch, logs)
-            else:
-                self._writer.on_epoch_end(epoch, logs)
+        self._pass_on("on_epoch_end", epoch, logs)
 
     def on_train_end(self, logs=None) -> None:
-        with every_worker_saves():
-            if self._writer is None:
-                super().on_train_end(logs)
-            else:
-                self._writer.on_train_end(logs)
-            self._scratch.clear()
+        self._pass_on("on_train_end", logs)
+        self._scratch.clear()
         self._all_done()
+
+    def _pass_on(self, method: str, *args) -> None:
+        """Keras' `method`, saving where this worker saves: the chief into
+        `backup_dir`, another worker into its scratch folder, or nowhere
+        under ParameterServer."""
+        if self._silent:
+            return
+        keras_callback = super() if self._writer is None else self._writer
+        with every_worker_saves():
+            getattr(keras_callback, method)(*args)
 
 
 class ModelCheckpoint(ChiefWrites, keras.callbacks.ModelCheckpoint):
@@ -172,12 +184,14 @@ class ModelCheckpoint(ChiefWrites, keras.callbacks.ModelCheckpoint):
         if self.save_freq == "epoch":
             super().on_train_batch_end(batch, logs)
             return
-        with self._written_here():
-            super().on_train_batch_end(batch, self._agreed(logs))
+        if not self._silent:
+            with self._written_here():
+                super().on_train_batch_end(batch, self._agreed(logs))
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        with self._written_here():
-            super().on_epoch_end(epoch, self._agreed(logs))
+        if not self._silent:
+            with self._written_here():
+                super().on_epoch_end(epoch, self._agreed(logs))
 
     def on_train_end(self, logs=None) -> None:
         super().on_train_end(logs)
@@ -202,6 +216,8 @@ class ModelCheckpoint(ChiefWrites, keras.callbacks.ModelCheckpoint):
         """`logs` with worker 0's value of `monitor`, for `save_best_only`."""
         if not (self._workers.several and self.save_best_only and logs):
             return logs
+        if self._workers.share_variables:
+            return logs  # the chief alone saves
         value = logs.get(self.monitor)
         if value is None or np.ndim(value) != 0:
             return logs  # Keras warns and saves anyway, on every worker

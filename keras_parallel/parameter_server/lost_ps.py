@@ -128,10 +128,17 @@ def _explain(error: BaseException) -> ParameterServerLostError | None:
     failures = [e for e in chain(error) if isinstance(e, tf.errors.OpError)]
     if not failures or not _watch.tasks:
         return None
+    lines = [line.strip() for line in failures[0].message.splitlines()]
     gone = unreachable()
+    if not gone and any(map(_CAUSE.search, lines)):
+        # A ps killed closes its connections before its listening port: a
+        # worker can fail on the first while the second still accepts.
+        deadline = time.monotonic() + LOST_AFTER_SECONDS
+        while not gone and time.monotonic() < deadline:
+            time.sleep(CHECK_SECONDS / 5)
+            gone = unreachable()
     if not gone:
         return None
-    lines = [line.strip() for line in failures[0].message.splitlines()]
     said = next(filter(_CAUSE.search, lines), next(filter(None, lines), None))
     return ParameterServerLostError(describe(gone, said))
 

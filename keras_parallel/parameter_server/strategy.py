@@ -88,6 +88,14 @@ class ParameterServer(tf.distribute.Strategy):
     def num_workers(self) -> int:
         return self.extended.num_workers
 
+    @property
+    def found_variables(self) -> bool:
+        """Whether this worker found the model's variables already on the ps
+        tasks (a worker other than 0, or worker 0 started again while the ps
+        tasks kept running) rather than initialising them: only then is
+        there nothing to restore from a backup."""
+        return self.extended.found_variables
+
     def staleness(self) -> dict:
         """This worker's updates and their staleness so far.
 
@@ -129,6 +137,7 @@ class ParameterServerExtended(OneDeviceExtended):
         )
         self._step_updates = None
         self._partitioner = variable_partitioner
+        self.found_variables = self.worker_index != 0
 
     def _create_variable(self, next_creator, **kwargs):
         colocate_with = kwargs.pop("colocate_with", None)
@@ -156,7 +165,7 @@ class ParameterServerExtended(OneDeviceExtended):
         )
         if shards:
             parts = [
-                shared_variable(
+                self._shared(
                     f"{shared_name}/part_{k}",
                     device,
                     value[start:stop],
@@ -177,9 +186,14 @@ class ParameterServerExtended(OneDeviceExtended):
             device = colocate_with.device
         else:
             device = self._placer.place(value.shape, value.dtype)
-        return shared_variable(
+        return self._shared(
             shared_name, device, value, shape=kwargs.get("shape"), **settings
         )
+
+    def _shared(self, *args, **kwargs):
+        variable = shared_variable(*args, **kwargs)
+        self.found_variables |= variable.found
+        return variable
 
     def _experimental_distribute_dataset(self, dataset, options):
         if (

@@ -30,8 +30,12 @@ class PSVariable(BaseResourceVariable):
 
     Reads and writes run on the ps device that holds it (resource ops run
     where their resource is). It never destroys its resource: other workers
-    may still be using it.
+    may still be using it. `found` says whether its value was there before
+    this worker asked for it (written by another worker, or kept by a ps
+    task that outlived an earlier run of this one).
     """
+
+    found = False
 
 
 def shared_variable(
@@ -74,19 +78,20 @@ def shared_variable(
             dtype=dtype, shape=shape, shared_name=shared_name, container=""
         )
         give_handle_shape(handle, shape, dtype)
-        if initialize and not _initialized(handle):
+        found = not initialize or _initialized(handle)
+        if not found:
             tf.raw_ops.AssignVariableOp(resource=handle, value=value)
-        elif not initialize:
+        else:
             _wait_initialized(handle, shared_name, timeout)
-            found = tuple(tf.raw_ops.VariableShape(input=handle).numpy())
-            if found != tuple(shape):
+            there = tuple(tf.raw_ops.VariableShape(input=handle).numpy())
+            if there != tuple(shape):
                 raise ValueError(
-                    f"Variable {shared_name!r} on {device} has shape {found} "
+                    f"Variable {shared_name!r} on {device} has shape {there} "
                     f"(written by worker 0), but this worker makes it with "
                     f"shape {tuple(shape)}. Every worker must build the same "
                     "model in the same order under ParameterServer.scope()."
                 )
-    return PSVariable(
+    variable = PSVariable(
         trainable=trainable,
         shape=shape,
         dtype=dtype,
@@ -99,6 +104,8 @@ def shared_variable(
         distribute_strategy=distribute_strategy,
         in_graph_mode=False,
     )
+    variable.found = found
+    return variable
 
 
 def _initialized(handle) -> bool:

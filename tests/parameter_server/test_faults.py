@@ -165,6 +165,7 @@ def _kill_ps_when_ready(cluster, ps, worker_index):
 
 
 def test_killed_ps_ends_every_worker_with_an_error_naming_it(tmp_path):
+    backup = ("--backup", str(tmp_path / "backup"))
     cluster = Cluster(tmp_path, workers=2)
     try:
         ps = cluster.start("ps", 0, "mlp")
@@ -173,9 +174,17 @@ def test_killed_ps_ends_every_worker_with_an_error_naming_it(tmp_path):
         # operation on the lost ps can: its report comes from the ps watch.
         workers = [
             cluster.start(
-                "worker", 0, "mlp", "--slow", "0.1", "--signal-at", "1:3", "--swallow"
+                "worker",
+                0,
+                "mlp",
+                "--slow",
+                "0.1",
+                "--signal-at",
+                "1:3",
+                "--swallow",
+                *backup,
             ),
-            cluster.start("worker", 1, "mlp"),
+            cluster.start("worker", 1, "mlp", *backup),
         ]
         killed_at = _kill_ps_when_ready(cluster, ps, 0)
         # Each worker ends on its own, not at a 600 s timeout.
@@ -189,6 +198,22 @@ def test_killed_ps_ends_every_worker_with_an_error_naming_it(tmp_path):
         assert last.startswith(LOST_PS + "Parameter server ps 0 (127.0.0.1:"), last
         assert "BackupAndRestore" in last
     print(f"\nps killed -> workers ended: {ended[0]:.1f} s, {ended[1]:.1f} s")
+    # The whole job started again: worker 0 restores the variables it made
+    # afresh, worker 1 only the epoch; both run the last two epochs alone.
+    again = Cluster(tmp_path, workers=2)
+    try:
+        again.start("ps", 0, "mlp")
+        workers = [again.start("worker", i, "mlp", *backup) for i in range(2)]
+        exited(*workers)
+    finally:
+        again.stop()
+    results = [dict(np.load(tmp_path / f"worker_{i}.npz")) for i in range(2)]
+    for worker, result in zip(workers, results, strict=True):
+        assert worker.returncode == 0, again.output(worker)[1][-3000:]
+        assert result["epochs"].tolist() == [1, 2]
+    first, second = (saved_weights(result) for result in results)
+    assert max_difference(first, second) == 0.0
+    assert not (tmp_path / "backup").exists()  # deleted once, at the end
 
 
 def test_backup_and_restore_resumes_after_the_ps_is_killed(tmp_path):
