@@ -6,13 +6,30 @@ import argparse
 import os
 import sys
 
-from keras_parallel.launch import NETWORKS, launch
+from keras_parallel.launch import NETWORKS, TIMEOUT, launch
 
 
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: never), got {text}")
     return value
 
 
@@ -50,10 +67,30 @@ def parser() -> argparse.ArgumentParser:
     )
     launcher.add_argument(
         "--ps",
-        type=int,
+        type=_count,
         default=0,
         help="parameter-server tasks to start besides the workers, for "
-        "keras_parallel.ParameterServer (default 0)",
+        "keras_parallel.ParameterServer (default 0); with them a worker that "
+        "dies or stalls is reported and the others go on",
+    )
+    launcher.add_argument(
+        "--max-restarts",
+        type=_count,
+        default=0,
+        help="when a worker dies or stalls, stop all workers and start them "
+        "again, at most this many times in all (with --ps: that worker "
+        "alone); keras_parallel.callbacks.BackupAndRestore resumes from the "
+        "last finished epoch. Each task reads how often it was started before "
+        "in KERAS_PARALLEL_RESTART_COUNT (default 0: never restart)",
+    )
+    launcher.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=TIMEOUT,
+        help="seconds without progress after which workers waiting inside a "
+        "step are stalled: the launcher names the worker furthest behind, "
+        "has every worker print its Python stacks, and stops (or restarts) "
+        f"them (default {TIMEOUT:g}; 0: never)",
     )
     launcher.add_argument(
         "--port",
@@ -86,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.port,
                 network=args.network,
                 num_ps=args.ps,
+                max_restarts=args.max_restarts,
+                timeout=args.timeout,
             )
         except ValueError as error:
             print(f"keras-parallel launch: {error}", file=sys.stderr)

@@ -10,29 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
-import subprocess
 import sys
+import tempfile
 import threading
-import time
 from collections.abc import Sequence
-from typing import IO
 
+from keras_parallel.launch_supervision import Supervisor
+from keras_parallel.launch_tasks import Task
+from keras_parallel.progress import PROGRESS_FILE, RESTART_COUNT, ProgressWatch
 from keras_parallel.worker_process import PrivateNetwork, worker_command
 
 NETWORKS = ("private", "host")
-# What a worker prints when it tries to reach the internet from the private
-# network (name lookups fail first; a literal address is unreachable).
-_OFFLINE_ERRORS = (
-    "temporary failure in name resolution",
-    "name or service not known",
-    "no address associated with hostname",
-    "network is unreachable",
-)
 HOST = "127.0.0.1"
 GRACE_PERIOD = 10.0
-_POLL_INTERVAL = 0.1
+# Seconds without progress (while somebody waits inside a step) after which
+# the job is stalled: generous, for the first step's tracing and compiling.
+TIMEOUT = 900.0
 _READER_JOIN_TIMEOUT = 5.0
 
 
@@ -87,16 +83,39 @@ def launch(
     grace_period: float = GRACE_PERIOD,
     network: str = "private",
     num_ps: int = 0,
+    max_restarts: int = 0,
+    timeout: float = TIMEOUT,
 ) -> int:
     """Runs `script` as `num_workers` local workers and waits for all of them.
 
     Every line a worker writes is echoed with a `[worker i] ` prefix, its
     stdout to this process's stdout and its stderr to stderr. The workers live
     and die together: when one exits non-zero or is killed, the others get
-    SIGTERM (SIGKILL after `grace_period` seconds). SIGINT and SIGTERM sent to
-    this process are forwarded to the workers in the same way, which makes
-    Ctrl-C a `KeyboardInterrupt` in each of them. On Linux the kernel stops
-    the workers when the launcher dies, even by SIGKILL.
+    SIGTERM (SIGKILL after `grace_period` seconds) and, while restarts are
+    left, they all start again, so that
+    `keras_parallel.callbacks.BackupAndRestore` resumes from the last
+    finished epoch. Each task finds how often it was started before in the
+    environment variable `KERAS_PARALLEL_RESTART_COUNT` (0 the first time).
+    SIGINT and SIGTERM sent to this process are forwarded to the workers in
+    the same way, which makes Ctrl-C a `KeyboardInterrupt` in each of them. On
+    Linux the kernel stops the workers when the launcher dies, even by
+    SIGKILL.
+
+    A worker that stops making progress (asleep in a callback, stuck in a
+    file system call) leaves the others waiting inside their next step. A
+    keras_parallel strategy in each worker reports the steps it begins and
+    finishes to the launcher; when somebody waits inside a step and no
+    worker's count changed for `timeout` seconds, the launcher names the
+    worker furthest behind and its last completed step, has every worker
+    print its Python stacks (SIGUSR1, `faulthandler`) to its stderr, and
+    stops the workers (or restarts them, as for a death). Workers whose
+    script makes no keras_parallel strategy are never judged stalled.
+
+    With parameter servers (`num_ps`), training is asynchronous: a worker
+    that dies or stalls is reported and the others go on (with restarts left
+    it alone starts again), and the job succeeds when the other workers
+    finish. A `ps` task that exits while workers train stops every task (or
+    restarts them all).
 
     TensorFlow's servers listen on every interface and run whatever graph a
     client sends them, so by default the workers share a private network
@@ -116,17 +135,25 @@ def launch(
             download something; every worker's port is open to the network).
         num_ps: parameter-server tasks to start besides the workers (for
             `keras_parallel.ParameterServer`): each runs the script with a
-            `ps` TF_CONFIG, and is stopped once every worker has exited 0.
+            `ps` TF_CONFIG, and is stopped once every worker is done.
+        max_restarts: how many times in all a failed or stalled job (under
+            parameter servers: a failed or stalled worker) is started again;
+            0, the default, never.
+        timeout: seconds without progress after which waiting workers are
+            stalled (default 900: long enough for a large model's first
+            step to trace and compile); 0 never.
 
     Returns:
-        The exit code for the launcher: 0 when every worker exited 0, else the
-        code of the first worker that failed (128 + N for death by signal N),
-        or 128 + N when signal N stopped the launcher itself (130 for Ctrl-C).
+        The exit code for the launcher: 0 when every worker exited 0 (under
+        parameter servers: when the workers not lost did), else the code of
+        the failure that ended the job (128 + N for death by signal N, 124
+        for a stall), or 128 + N when signal N stopped the launcher itself
+        (130 for Ctrl-C).
 
     Example:
 
     ```python
-    sys.exit(launch("train.py", ["--epochs", "3"], num_workers=2))
+    sys.exit(launch("train.py", ["--epochs", "3"], num_workers=2, max_restarts=3))
     ```
     """
     if num_workers < 1:
@@ -139,14 +166,18 @@ def launch(
         )
     if num_ps < 0:
         raise ValueError(f"the number of ps tasks must be >= 0, got {num_ps}")
-    tasks = [("worker", i) for i in range(num_workers)]
-    tasks += [("ps", k) for k in range(num_ps)]
-    ports = free_ports(len(tasks)) if port is None else _port_range(port, tasks)
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 seconds (0: never), got {timeout}")
+    names = [("worker", i) for i in range(num_workers)]
+    names += [("ps", k) for k in range(num_ps)]
+    ports = free_ports(len(names)) if port is None else _port_range(port, names)
     private = _private_network(ports) if network == "private" else None
     if private is None:
         if network == "host":
             _warn_open(ports, "--network host was given")
-        for (job, index), candidate in zip(tasks, ports, strict=True):
+        for (job, index), candidate in zip(names, ports, strict=True):
             _check_port(candidate, f"{job} {index}")
 
     received: list[int] = []
@@ -160,51 +191,47 @@ def launch(
     }
     lock = threading.Lock()
     offline = threading.Event() if private else None
-    workers: list[subprocess.Popen] = []
-    readers: list[threading.Thread] = []
+    tasks = [Task(job, index, lock, offline) for job, index in names]
+    watch = ProgressWatch(timeout, independent=num_ps > 0)
+    folder = tempfile.mkdtemp(prefix="keras-parallel-launch-")
+
+    def start(task: Task) -> None:
+        env = {
+            **os.environ,
+            "TF_CONFIG": json.dumps(
+                tf_config(num_workers, task.index, ports, num_ps, task.job)
+            ),
+            "PYTHONUNBUFFERED": "1",
+            RESTART_COUNT: str(task.starts),
+        }
+        if task.job == "worker":
+            env[PROGRESS_FILE] = os.path.join(folder, f"worker_{task.index}")
+            watch.started(task.index, env[PROGRESS_FILE])
+        task.start(
+            worker_command(script, args, private),
+            env,
+            private.fds if private else (),
+        )
+
     try:
-        for job, index in tasks:
-            config = tf_config(num_workers, index, ports, num_ps, job)
-            env = {
-                **os.environ,
-                "TF_CONFIG": json.dumps(config),
-                "PYTHONUNBUFFERED": "1",
-            }
-            worker = subprocess.Popen(
-                worker_command(script, args, private),
-                pass_fds=private.fds if private else (),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                # Only the launcher forwards signals, so a terminal's Ctrl-C
-                # reaches each worker exactly once.
-                start_new_session=True,
-            )
-            workers.append(worker)
-            prefix = f"[{job} {index}] "
-            for pipe, out in ((worker.stdout, sys.stdout), (worker.stderr, sys.stderr)):
-                reader = threading.Thread(
-                    target=_echo,
-                    args=(pipe, out, prefix, lock, offline),
-                    daemon=True,
-                )
-                reader.start()
-                readers.append(reader)
-        code = _supervise(workers, tasks, received, grace_period, lock)
+        for task in tasks:
+            start(task)
+        code = Supervisor(
+            tasks, start, watch, received, grace_period, max_restarts, lock
+        ).run()
     finally:
         if private:
             private.close()
-        # Reached with workers still running only if the launcher itself failed.
-        for worker in workers:
-            if worker.poll() is None:
-                _signal(worker, signal.SIGKILL)
-                worker.wait()
+        # Reached with tasks still running only if the launcher itself failed.
+        for task in tasks:
+            task.kill()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        shutil.rmtree(folder, ignore_errors=True)
     # A grandchild that inherited a pipe may keep it open: don't wait forever.
-    for reader in readers:
-        reader.join(_READER_JOIN_TIMEOUT)
+    for task in tasks:
+        for reader in task.readers:
+            reader.join(_READER_JOIN_TIMEOUT)
     if code and offline is not None and offline.is_set():
         print(
             "keras-parallel launch: a worker could not reach the network. The "
@@ -236,112 +263,6 @@ def _warn_open(ports: Sequence[int], reason: str) -> None:
         file=sys.stderr,
         flush=True,
     )
-
-
-def _supervise(
-    workers: list[subprocess.Popen],
-    tasks: list[tuple[str, int]],
-    received: list[int],
-    grace_period: float,
-    lock: threading.Lock,
-) -> int:
-    """Waits for the workers; a parameter server only serves them, so it is
-    stopped once they are all done, and its exit before that is a failure."""
-    while True:
-        if received:
-            signum = received[0]
-            _stop(workers, signum, grace_period, received)
-            return 128 + signum
-        codes = [worker.poll() for worker in workers]
-        for (job, index), code in zip(tasks, codes, strict=True):
-            if code is not None and (code != 0 or job == "ps"):
-                running = any(other is None for other in codes)
-                with lock:
-                    print(
-                        f"keras-parallel launch: {job} {index} {_describe(code)}"
-                        + ("; stopping the other workers." if running else "."),
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                _stop(workers, signal.SIGTERM, grace_period, received)
-                return 128 - code if code < 0 else code or 1
-        if all(
-            code == 0
-            for (job, _), code in zip(tasks, codes, strict=True)
-            if job != "ps"
-        ):
-            _stop(workers, signal.SIGTERM, grace_period, received)
-            return 0
-        time.sleep(_POLL_INTERVAL)
-
-
-def _stop(
-    workers: list[subprocess.Popen],
-    signum: int,
-    grace_period: float,
-    received: list[int],
-) -> None:
-    """Sends `signum` to running workers; SIGKILL after the grace period.
-
-    Another SIGINT or SIGTERM to the launcher while waiting cuts the grace
-    period short, so a second Ctrl-C always ends the run at once.
-    """
-    for worker in workers:
-        if worker.poll() is None:
-            _signal(worker, signum)
-    signals_seen = len(received)
-    deadline = time.monotonic() + grace_period
-    while any(worker.poll() is None for worker in workers):
-        if time.monotonic() >= deadline or len(received) > signals_seen:
-            for worker in workers:
-                if worker.poll() is None:
-                    _signal(worker, signal.SIGKILL)
-                    worker.wait()
-            return
-        time.sleep(_POLL_INTERVAL)
-
-
-def _signal(worker: subprocess.Popen, signum: int) -> None:
-    # Each worker leads its own process group (start_new_session): signalling
-    # the group also reaches its children, as a terminal's Ctrl-C would.
-    try:
-        os.killpg(worker.pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _describe(code: int) -> str:
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return f"was killed by {name}"
-
-
-def _echo(
-    pipe: IO[bytes],
-    out: IO[str],
-    prefix: str,
-    lock: threading.Lock,
-    offline: threading.Event | None,
-) -> None:
-    with pipe:
-        for line in iter(pipe.readline, b""):
-            text = line.decode(errors="replace")
-            if offline is not None and any(
-                error in text.lower() for error in _OFFLINE_ERRORS
-            ):
-                offline.set()
-            with lock:
-                try:
-                    out.write(prefix + text + ("" if text.endswith("\n") else "\n"))
-                    out.flush()
-                except (OSError, ValueError):
-                    # Keep draining even when our own output is gone (say,
-                    # `| head`): an undrained pipe would block the worker.
-                    pass
 
 
 def free_ports(count: int) -> list[int]:

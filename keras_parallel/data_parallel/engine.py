@@ -30,6 +30,7 @@ from keras_parallel.data_parallel.step_tracing import StepTracing
 from keras_parallel.reduction.engine import local_parts
 from keras_parallel.scope_errors import require_distributed
 from keras_parallel.sharded_variable import ShardedVariable
+from keras_parallel.step_progress import step_counter
 
 
 class DataParallelEngine(StepTracing):
@@ -64,6 +65,7 @@ class DataParallelEngine(StepTracing):
         self.applying = False
         self._reducing_gradients = False
         self._warned_unreduced_update = False
+        self.step_counter = step_counter(self._input_host)
         mode.attach(self)
 
     @property

@@ -116,6 +116,12 @@ class StepTracing:
         )
 
     def _call_for_each_replica(self, fn, args, kwargs):
+        if self.step_counter is None:
+            return self._traced_step(fn, args, kwargs)
+        # Counted for `keras-parallel launch`, which names a stalled worker.
+        return self.step_counter.counting(lambda: self._traced_step(fn, args, kwargs))
+
+    def _traced_step(self, fn, args, kwargs):
         refuse_whole_step_xla("DataParallel")
         models = reachable(fn, (args, kwargs))
         for model in models:
