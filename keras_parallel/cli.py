@@ -27,7 +27,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds, got {text!r}"
+        ) from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 (0: never), got {text}")
     return value

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from keras_parallel.launch_tasks import Task, describe_exit, exit_code, stop
 from keras_parallel.progress import ProgressWatch
@@ -108,7 +108,8 @@ class Supervisor:
         stalled = self.watch.stalled(running, now)
         if not stalled:
             return None
-        for index in running:
+        # The stalled first: the others' state only explains the stall.
+        for index in sorted(running, key=lambda i: i not in stalled):
             progress = self.watch.progress(index)
             state = progress.describe() if progress else "has not made its strategy"
             if index in stalled:
@@ -119,23 +120,27 @@ class Supervisor:
                 )
             elif not self.watch.independent:
                 self._say(f"worker {index} is waiting, {state}.")
+        # Under parameter servers the others are not involved.
+        asked = stalled if self.watch.independent else running
         reporting = [
             self.workers[index]
-            for index in running
+            for index in asked
             if self.watch.progress(index) is not None
         ]
         if reporting:
-            self._say("the workers' Python stacks follow (SIGUSR1).")
+            self._say(f"the Python stacks of {_names(reporting)} follow (SIGUSR1).")
             for worker in reporting:
                 worker.signal(signal.SIGUSR1, group=False)
             time.sleep(_STACK_DUMP_WAIT)
-        what = f"{', '.join(f'worker {i}' for i in stalled)} stalled"
+        what = f"{_names(self.workers[i] for i in stalled)} stalled"
+        # SIGKILL: stuck workers would not act on SIGTERM (which TensorFlow's
+        # coordination service takes for a preemption notice anyway).
         if not self.watch.independent:
             self._say("stopping all workers.")
-            return self._stop_all(what, STALL_EXIT_CODE)
+            return self._stop_all(what, STALL_EXIT_CODE, signal.SIGKILL)
         for index in stalled:
             worker = self.workers[index]
-            self._stop([worker], signal.SIGTERM)
+            self._stop([worker], signal.SIGKILL)
             worker.outcome = STALL_EXIT_CODE
             self._lose(worker, f"worker {index} stalled")
         return None
@@ -143,10 +148,12 @@ class Supervisor:
     def _workers_done(self) -> bool:
         return all(worker.outcome is not None for worker in self.workers)
 
-    def _stop_all(self, reason: str, code: int) -> int | None:
-        """Stops every task, then starts them all again if restarts are
-        left (None), else returns `code`."""
-        self._stop(self.tasks, signal.SIGTERM)
+    def _stop_all(
+        self, reason: str, code: int, signum: int = signal.SIGTERM
+    ) -> int | None:
+        """Stops every task with `signum`, then starts them all again if
+        restarts are left (None), else returns `code`."""
+        self._stop(self.tasks, signum)
         return None if self._restart(self.tasks, reason) else code
 
     def _lose(self, worker: Task, what: str) -> None:
@@ -162,11 +169,12 @@ class Supervisor:
         if self.restarts >= self.max_restarts:
             return False
         self.restarts += 1
-        which = (
-            "all tasks"
-            if len(tasks) == len(self.tasks)
-            else ", ".join(task.name for task in tasks)
-        )
+        if len(tasks) < len(self.tasks):
+            which = _names(tasks)
+        elif len(self.workers) < len(self.tasks):
+            which = "all workers and ps tasks"
+        else:
+            which = "all workers"
         self._say(
             f"restart {self.restarts} of {self.max_restarts} ({reason}): "
             f"starting {which} again."
@@ -181,7 +189,7 @@ class Supervisor:
         lost = [worker for worker in self.workers if worker.outcome != 0]
         if not lost:
             return 0
-        names = ", ".join(worker.name for worker in lost)
+        names = _names(lost)
         if len(lost) < len(self.workers):
             self._say(f"the other workers finished; lost: {names}.")
             return 0
@@ -195,3 +203,7 @@ class Supervisor:
     def _say(self, message: str) -> None:
         with self.lock:
             print(f"keras-parallel launch: {message}", file=sys.stderr, flush=True)
+
+
+def _names(tasks: Iterable[Task]) -> str:
+    return ", ".join(task.name for task in tasks)

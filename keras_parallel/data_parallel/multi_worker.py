@@ -48,6 +48,24 @@ IMPLEMENTATIONS = {
 # them in the same order), and how long one waits for the others to make its.
 _CREATIONS = itertools.count()
 STRATEGY_TIMEOUT_SECONDS = 600
+# Seconds a collective waits for the other workers (DataParallel's
+# `collective_timeout`): generous, for another worker's first trace.
+COLLECTIVE_TIMEOUT = 1800.0
+
+
+def check_collective_timeout(seconds: float | None) -> float | None:
+    """`seconds` if it is a valid `collective_timeout`, else a clear error."""
+    if seconds is None or (
+        isinstance(seconds, (int, float))
+        and not isinstance(seconds, bool)
+        and seconds > 0
+    ):
+        return seconds
+    raise ValueError(
+        "`collective_timeout` must be a number of seconds > 0, or None to "
+        "wait for ever. Received: "
+        f"collective_timeout={seconds!r}"
+    )
 
 
 class OnCluster:
@@ -143,6 +161,7 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
         mode,
         sync_batch_norm,
         jit_compile,
+        collective_timeout,
     ):
         if devices is not None:
             raise ValueError(
@@ -159,7 +178,9 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
                 f"Received: reduction={reduction!r}"
             )
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=IMPLEMENTATIONS[reduction]
+            implementation=IMPLEMENTATIONS[reduction],
+            # Every collective of the engine and of our reduction takes it.
+            timeout_seconds=collective_timeout,
         )
         try:
             super().__init__(

@@ -13,7 +13,11 @@ from keras_parallel.data_parallel import batch_split
 from keras_parallel.data_parallel.cluster import resolve_cluster
 from keras_parallel.data_parallel.engine import DataParallelEngine, has_integers
 from keras_parallel.data_parallel.modes import choose_mode
-from keras_parallel.data_parallel.multi_worker import OnCluster
+from keras_parallel.data_parallel.multi_worker import (
+    COLLECTIVE_TIMEOUT,
+    OnCluster,
+    check_collective_timeout,
+)
 from keras_parallel.data_parallel.replica_strategy import ReplicaStrategy
 from keras_parallel.devices import resolve_devices, short_device
 from keras_parallel.reduction.compression import Compression, resolve_compression
@@ -138,6 +142,16 @@ class DataParallel(ReplicaStrategy):
             compiles all replicas into one program for one device (an error
             says so); Keras' own `"auto"` turns XLA off under any
             tf.distribute strategy.
+        collective_timeout: Across workers, seconds a collective (a step's
+            exchange of gradients, logs or statistics) waits for the other
+            workers before it fails with an error naming the stalled ones,
+            so that a worker stuck outside the step (in a data loader, a
+            callback, a file system call) ends the job rather than hanging
+            it (default 1800: a first step's tracing and compiling on
+            another worker fits in it). None waits for ever. Unused on one
+            machine. Under `keras-parallel launch`, its `--timeout` (900 s)
+            usually comes first and names the stalled worker and its last
+            step.
 
     Raises:
         ValueError: for a malformed `TF_CONFIG` or cluster, a port of this
@@ -171,6 +185,7 @@ class DataParallel(ReplicaStrategy):
         sync_every: int = 1,
         outer_optimizer: keras.optimizers.Optimizer | None = None,
         jit_compile: bool | str = "auto",
+        collective_timeout: float | None = COLLECTIVE_TIMEOUT,
     ):
         del cluster_resolver  # __new__ resolved it into self._cluster
         mode, sync_batch_norm = choose_mode(
@@ -189,14 +204,18 @@ class DataParallel(ReplicaStrategy):
             mode=mode,
             sync_batch_norm=sync_batch_norm,
             jit_compile=check_jit_compile(jit_compile),
+            collective_timeout=check_collective_timeout(collective_timeout),
         )
         # Not super(): a multi-worker DataParallel also derives from
         # MultiWorkerMirroredStrategy, whose constructor builds its own engine.
         tf.distribute.Strategy.__init__(self, extended)
 
-    def _make_extended(self, devices, reduction, bucket_mb, compression, **updates):
+    def _make_extended(
+        self, devices, reduction, bucket_mb, compression, collective_timeout, **updates
+    ):
         """The extended for this machine's devices; the arguments are
         `__init__`'s (`updates`: the mode and sync_batch_norm)."""
+        del collective_timeout  # one process has no collectives to wait for
         devices = resolve_devices(devices)
         return DataParallelExtended(
             self,

@@ -14,6 +14,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -151,6 +152,29 @@ def file_callbacks(folder: str, worker: int) -> list:
     ]
 
 
+class _FirstAttemptFault(keras.callbacks.Callback):
+    """On the launcher's first attempt only: exits at the start of a batch of
+    an epoch (a crashed worker), or sleeps at its end (a stalled one)."""
+
+    def __init__(self, epoch: int, batch: int, stall: bool):
+        super().__init__()
+        self._at, self._stall, self._current = (epoch, batch), stall, -1
+        self._first = os.environ.get("KERAS_PARALLEL_RESTART_COUNT") == "0"
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._first and not self._stall and (self._current, batch) == self._at:
+            print(f"exiting at epoch {self._current}, batch {batch}", flush=True)
+            os._exit(3)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._first and self._stall and (self._current, batch) == self._at:
+            print(f"stalling after epoch {self._current}, batch {batch}", flush=True)
+            time.sleep(120)
+
+
 class _HoldOpen(keras.callbacks.Callback):
     """Holds an HDF5 file open for writing during `fit`, as a worker does
     while it saves it."""
@@ -244,6 +268,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--files", default=None, help="folder of file callbacks")
     parser.add_argument("--lock", default=None, help="HDF5 file two workers open")
     parser.add_argument("--die-at", default=None, help="worker:epoch:batch")
+    parser.add_argument(
+        "--exit-at", default=None, help="worker:epoch:batch, first attempt only"
+    )
+    parser.add_argument(
+        "--stall-at", default=None, help="worker:epoch:batch, first attempt only"
+    )
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--samples", type=int, default=SAMPLES)
     parser.add_argument("--batch-size", type=int, default=GLOBAL_BATCH)
@@ -255,6 +285,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sync-every", type=int, default=1)
     parser.add_argument("--outer", action="store_true", help="DiLoCo's Nesterov")
     parser.add_argument("--embedding", action="store_true")
+    parser.add_argument("--collective-timeout", type=float, default=None)
     args = parser.parse_args(argv)
 
     import keras_parallel
@@ -264,6 +295,11 @@ def main(argv: list[str]) -> int:
         sharding=None if args.sharding == "none" else args.sharding,
         sync_every=args.sync_every,
         outer_optimizer=OUTER_OPTIMIZER if args.outer else None,
+        **(
+            {"collective_timeout": args.collective_timeout}
+            if args.collective_timeout
+            else {}
+        ),
     )
     print(f"{strategy!r}", flush=True)
     callbacks = []
@@ -287,6 +323,11 @@ def main(argv: list[str]) -> int:
         worker, epoch, batch = map(int, args.die_at.split(":"))
         if worker == strategy.worker_index:
             callbacks.append(_Die(epoch, batch))
+    for fault, stall in ((args.exit_at, False), (args.stall_at, True)):
+        if fault:
+            worker, epoch, batch = map(int, fault.split(":"))
+            if worker == strategy.worker_index:
+                callbacks.append(_FirstAttemptFault(epoch, batch, stall))
     model, history, epochs, batch_losses, batch_misses = train(
         strategy,
         args.epochs,
@@ -316,6 +357,7 @@ def main(argv: list[str]) -> int:
         batch_misses=np.array(batch_misses),
         bytes_per_step=strategy.communication_stats()["bytes_per_step"],
         num_workers=strategy.num_workers,
+        restart_count=int(os.environ.get("KERAS_PARALLEL_RESTART_COUNT", "0")),
     )
     return 0
 

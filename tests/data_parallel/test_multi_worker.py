@@ -29,11 +29,12 @@ def _env(**extra) -> dict:
     return {**env, **extra}
 
 
-def _launch(out, *args, workers=2, **env):
-    """Runs the task on `workers` launched workers (`env`: extra variables)."""
+def _launch(out, *args, workers=2, options=(), task=TASK, **env):
+    """Runs `task` (the training task) on `workers` launched workers
+    (`options`: the launcher's, `env`: extra variables)."""
     return subprocess.run(
         [sys.executable, "-m", "keras_parallel", "launch", "-n", str(workers)]
-        + [str(TASK), str(out), *args],
+        + [*options, str(task), str(out), *args],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -205,28 +206,6 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
     ), stderr[-3000:]
     assert "/job:worker/replica:0/task:1" in last_line
     assert keras_parallel.WorkerFailedError.__module__ in last_line
-
-
-def test_backup_and_restore_resumes_after_a_killed_worker(tmp_path, reference):
-    backup = tmp_path / "backup"
-    first_try = _launch(tmp_path / "1", "--backup", str(backup), "--die-at", "1:2:1")
-    # Worker 1 died in epoch 2 (0-based); the launcher stopped worker 0.
-    assert first_try.returncode == 137, first_try.stderr[-3000:]
-    assert "[worker 1] killing myself at epoch 2, batch 1" in first_try.stdout
-    assert "[worker 0] epoch 1 done" in first_try.stdout
-    assert "epoch 2 done" not in first_try.stdout
-    # keras_parallel.callbacks.BackupAndRestore: one backup, worker 0's.
-    assert sorted(os.listdir(backup)) == ["latest.weights.h5", "training_metadata.json"]
-    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2
-    second_try = _launch(tmp_path / "2", "--backup", str(backup))
-    assert second_try.returncode == 0, second_try.stderr[-3000:]
-    first, second = _results(tmp_path / "2")
-    # Every worker resumed from it, after the last finished epoch: only
-    # epoch 2 ran again.
-    assert first["epochs"].tolist() == second["epochs"].tolist() == [2]
-    assert not backup.exists()  # deleted at the end, once
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
-    assert _max_difference(_weights(first), reference[0]) <= 1e-5
 
 
 def test_uneven_last_batch(tmp_path):

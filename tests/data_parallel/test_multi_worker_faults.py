@@ -1,0 +1,124 @@
+"""DataParallel on two launched workers when one of them crashes or stalls:
+`launch --max-restarts` starts them again and BackupAndRestore resumes,
+`launch --timeout` names the stalled worker from the steps the strategy
+counted, and without the launcher the strategy's own collective timeout ends
+the job (the launcher's policy on TensorFlow-free scripts:
+tests/test_launch_faults.py)."""
+
+import re
+
+import pytest
+from test_multi_worker import TASK, _launch, _results, _weights, reference  # noqa: F401
+from transparency import devices
+from transparency import max_difference as _max_difference
+
+import keras_parallel
+
+
+def test_max_restarts_restarts_all_workers_and_the_backup_resumes(
+    tmp_path,
+    reference,  # noqa: F811
+):
+    backup = tmp_path / "backup"
+    done = _launch(
+        tmp_path / "out",
+        *("--backup", str(backup), "--exit-at", "1:2:1"),
+        options=("--max-restarts", "2"),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Worker 1 left in the middle of epoch 2 (0-based), on the first attempt.
+    assert "[worker 1] exiting at epoch 2, batch 1" in done.stdout
+    reports = [
+        line for line in done.stderr.splitlines() if line.startswith("keras-parallel")
+    ]
+    assert reports == [
+        "keras-parallel launch: worker 1 exited with code 3; stopping the other "
+        "workers.",
+        "keras-parallel launch: restart 1 of 2 (worker 1 exited with code 3): "
+        "starting all workers again.",
+    ]
+    first, second = _results(tmp_path / "out")
+    # Both were started again (they know it) and resumed after the last
+    # finished epoch: only epoch 2 ran again.
+    assert int(first["restart_count"]) == int(second["restart_count"]) == 1
+    assert first["epochs"].tolist() == second["epochs"].tolist() == [2]
+    assert not backup.exists()  # deleted at the end, once
+    assert _max_difference(_weights(first), _weights(second)) == 0.0
+    assert _max_difference(_weights(first), reference[0]) <= 1e-5
+
+
+def test_a_worker_asleep_in_a_callback_is_named_with_its_last_step(tmp_path):
+    # Worker 1 sleeps after batch 2 (its 3rd step); worker 0 waits inside its
+    # 4th step, in the step's collective. Neither makes progress.
+    done = _launch(tmp_path, "--stall-at", "1:0:2", options=("--timeout", "5"))
+    assert done.returncode == 124, done.stderr[-3000:]
+    assert "[worker 1] stalling after epoch 0, batch 2" in done.stdout
+    reports = [
+        line for line in done.stderr.splitlines() if line.startswith("keras-parallel")
+    ]
+    assert re.fullmatch(
+        r"keras-parallel launch: worker 1 is stalled: no progress for \d+ s, not "
+        r"inside a step \(last completed step 3\)\.",
+        reports[0],
+    ), reports
+    assert reports[1:] == [
+        "keras-parallel launch: worker 0 is waiting, inside step 4 (last "
+        "completed step 3).",
+        "keras-parallel launch: the Python stacks of worker 0, worker 1 follow "
+        "(SIGUSR1).",
+        "keras-parallel launch: stopping all workers.",
+    ]
+    # Worker 1's main thread was in the callback, worker 0's in Keras' step.
+    stacks = done.stderr.splitlines()
+    assert any(
+        line.startswith("[worker 1]   File") and "in on_train_batch_end" in line
+        for line in stacks
+    ), done.stderr[-3000:]
+    assert any(
+        line.startswith("[worker 0]   File")
+        and "trainer.py" in line
+        and line.endswith(" in function")
+        for line in stacks
+    ), done.stderr[-3000:]
+
+
+# The task, reporting a collective that timed out in the strategy's words.
+EXPLAINED = f"""
+import sys
+sys.path.insert(0, {str(TASK.parent)!r})
+import tensorflow as tf
+from multi_worker_task import main
+from keras_parallel.data_parallel.collective_timeout import explain_timeout
+try:
+    main(sys.argv[1:])
+except tf.errors.DeadlineExceededError as error:
+    print(explain_timeout(error), file=sys.stderr, flush=True)
+    sys.exit(7)
+"""
+
+
+def test_collectives_time_out_without_the_launcher(tmp_path):
+    # The launcher does not judge (--timeout 0): worker 0's own collective
+    # gives up after 3 s while worker 1 sleeps in a callback.
+    script = tmp_path / "explained.py"
+    script.write_text(EXPLAINED)
+    done = _launch(
+        tmp_path / "out",
+        *("--stall-at", "1:0:2", "--collective-timeout", "3"),
+        options=("--timeout", "0"),
+        task=script,
+    )
+    assert done.returncode == 7, done.stderr[-3000:]
+    assert "keras-parallel launch: worker 0 exited with code 7" in done.stderr
+    explained = [
+        line for line in done.stderr.splitlines() if "collective_timeout" in line
+    ]
+    assert len(explained) == 1, done.stderr[-3000:]
+    assert explained[0].startswith("[worker 0] A collective of this worker's step (")
+    assert "waited longer than DataParallel's collective_timeout" in explained[0]
+
+
+@pytest.mark.parametrize("seconds", [0, -1, "60", True])
+def test_collective_timeout_must_be_positive_seconds_or_none(seconds):
+    with pytest.raises(ValueError, match=re.escape(f"collective_timeout={seconds!r}")):
+        keras_parallel.DataParallel(devices(2), collective_timeout=seconds)
