@@ -263,6 +263,37 @@ def share_among_workers(
     ]
 
 
+def put_shared_value(key: str, value: str) -> None:
+    """Sets `key` to `value` in the coordination service's key-value store,
+    replacing an earlier value (the store itself refuses to overwrite)."""
+    from tensorflow.python.eager import context
+
+    store = context.context()
+    with contextlib.suppress(tf.errors.NotFoundError):
+        store.delete_config_key_value(key)
+    store.set_config_key_value(key, value)
+
+
+def get_shared_value(key: str, timeout_seconds: float) -> str | None:
+    """`key`'s value in the coordination service's key-value store, or None
+    when nobody set it within `timeout_seconds`."""
+    from tensorflow.python.eager import context
+
+    try:
+        return context.context().get_config_key_value(key, int(timeout_seconds * 1000))
+    except (tf.errors.DeadlineExceededError, tf.errors.NotFoundError):
+        return None
+
+
+def abort_collectives(message: str) -> None:
+    """Makes this process's running and later collectives fail with a
+    `DeadlineExceededError` carrying `message`, as the health check of
+    `MultiWorkerMirroredStrategy` does when it loses a peer."""
+    from tensorflow.python.eager import context
+
+    context.context().abort_collective_ops(tf.errors.DEADLINE_EXCEEDED, message)
+
+
 def fit_callbacks() -> list:
     """The callbacks given to the Keras `fit` (or `evaluate`) that this call
     is made from, flattened; [] outside one.

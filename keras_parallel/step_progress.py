@@ -1,12 +1,14 @@
-"""A launched worker's side of the progress channel (`progress.py`).
+"""A worker's step counts, and the thread that watches them.
 
 Two int64 variables on the worker's CPU count the steps begun and finished:
 the strategy adds one to each in its traced step (`counting`), so nothing of
 Python runs per step and none of the user's objects or callbacks is touched.
-A daemon thread reads them a few times a second and rewrites the file the
-launcher watches when they change. The same thread's start registers
-`faulthandler` for SIGUSR1, with which the launcher has a stalled worker print
-its Python stacks to its stderr before it stops it.
+A daemon thread reads them a few times a second and hands the counts to its
+listeners: the progress file of `keras-parallel launch` (`progress.py`), and
+on a cluster the strategy's own watch on its collectives
+(`data_parallel/collective_watch.py`). For the launcher, the thread's start
+also registers `faulthandler` for SIGUSR1, with which the launcher has a
+stalled worker print its Python stacks to its stderr.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import tensorflow as tf
 
 from keras_parallel.progress import PROGRESS_FILE, Progress, write_progress
 
 _INTERVAL_SECONDS = 0.25
+# Called with this process's counts and `time.monotonic()` at every look.
+Listener = Callable[[Progress, float], None]
 
 
 class StepCounter:
@@ -61,31 +66,54 @@ class StepCounter:
         return outputs
 
 
-def step_counter(device: str) -> StepCounter | None:
-    """A counter whose steps are reported to the launcher, or None when this
-    process was not started by `keras-parallel launch`.
+def step_counter(device: str, **listeners: Listener) -> StepCounter | None:
+    """A counter of this strategy's steps, watched by `listeners` (by name: a
+    strategy made again replaces its predecessor's) and, in a process started
+    by `keras-parallel launch`, reported to the launcher; None when nobody
+    would watch it.
 
     Args:
         device: this worker's CPU, where the counts live.
+        **listeners: called from the watching thread with the counts.
     """
     path = os.environ.get(PROGRESS_FILE)
-    if not path:
+    if not path and not listeners:
         return None
     counter = StepCounter(device)
-    _reporter(path).follow(counter)
+    monitor = _monitor()
+    if path and "launcher" not in monitor.listeners:
+        # Registered before the first report: a worker the launcher watches
+        # can always be asked for its stacks.
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        monitor.listeners["launcher"] = _FileReport(path)
+    monitor.listeners.update(listeners)
+    monitor.follow(counter)
     return counter
 
 
-class _Reporter(threading.Thread):
-    """Writes this process's step counts (all its strategies', added up)."""
+class _FileReport:
+    """Keeps the launcher's progress file at the latest counts."""
 
     def __init__(self, path: str):
-        super().__init__(name="keras_parallel progress", daemon=True)
         self._path = path
+        self._written: Progress | None = None
+
+    def __call__(self, progress: Progress, now: float) -> None:
+        if progress != self._written:
+            write_progress(self._path, progress)
+            self._written = progress
+
+
+class _Monitor(threading.Thread):
+    """Reads this process's step counts (all its strategies', added up) and
+    hands them to the listeners."""
+
+    def __init__(self):
+        super().__init__(name="keras_parallel step progress", daemon=True)
+        self.listeners: dict[str, Listener] = {}
         self._lock = threading.Lock()
         self._counter: StepCounter | None = None
         self._before = Progress()
-        self._written: Progress | None = None
 
     def follow(self, counter: StepCounter) -> None:
         """Counts `counter` from now on (a strategy made again in a notebook
@@ -98,9 +126,9 @@ class _Reporter(threading.Thread):
                     self._before.completed + last.completed,
                 )
             self._counter = counter
-        self._report()
+        self._look()
 
-    def _report(self) -> None:
+    def _look(self) -> None:
         with self._lock:
             if self._counter is None:
                 return
@@ -109,25 +137,25 @@ class _Reporter(threading.Thread):
                 self._before.started + now.started,
                 self._before.completed + now.completed,
             )
-            if total != self._written:
-                write_progress(self._path, total)
-                self._written = total
+            listeners = list(self.listeners.values())
+        for listener in listeners:
+            # One listener's failure (a store unreachable at exit, say)
+            # must not silence the others.
+            with contextlib.suppress(Exception):
+                listener(total, time.monotonic())
 
     def run(self) -> None:
         while True:
             time.sleep(_INTERVAL_SECONDS)
-            with contextlib.suppress(Exception):  # never stop reporting
-                self._report()
+            with contextlib.suppress(Exception):  # never stop watching
+                self._look()
 
 
-_REPORTERS: dict[str, _Reporter] = {}
+_MONITOR: list[_Monitor] = []
 
 
-def _reporter(path: str) -> _Reporter:
-    if path not in _REPORTERS:
-        # Registered before the first report: a worker the launcher watches
-        # can always be asked for its stacks.
-        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-        _REPORTERS[path] = _Reporter(path)
-        _REPORTERS[path].start()
-    return _REPORTERS[path]
+def _monitor() -> _Monitor:
+    if not _MONITOR:
+        _MONITOR.append(_Monitor())
+        _MONITOR[0].start()
+    return _MONITOR[0]

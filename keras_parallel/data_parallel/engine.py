@@ -65,8 +65,13 @@ class DataParallelEngine(StepTracing):
         self.applying = False
         self._reducing_gradients = False
         self._warned_unreduced_update = False
-        self.step_counter = step_counter(self._input_host)
+        self.step_counter = step_counter(self._input_host, **self._step_listeners())
         mode.attach(self)
+
+    def _step_listeners(self) -> dict:
+        """Who watches the step counts besides the launcher
+        (`step_progress.step_counter`)."""
+        return {}
 
     @property
     def devices(self) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from keras_parallel._tf_internal import (
     worker_id,
 )
 from keras_parallel.collective_saves import every_worker_is_saving
+from keras_parallel.data_parallel.collective_watch import CollectiveWatch
 from keras_parallel.data_parallel.engine import DataParallelEngine
 from keras_parallel.data_parallel.file_collisions import (
     explain_lock_errors,
@@ -178,9 +179,7 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
                 f"Received: reduction={reduction!r}"
             )
         options = tf.distribute.experimental.CommunicationOptions(
-            implementation=IMPLEMENTATIONS[reduction],
-            # Every collective of the engine and of our reduction takes it.
-            timeout_seconds=collective_timeout,
+            implementation=IMPLEMENTATIONS[reduction]
         )
         try:
             super().__init__(
@@ -209,11 +208,21 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
         )
         report_lost_workers()
         explain_lock_errors()
+        self._collective_watch = CollectiveWatch(
+            collective_timeout,
+            worker_id(self),
+            num_workers(self),
+            f"/job:{cluster_resolver.task_type}/replica:0/task:"
+            f"{cluster_resolver.task_id}",
+        )
         algorithm = CollectiveAllReduce(self._cross_device_ops, num_workers(self))
         gradients = GradientReduction(
             algorithm, bucket_mb, compression, fallback=self._cross_device_ops
         )
         self._init_engine(gradients, mode, sync_batch_norm, jit_compile)
+
+    def _step_listeners(self) -> dict:
+        return {"collectives": self._collective_watch}
 
     def _call_for_each_replica(self, fn, args, kwargs):
         model = step_model(fn)

@@ -142,16 +142,14 @@ class DataParallel(ReplicaStrategy):
             compiles all replicas into one program for one device (an error
             says so); Keras' own `"auto"` turns XLA off under any
             tf.distribute strategy.
-        collective_timeout: Across workers, seconds a collective (a step's
-            exchange of gradients, logs or statistics) waits for the other
-            workers before it fails with an error naming the stalled ones,
-            so that a worker stuck outside the step (in a data loader, a
-            callback, a file system call) ends the job rather than hanging
-            it (default 1800: a first step's tracing and compiling on
-            another worker fits in it). None waits for ever. Unused on one
-            machine. Under `keras-parallel launch`, its `--timeout` (900 s)
-            usually comes first and names the stalled worker and its last
-            step.
+        collective_timeout: Across workers, seconds a worker waits inside
+            one step (in its collectives) for the others before the step
+            fails with an error naming the workers behind it and their last
+            completed step, so that a worker stuck outside its step (in a
+            data loader, a callback, a file system call) ends the job rather
+            than hanging it (default 1800: room for another worker's first
+            trace). None waits for ever. Unused on one machine. Under
+            `keras-parallel launch`, its `--timeout` (900 s) comes first.
 
     Raises:
         ValueError: for a malformed `TF_CONFIG` or cluster, a port of this

@@ -2,8 +2,8 @@
 `launch --max-restarts` starts them again and BackupAndRestore resumes,
 `launch --timeout` names the stalled worker from the steps the strategy
 counted, and without the launcher the strategy's own collective timeout ends
-the job (the launcher's policy on TensorFlow-free scripts:
-tests/test_launch_faults.py)."""
+the job naming the stalled worker (the launcher's policy on TensorFlow-free
+scripts: tests/test_launch_faults.py)."""
 
 import re
 
@@ -82,40 +82,24 @@ def test_a_worker_asleep_in_a_callback_is_named_with_its_last_step(tmp_path):
     ), done.stderr[-3000:]
 
 
-# The task, reporting a collective that timed out in the strategy's words.
-EXPLAINED = f"""
-import sys
-sys.path.insert(0, {str(TASK.parent)!r})
-import tensorflow as tf
-from multi_worker_task import main
-from keras_parallel.data_parallel.collective_timeout import explain_timeout
-try:
-    main(sys.argv[1:])
-except tf.errors.DeadlineExceededError as error:
-    print(explain_timeout(error), file=sys.stderr, flush=True)
-    sys.exit(7)
-"""
-
-
-def test_collectives_time_out_without_the_launcher(tmp_path):
-    # The launcher does not judge (--timeout 0): worker 0's own collective
-    # gives up after 3 s while worker 1 sleeps in a callback.
-    script = tmp_path / "explained.py"
-    script.write_text(EXPLAINED)
+def test_without_the_launcher_a_waiting_worker_names_the_stalled_one(tmp_path):
+    # The launcher does not judge (--timeout 0): worker 0, inside its 4th
+    # step for 3 s, reads worker 1's step counts from TensorFlow's
+    # coordination service and fails its step naming it.
     done = _launch(
         tmp_path / "out",
         *("--stall-at", "1:0:2", "--collective-timeout", "3"),
         options=("--timeout", "0"),
-        task=script,
     )
-    assert done.returncode == 7, done.stderr[-3000:]
-    assert "keras-parallel launch: worker 0 exited with code 7" in done.stderr
-    explained = [
-        line for line in done.stderr.splitlines() if "collective_timeout" in line
-    ]
-    assert len(explained) == 1, done.stderr[-3000:]
-    assert explained[0].startswith("[worker 0] A collective of this worker's step (")
-    assert "waited longer than DataParallel's collective_timeout" in explained[0]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "keras-parallel launch: worker 0 exited with code 1" in done.stderr
+    failed = [line for line in done.stderr.splitlines() if "keras_parallel: " in line]
+    assert len(failed) == 1 and failed[0].startswith("[worker 0] "), done.stderr
+    assert (
+        "keras_parallel: worker 0 waited 3 s inside step 4 for the other workers "
+        "(DataParallel's collective_timeout). Behind it: worker 1 "
+        "(/job:worker/replica:0/task:1), not inside a step (last completed step 3)."
+    ) in failed[0]
 
 
 @pytest.mark.parametrize("seconds", [0, -1, "60", True])
