@@ -103,13 +103,13 @@ def launch(
 
     A worker that stops making progress (asleep in a callback, stuck in a
     file system call) leaves the others waiting inside their next step. A
-    keras_parallel strategy in each worker reports the steps it begins and
-    finishes to the launcher; when somebody waits inside a step and no
+    `keras_parallel.DataParallel` in each worker reports the steps it begins
+    and finishes to the launcher; when somebody waits inside a step and no
     worker's count changed for `timeout` seconds, the launcher names the
     worker furthest behind and its last completed step, has every worker
     print its Python stacks (SIGUSR1, `faulthandler`) to its stderr, and
     stops the workers (or restarts them, as for a death). Workers whose
-    script makes no keras_parallel strategy are never judged stalled.
+    script makes no DataParallel are never judged stalled.
 
     With parameter servers (`num_ps`), training is asynchronous: a worker
     that dies or stalls is reported and the others go on (with restarts left
