@@ -12,13 +12,16 @@ say who did not come. Instead, each worker's step counts
 they change (at most once a second); a worker that has waited inside one step
 for `collective_timeout` seconds reads everyone's, names the workers behind
 it, and aborts its collectives with that message, as
-`MultiWorkerMirroredStrategy`'s health check does for a lost peer.
+`MultiWorkerMirroredStrategy`'s health check does for a lost peer. The
+package's `sys.excepthook` reports the step's error as a `StalledWorkerError`
+with that message.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import tensorflow as tf
 
@@ -27,11 +30,35 @@ from keras_parallel._tf_internal import (
     get_shared_value,
     put_shared_value,
 )
+from keras_parallel.error_reports import add_explainer
 from keras_parallel.progress import Progress
 
 _KEY = "keras_parallel/step_progress"
+# How the abort message starts, and TensorFlow's words around it.
+_MARKER = "keras_parallel: worker "
+_MESSAGE = re.compile(re.escape(_MARKER) + r"\d+ waited [^\n]*?for ever\.")
 _PUBLISH_INTERVAL_SECONDS = 1.0
 _READ_TIMEOUT_SECONDS = 1.0
+
+
+class StalledWorkerError(RuntimeError):
+    """A step waited longer than `collective_timeout` for other workers."""
+
+
+def report_stalled_workers() -> None:
+    """Makes Python report the step that a `CollectiveWatch` ended as a
+    `StalledWorkerError` with the watch's message (asked before the lost
+    workers' explainer, which takes every timed-out collective for a lost
+    peer)."""
+    add_explainer(_explain)
+
+
+def _explain(error: BaseException) -> StalledWorkerError | None:
+    if isinstance(error, tf.errors.DeadlineExceededError):
+        found = _MESSAGE.search(error.message or "")
+        if found:
+            return StalledWorkerError(found[0].removeprefix("keras_parallel: "))
+    return None
 
 
 class CollectiveWatch:
@@ -102,7 +129,7 @@ class CollectiveWatch:
         last = min([own.behind, *(p.behind for p in states.values())])
         behind = [i for i, p in states.items() if p.behind == last]
         head = (
-            f"keras_parallel: worker {self.worker} waited "
+            f"{_MARKER}{self.worker} waited "
             f"{self.timeout:g} s inside step {own.started} for the other "
             f"workers (DataParallel's collective_timeout). "
         )

@@ -28,7 +28,10 @@ from keras_parallel._tf_internal import (
     worker_id,
 )
 from keras_parallel.collective_saves import every_worker_is_saving
-from keras_parallel.data_parallel.collective_watch import CollectiveWatch
+from keras_parallel.data_parallel.collective_watch import (
+    CollectiveWatch,
+    report_stalled_workers,
+)
 from keras_parallel.data_parallel.engine import DataParallelEngine
 from keras_parallel.data_parallel.file_collisions import (
     explain_lock_errors,
@@ -206,6 +209,7 @@ class MultiWorkerExtended(DataParallelEngine, CollectiveAllReduceExtended):
         wait_for_all_workers(
             f"keras_parallel/strategy/{next(_CREATIONS)}", STRATEGY_TIMEOUT_SECONDS
         )
+        report_stalled_workers()
         report_lost_workers()
         explain_lock_errors()
         self._collective_watch = CollectiveWatch(
