@@ -20,7 +20,12 @@ from collections.abc import Sequence
 
 from keras_parallel.launch_supervision import Supervisor
 from keras_parallel.launch_tasks import Task
-from keras_parallel.progress import PROGRESS_FILE, RESTART_COUNT, ProgressWatch
+from keras_parallel.progress import (
+    PROGRESS_FILE,
+    RESTART_COUNT,
+    STALL_TIMEOUT,
+    ProgressWatch,
+)
 from keras_parallel.worker_process import PrivateNetwork, worker_command
 
 NETWORKS = ("private", "host")
@@ -203,6 +208,7 @@ def launch(
             ),
             "PYTHONUNBUFFERED": "1",
             RESTART_COUNT: str(task.starts),
+            STALL_TIMEOUT: str(timeout),
         }
         if task.job == "worker":
             env[PROGRESS_FILE] = os.path.join(folder, f"worker_{task.index}")

@@ -27,6 +27,9 @@ PROGRESS_FILE = "KERAS_PARALLEL_PROGRESS_FILE"
 # The number of times the launcher started this task before (0 at first), as
 # torchrun's TORCHELASTIC_RESTART_COUNT.
 RESTART_COUNT = "KERAS_PARALLEL_RESTART_COUNT"
+# The launcher's `--timeout`, for waits a worker judges itself: a
+# ParameterServer meeting names a live worker absent this long as stalled.
+STALL_TIMEOUT = "KERAS_PARALLEL_STALL_TIMEOUT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,9 @@ class Progress:
 
     started: int = 0
     completed: int = 0
+    # Waiting for the other workers outside a step (a ParameterServer
+    # meeting): not stalled itself.
+    waiting: bool = False
 
     @property
     def in_step(self) -> bool:
@@ -46,6 +52,8 @@ class Progress:
             if self.completed
             else "no step completed yet"
         )
+        if self.waiting:
+            return f"waiting for the other workers ({done})"
         if self.in_step:
             return f"inside step {self.started} ({done})"
         return f"not inside a step ({done})"
@@ -60,7 +68,7 @@ def write_progress(path: str, progress: Progress) -> None:
     """Replaces the file at `path` whole (the launcher never reads half)."""
     partial = f"{path}.partial"
     with open(partial, "w") as file:
-        file.write(f"{progress.started} {progress.completed}\n")
+        file.write(f"{progress.started} {progress.completed} {int(progress.waiting)}\n")
     os.replace(partial, path)
 
 
@@ -68,10 +76,10 @@ def read_progress(path: str) -> Progress | None:
     """The progress in `path`, or None before the worker's strategy exists."""
     try:
         with open(path) as file:
-            started, completed = map(int, file.read().split())
+            started, completed, waiting = map(int, file.read().split())
     except (FileNotFoundError, ValueError):
         return None
-    return Progress(started, completed)
+    return Progress(started, completed, bool(waiting))
 
 
 class ProgressWatch:
@@ -117,11 +125,25 @@ class ProgressWatch:
             return []
         running = list(running)
         if self.independent:
-            running = [i for i in running if self.quiet_for(i, now) >= self.timeout]
-        elif any(self.quiet_for(i, now) < self.timeout for i in running):
+            return self._stalled_alone(running, now)
+        if any(self.quiet_for(i, now) < self.timeout for i in running):
             return []
         if not any((self.progress(i) or Progress()).in_step for i in running):
             return []  # nobody waits: preparing data, saving, evaluating...
         behind = {i: (self.progress(i) or Progress()).behind for i in running}
         last = min(behind.values())
         return [i for i in running if behind[i] == last]
+
+    def _stalled_alone(self, running: list[int], now: float) -> list[int]:
+        """Parameter-server workers wait for each other only in meetings: a
+        quiet worker is stalled when it is stuck inside a step, or outside
+        one (a callback, its input) while another waits for it."""
+        states = {i: self.progress(i) or Progress() for i in running}
+        someone_waits = any(state.waiting for state in states.values())
+        return [
+            i
+            for i, state in states.items()
+            if self.quiet_for(i, now) >= self.timeout
+            and not state.waiting
+            and (state.in_step or someone_waits)
+        ]

@@ -38,9 +38,21 @@ class StepCounter:
         with tf.init_scope(), tf.device(device):
             self.started = tf.Variable(0, dtype=tf.int64, trainable=False)
             self.completed = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self._waiting = False
 
     def read(self) -> Progress:
-        return Progress(int(self.started.numpy()), int(self.completed.numpy()))
+        return Progress(
+            int(self.started.numpy()), int(self.completed.numpy()), self._waiting
+        )
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Inside the block this worker waits for the others (not a step)."""
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def counting(self, run):
         """Runs `run()` (which traces or runs one step) and returns its
@@ -136,6 +148,7 @@ class _Monitor(threading.Thread):
             total = Progress(
                 self._before.started + now.started,
                 self._before.completed + now.completed,
+                now.waiting,
             )
             listeners = list(self.listeners.values())
         for listener in listeners:

@@ -6,6 +6,8 @@ talking to each other (a worker's client connects to the ps tasks only).
 
 from __future__ import annotations
 
+import math
+import os
 import time
 
 import tensorflow as tf
@@ -14,14 +16,19 @@ from keras_parallel.parameter_server.liveness import (
     ARRIVALS,
     BEATS,
     GONE,
+    UPDATES,
     Attendance,
     Heartbeat,
     Roll,
     worker_timeout,
 )
 from keras_parallel.parameter_server.variables import POLL_SECONDS, shared_variable
+from keras_parallel.progress import STALL_TIMEOUT
 
 MEETING_TIMEOUT_SECONDS = 600
+# Under the launcher a meeting waits this much longer than its stall timeout,
+# so that the launcher, which sees every worker, reports a stall first.
+LAUNCHER_FIRST_SECONDS = 60
 # ResourceCountUpTo stops at a limit; ours is never reached.
 _NO_LIMIT = 2**62
 
@@ -60,9 +67,12 @@ class Meetings:
         self.heartbeat = Heartbeat(self.roll, updates, min(1.0, timeout / 5))
         self.heartbeat.start()
 
-    def meet(self, what: str, timeout: float = MEETING_TIMEOUT_SECONDS) -> None:
+    def meet(self, what: str, timeout: float | None = None) -> None:
         """Returns once every other worker still running has arrived here as
-        often as this one."""
+        often as this one; a worker alive but absent for `timeout` seconds
+        (None: `keras-parallel launch --timeout`, else
+        `MEETING_TIMEOUT_SECONDS`) is a stall, and raises."""
+        timeout = meeting_timeout() if timeout is None else timeout
         self.count += 1
         self.roll.write({ARRIVALS: self.count})
         deadline = time.monotonic() + timeout
@@ -77,12 +87,28 @@ class Meetings:
             if not missing:
                 return
             if time.monotonic() > deadline:
+                done = ", ".join(
+                    f"worker {j} after {rows[j][UPDATES]} updates" for j in missing
+                )
                 raise TimeoutError(
-                    f"Worker(s) {missing} did not reach {what} (meeting "
+                    f"Stalled: {done} did not reach {what} (meeting "
                     f"{self.count}) within {timeout:.0f} s, and still beat "
-                    "(or never started)."
+                    "(or never started): alive but making no progress, e.g. "
+                    "blocked in a callback or its input pipeline."
                 )
             time.sleep(POLL_SECONDS)
+
+
+def meeting_timeout() -> float:
+    """How long a meeting waits for a live worker: `MEETING_TIMEOUT_SECONDS`;
+    under `keras-parallel launch --timeout S`, which judges stalls itself
+    (and names the stalled worker), S plus a minute, or for ever with
+    `--timeout 0`."""
+    given = os.environ.get(STALL_TIMEOUT)
+    if given is None:
+        return MEETING_TIMEOUT_SECONDS
+    seconds = float(given)
+    return seconds + LAUNCHER_FIRST_SECONDS if seconds > 0 else math.inf
 
 
 class UpdateCounter:

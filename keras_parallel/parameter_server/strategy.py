@@ -3,6 +3,7 @@ variables on parameter-server tasks."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import tensorflow as tf
@@ -17,6 +18,7 @@ from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
 from keras_parallel.parameter_server.lost_ps import watch_ps_tasks
 from keras_parallel.parameter_server.variables import BytePlacer, shared_variable
 from keras_parallel.specialize import keras_step, reachable, specialized
+from keras_parallel.step_progress import step_counter
 
 # Strategies made in this process, numbered alike on every worker (they run
 # the same script), so their variables' shared names agree.
@@ -138,6 +140,9 @@ class ParameterServerExtended(OneDeviceExtended):
         self._step_updates = None
         self._partitioner = variable_partitioner
         self.found_variables = self.worker_index != 0
+        # Steps and meetings counted for `keras-parallel launch`, which names
+        # a worker that makes no progress while another waits for it.
+        self.step_counter = step_counter(self.worker_device)
 
     def _create_variable(self, next_creator, **kwargs):
         colocate_with = kwargs.pop("colocate_with", None)
@@ -212,7 +217,7 @@ class ParameterServerExtended(OneDeviceExtended):
                 "cardinality."
             )
         distributed = super()._experimental_distribute_dataset(dataset, options)
-        return _MeetingDataset(distributed, self.meetings)
+        return _MeetingDataset(distributed, self.meetings, self.step_counter)
 
     def _own_piece(self, batch):
         """Rows [i*b/n, (i+1)*b/n) of every tensor of a batch of b rows, on
@@ -227,6 +232,11 @@ class ParameterServerExtended(OneDeviceExtended):
     def _call_for_each_replica(self, fn, args, kwargs):
         if tf.executing_eagerly():
             return super()._call_for_each_replica(fn, args, kwargs)
+        if self.step_counter is None:
+            return self._traced_step(fn, args, kwargs)
+        return self.step_counter.counting(lambda: self._traced_step(fn, args, kwargs))
+
+    def _traced_step(self, fn, args, kwargs):
         lookups = partitioned.partitioned_lookups(reachable(fn, args))
         with specialized(lookups, partitioned.PartitionedLookup):
             step = keras_step(fn)
@@ -285,12 +295,18 @@ class _MeetingDataset:
     over it: Keras starts one at each epoch of `fit` (and starts the next as
     the last step of an epoch ends), and in `evaluate` and `predict`."""
 
-    def __init__(self, distributed, meetings: Meetings) -> None:
+    def __init__(self, distributed, meetings: Meetings, counter) -> None:
         self._distributed = distributed
         self._meetings = meetings
+        self._counter = counter
 
     def __iter__(self):
-        self._meetings.meet("the start of a pass over the data")
+        waiting = contextlib.nullcontext()
+        if self._counter is not None:
+            # The launcher sees this worker waiting, not stalled.
+            waiting = self._counter.waiting()
+        with waiting:
+            self._meetings.meet("the start of a pass over the data")
         return iter(self._distributed)
 
     def __getattr__(self, name):

@@ -16,7 +16,8 @@ epoch E), `--hold-at E` (after epoch E, wait until `OUT/rejoined` exists),
 E:B` (create `OUT/ready_<i>` before batch B of epoch E), `--slow S` (sleep S
 seconds before each batch), `--backup DIR` (keras_parallel's
 BackupAndRestore), `--swallow` (catch the error that ends `fit`, then
-block). Warnings are printed with the time they were issued.
+block), `--stall W:E` (worker W sleeps in `on_epoch_end` of epoch E).
+Warnings are printed with the time they were issued.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class Faults(keras.callbacks.Callback):
             time.sleep(args.slow)
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.args.stall and at(self.args.stall) == (
+            self.strategy.worker_index,
+            epoch,
+        ):
+            print(f"stalling after epoch {epoch}", flush=True)
+            time.sleep(120)
         if self.args.hold_at is not None and epoch == self.args.hold_at:
             deadline = time.monotonic() + 120
             while not (self.args.out / "rejoined").exists():
@@ -131,6 +138,7 @@ def main():
     parser.add_argument("--slow", type=float, default=0.0)
     parser.add_argument("--backup")
     parser.add_argument("--swallow", action="store_true")
+    parser.add_argument("--stall")
     args = parser.parse_args()
     warnings.showwarning = stamped
     import keras_parallel

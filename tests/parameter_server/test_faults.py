@@ -260,3 +260,41 @@ def test_backup_and_restore_resumes_after_the_ps_is_killed(tmp_path):
     assert max_difference(saved_weights(result), model.get_weights()) <= 1e-5
     np.testing.assert_allclose(result["loss"], history.history["loss"][2:], rtol=1e-5)
     print(f"\nps killed -> the one worker ended: {ended:.1f} s")
+
+
+def test_launcher_names_a_worker_asleep_in_a_callback(tmp_path):
+    # Worker 1 sleeps at the end of epoch 0; worker 0 trains epoch 1 alone
+    # and then waits for it in the meeting that starts epoch 2. The launcher
+    # stops worker 1; worker 0, whose meeting drops it, finishes alone.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["KERAS_PARALLEL_PS_WORKER_TIMEOUT"] = "2"
+    done = subprocess.run(
+        [sys.executable, "-m", "keras_parallel", "launch", "--ps", "1", "-n", "2"]
+        + ["--timeout", "5", str(TASK), str(tmp_path), "mlp", "--stall", "1:0"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[worker 1] stalling after epoch 0" in done.stdout
+    reports = [
+        line for line in done.stderr.splitlines() if line.startswith("keras-parallel")
+    ]
+    assert re.fullmatch(
+        r"keras-parallel launch: worker 1 is stalled: no progress for \d+ s, not "
+        r"inside a step \(last completed step \d+\)\.",
+        reports[0],
+    ), reports
+    assert reports[1:] == [
+        "keras-parallel launch: the Python stacks of worker 1 follow (SIGUSR1).",
+        "keras-parallel launch: worker 1 stalled; the other workers go on "
+        "(parameter-server training is asynchronous).",
+        "keras-parallel launch: the other workers finished; lost: worker 1.",
+    ], reports
+    assert any(
+        line.startswith("[worker 1]   File") and "in on_epoch_end" in line
+        for line in done.stderr.splitlines()
+    ), done.stderr[-3000:]
+    assert dict(np.load(tmp_path / "worker_0.npz"))["epochs"].tolist() == [0, 1, 2]
