@@ -42,6 +42,8 @@ BATCH, EPOCHS = 128, 4
 PS_TASKS = 2
 WORKERS = (2, 4)
 STRATEGIES = ("ParameterServer", "DataParallel")
+ATTEMPTS = 3
+LAUNCHER = "keras-parallel launch: "
 
 
 def run_task(strategy_name: str, seed: int, out: str) -> None:
@@ -107,19 +109,43 @@ def run_task(strategy_name: str, seed: int, out: str) -> None:
         json.dump(found, f)
 
 
-def measure(strategy_name: str, workers: int, seed: int, folder: str) -> list[dict]:
-    """What each worker of one fresh job measured."""
-    out = tempfile.mkdtemp(dir=folder)
-    script = [os.path.abspath(__file__), "--task", strategy_name, str(seed), out]
+def measure(
+    strategy_name: str, workers: int, seed: int, folder: str, failures: list[dict]
+) -> list[dict]:
+    """What each worker of one fresh job measured. A job that fails is run
+    again (at most `ATTEMPTS` times in all), and its failure is added to
+    `failures`, with what the launcher said of it."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    if strategy_name == "one device":
-        command = [sys.executable, *script]
+    for _ in range(ATTEMPTS):
+        out = tempfile.mkdtemp(dir=folder)
+        script = [os.path.abspath(__file__), "--task", strategy_name, str(seed), out]
+        if strategy_name == "one device":
+            command = [sys.executable, *script]
+        else:
+            ps = PS_TASKS if strategy_name == "ParameterServer" else 0
+            command = [sys.executable, "-m", "keras_parallel", "launch"]
+            command += ["--ps", str(ps), "-n", str(workers), *script]
+        done = subprocess.run(
+            command, env=env, timeout=1800, stderr=subprocess.PIPE, text=True
+        )
+        if done.returncode == 0:
+            break
+        print(done.stderr[-5000:], file=sys.stderr, flush=True)
+        said = [
+            line.removeprefix(LAUNCHER)
+            for line in done.stderr.splitlines()
+            if line.startswith(LAUNCHER)
+        ]
+        failures.append(
+            {
+                "setup": f"{strategy_name} x {workers}",
+                "seed": seed,
+                "launcher": said[-1] if said else f"exit status {done.returncode}",
+            }
+        )
     else:
-        ps = PS_TASKS if strategy_name == "ParameterServer" else 0
-        command = [sys.executable, "-m", "keras_parallel", "launch", "--ps", str(ps)]
-        command += ["-n", str(workers), *script]
-    subprocess.run(command, check=True, env=env, timeout=1800)
+        raise RuntimeError(f"{strategy_name} x {workers} failed {ATTEMPTS} times")
     found = []
     for index in range(workers if strategy_name == "ParameterServer" else 1):
         with open(os.path.join(out, f"worker_{index}.json")) as f:
@@ -172,14 +198,18 @@ def main() -> None:
         run_task(strategy_name, int(seed), out)
         return
 
-    rounds, one_device = [], []
+    rounds, one_device, failures = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         for seed in range(args.seeds):
-            one_device.append(measure("one device", 1, seed, folder)[0]["accuracy"])
+            one_device.append(
+                measure("one device", 1, seed, folder, failures)[0]["accuracy"]
+            )
             # Rotate which setup goes first, against slow spells.
             setups = [(s, n) for n in WORKERS for s in STRATEGIES]
             setups = setups[seed % len(setups) :] + setups[: seed % len(setups)]
-            rounds.append({(s, n): measure(s, n, seed, folder) for s, n in setups})
+            rounds.append(
+                {(s, n): measure(s, n, seed, folder, failures) for s, n in setups}
+            )
             print(
                 f"seed {seed}: one device {one_device[-1]:.3f}; "
                 + "; ".join(
@@ -201,6 +231,7 @@ def main() -> None:
                 "seeds": args.seeds,
                 "one_device_accuracies": ", ".join(f"{a:.3f}" for a in one_device),
             },
+            "failures": failures,
             "one_device_accuracies": one_device,
             "rows": [row(n, rounds, one_device) for n in WORKERS],
         },

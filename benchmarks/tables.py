@@ -112,7 +112,8 @@ def _per_seed(spec: str, relative: bool) -> Callable:
 
 def _list(key: str, spec: str) -> Callable:
     def cell(row, rows, settings):
-        return ", ".join(format(value, spec) for value in row[key])
+        # + 0.0: a difference that rounds to zero shows as +0.000, not -0.000.
+        return ", ".join(format(round(value, 3) + 0.0, spec) for value in row[key])
 
     return cell
 
@@ -509,8 +510,17 @@ TABLES = {
             "{epochs}; the setups take turns, round k training seed k, and a ratio "
             "is the median of the per-round ratios (listed), so not the ratio of "
             "the medians shown. Every process (worker or ps) runs one thread; all "
-            "share this machine's 2 cores, on loopback."
+            "share this machine's 2 cores, on loopback. Jobs that failed and were "
+            "run again: {failures}."
         ),
+        settings=lambda data: {
+            **data["settings"],
+            "failures": "; ".join(
+                f"{f['setup']}, seed {f['seed']} ({f['launcher']})"
+                for f in data["failures"]
+            )
+            or "none",
+        },
     ),
     "compatibility": Table(
         source="compatibility.json",
