@@ -46,17 +46,3 @@ def run_python(code: str, timeout: float = 300, env: dict | None = None):
         timeout=timeout,
         env=full_env,
     )
-
-
-def launch(script, *args, workers: int, ps: int = 0, timeout: float = 240):
-    """Runs `script args` on a local cluster of `workers` workers and `ps`
-    parameter-server tasks (`keras-parallel launch`); the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    return subprocess.run(
-        [sys.executable, "-m", "keras_parallel", "launch", "--ps", str(ps)]
-        + ["-n", str(workers), str(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**env, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )

@@ -5,8 +5,8 @@ seed after seed, and both workers end with the same variables."""
 import pathlib
 
 from accuracy_task import BATCH, EPOCHS, SEEDS, TRAIN, train
-from conftest import launch
-from transparency import max_difference, worker_results
+from ps_cluster import launch
+from transparency import max_difference
 
 TASK = pathlib.Path(__file__).with_name("accuracy_task.py")
 WORKERS = 2
@@ -18,9 +18,7 @@ def _weights(result: dict, seed: int) -> list:
 
 
 def test_two_ps_two_workers_reach_one_device_accuracy(tmp_path):
-    done = launch(TASK, tmp_path, workers=WORKERS, ps=2)
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = worker_results(tmp_path, WORKERS)
+    first, second = launch(TASK, tmp_path, WORKERS, 2)
     for seed in SEEDS:
         one_device, accuracy = train(seed)
         # Both workers read the variables once fit has ended: the same
