@@ -33,9 +33,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import tables
+from mlp import build_student, epoch_timer
 
 FEATURES, CLASSES, TRAIN, HELD_OUT = 32, 10, 16384, 4096
 BATCH, EPOCHS = 128, 4
@@ -67,27 +67,9 @@ def run_task(strategy_name: str, seed: int, out: str) -> None:
         strategy = tf.distribute.get_strategy()
     (x, y), (x_test, y_test) = teacher_task(TRAIN, HELD_OUT, seed, FEATURES, CLASSES)
     keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        model = keras.Sequential(
-            [
-                keras.Input((FEATURES,)),
-                keras.layers.Dense(128, activation="relu"),
-                keras.layers.Dense(128, activation="relu"),
-                keras.layers.Dense(CLASSES),
-            ]
-        )
-        model.compile(
-            keras.optimizers.Adam(1e-3),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+    model = build_student(strategy, FEATURES, CLASSES)
     times: list[float] = []
-    timer = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: times.append(time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: times.append(
-            time.perf_counter() - times.pop()
-        ),
-    )
+    timer = epoch_timer(times)
     model.fit(
         x,
         y,
