@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/sharding.py
 	$(VENV)/bin/python benchmarks/multi_worker.py
 	$(VENV)/bin/python benchmarks/local_sgd.py
+	$(VENV)/bin/python benchmarks/parameter_server.py
 	$(VENV)/bin/python benchmarks/compatibility.py
 
 # The site shows the notebooks' stored outputs: `make notebooks` runs them again

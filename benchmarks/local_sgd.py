@@ -28,6 +28,7 @@ import os
 import statistics
 
 import tables
+from mlp import build_student
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FEATURES, CLASSES, TRAIN, HELD_OUT = 32, 10, 16384, 4096
@@ -60,20 +61,7 @@ def train(setting: str, seed: int) -> dict:
     )
     (x, y), (x_test, y_test) = teacher_task(TRAIN, HELD_OUT, seed, FEATURES, CLASSES)
     keras.utils.set_random_seed(seed)
-    with strategy.scope():
-        model = keras.Sequential(
-            [
-                keras.Input((FEATURES,)),
-                keras.layers.Dense(128, activation="relu"),
-                keras.layers.Dense(128, activation="relu"),
-                keras.layers.Dense(CLASSES),
-            ]
-        )
-        model.compile(
-            keras.optimizers.Adam(1e-3),
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+    model = build_student(strategy, FEATURES, CLASSES)
     model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
     stats = strategy.communication_stats()
     steps = EPOCHS * TRAIN // BATCH

@@ -49,3 +49,42 @@ def build_square_mlp(strategy, depth: int, width: int):
         )
         model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse")
     return model
+
+
+def build_student(strategy, features: int, classes: int):
+    """The student MLP of the teacher task (`keras_parallel.demo.teacher_task`):
+    2 x Dense(128, relu) on `features` inputs, `classes` logits, Adam (1e-3),
+    sparse cross-entropy and accuracy, built and compiled in `strategy`'s
+    scope (seed Keras first)."""
+    import keras
+
+    with strategy.scope():
+        model = keras.Sequential(
+            [
+                keras.Input((features,)),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(classes),
+            ]
+        )
+        model.compile(
+            keras.optimizers.Adam(1e-3),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    return model
+
+
+def epoch_timer(times: list):
+    """A callback that appends each epoch's seconds to `times`, from
+    `on_epoch_begin` to `on_epoch_end`."""
+    import time
+
+    import keras
+
+    return keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: times.append(time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: times.append(
+            time.perf_counter() - times.pop()
+        ),
+    )

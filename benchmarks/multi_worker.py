@@ -23,10 +23,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import tables
-from mlp import SAMPLES, build_mlp, make_data
+from mlp import SAMPLES, build_mlp, epoch_timer, make_data
 
 BATCH = 256
 SHAPES = ((2, 1024), (8, 256))
@@ -41,7 +40,6 @@ def run_setup(
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
-    import keras
 
     import keras_parallel
 
@@ -52,12 +50,7 @@ def run_setup(
     x, y = make_data()
     model = build_mlp(strategy, depth, width)
     times: list[float] = []
-    timer = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: times.append(time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: times.append(
-            time.perf_counter() - times.pop()
-        ),
-    )
+    timer = epoch_timer(times)
     model.fit(x, y, batch_size=BATCH, epochs=epochs + 1, verbose=0, callbacks=[timer])
     if getattr(strategy, "worker_index", 0) == 0:
         with open(out, "w") as f:

@@ -110,6 +110,14 @@ def _per_seed(spec: str, relative: bool) -> Callable:
     return cell
 
 
+def _list(key: str, spec: str) -> Callable:
+    def cell(row, rows, settings):
+        # + 0.0: a difference that rounds to zero shows as +0.000, not -0.000.
+        return ", ".join(format(round(value, 3) + 0.0, spec) for value in row[key])
+
+    return cell
+
+
 def _order(row: dict, index: int) -> str:
     """A device's micro-batch forwards (F) and backwards (B) in time order."""
     device = sorted(row["devices"])[index]
@@ -471,6 +479,48 @@ TABLES = {
             "epoch, Adam."
         ),
         settings=lambda data: {"batch": data["batch"], "samples": data["samples"]},
+    ),
+    "parameter_server": Table(
+        source="parameter_server.json",
+        columns={
+            "workers": _text("workers"),
+            "ParameterServer − one device, held-out accuracy per seed": _list(
+                "ps_minus_one_device", "+.3f"
+            ),
+            "DataParallel − one device": _list("dp_minus_one_device", "+.3f"),
+            "staleness mean / max": lambda row, rows, settings: (
+                f"{row['mean_staleness']:.2f} / {row['max_staleness']}"
+            ),
+            "ParameterServer samples/s": _num(",.0f", "ps_samples_per_second"),
+            "DataParallel samples/s": _num(",.0f", "dp_samples_per_second"),
+            "ParameterServer / DataParallel": _num(".2f", "ps_over_dp"),
+            "per-round ratios": _list("ratios", ".2f"),
+        },
+        note=(
+            "How computed: {ps_tasks} ps tasks and n workers against synchronous "
+            "`DataParallel` on the same n launched workers; {epochs} epochs of "
+            "global batch {batch} over {train_samples} samples, held-out accuracy "
+            "on {held_out_samples} samples, one fresh job per setup and seed "
+            "({seeds} seeds; one device's accuracy per seed: "
+            "{one_device_accuracies}). Staleness: the other workers' updates "
+            "applied between a worker's read of the variables and its own update "
+            "(`strategy.staleness()`), the mean over a job's updates (median over "
+            "the seeds) and the largest of all. Samples/s: the job's training "
+            "samples of an epoch over worker 0's median time of epochs 2 to "
+            "{epochs}; the setups take turns, round k training seed k, and a ratio "
+            "is the median of the per-round ratios (listed), so not the ratio of "
+            "the medians shown. Every process (worker or ps) runs one thread; all "
+            "share this machine's 2 cores, on loopback. Jobs that failed and were "
+            "run again: {failures}."
+        ),
+        settings=lambda data: {
+            **data["settings"],
+            "failures": "; ".join(
+                f"{f['setup']}, seed {f['seed']} ({f['launcher']})"
+                for f in data["failures"]
+            )
+            or "none",
+        },
     ),
     "compatibility": Table(
         source="compatibility.json",
