@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -75,7 +76,13 @@ class ParameterServer(tf.distribute.Strategy):
     ```
     """
 
-    def __init__(self, cluster_resolver=None, *, variable_partitioner=None):
+    def __init__(
+        self,
+        cluster_resolver: tf.distribute.cluster_resolver.ClusterResolver | None = None,
+        *,
+        variable_partitioner: Callable[[tf.TensorShape, tf.DType], list[int]]
+        | None = None,
+    ):
         row_ranges.check_partitioner(variable_partitioner)
         resolver = cluster.resolve_ps_cluster(cluster_resolver)
         if resolver.task_type == cluster.PS_JOB:
