@@ -22,6 +22,14 @@ from collections.abc import Callable, Iterable, Sequence
 from keras_parallel.launch_tasks import Task, describe_exit, exit_code, stop
 from keras_parallel.progress import ProgressWatch
 
+# A ps task serves inside `ParameterServer()`, which never returns there; one
+# that ended by itself ran a script that never made that strategy.
+NO_PARAMETER_SERVER = (
+    "a ps task serves the variables from inside keras_parallel.ParameterServer(), "
+    "which does not return there, so the script never created one (--ps is for "
+    "ParameterServer only). Create the strategy with "
+    "`keras_parallel.ParameterServer()`, or launch without --ps."
+)
 # The launcher's exit code for a stalled job, as `timeout(1)`'s.
 STALL_EXIT_CODE = 124
 _POLL_INTERVAL = 0.1
@@ -91,6 +99,11 @@ class Supervisor:
             what = f"{task.name} {describe_exit(code)}"
             if task.job == "worker" and code == 0:
                 continue
+            if task.job == "ps" and code == 0:
+                # Stopped by us it would have died by a signal.
+                self._say(f"{what}: {NO_PARAMETER_SERVER}")
+                self._stop(self.tasks, signal.SIGTERM)
+                return exit_code(code)
             if task.job == "ps" and self._workers_done():
                 continue  # stopped with the workers, or about to be
             if task.job == "worker" and self.watch.independent:

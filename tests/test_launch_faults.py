@@ -177,6 +177,22 @@ time.sleep({LONG_SLEEP})
         assert_gone(int((tmp_path / f"worker {index}").read_text()))
 
 
+def test_a_script_without_parameter_server_under_ps_is_named(tmp_path):
+    # No strategy at all: every task, the ps too, runs the script to its end.
+    result = launch_script(
+        tmp_path,
+        f"""
+if job == "worker":
+    time.sleep({LONG_SLEEP})
+""",
+        *("-n", "2", "--ps", "1"),
+    )
+    assert result.returncode == 1, result.stderr
+    (report,) = reports(result)
+    assert report.startswith("ps 0 exited with code 0: a ps task serves the variables")
+    assert "never created one" in report and "launch without --ps" in report
+
+
 # Worker 1 finished 3 steps and sleeps between steps (in a callback); worker
 # 0 waits inside step 4 for it.
 STALL_SCRIPT = f"""
