@@ -85,7 +85,7 @@ def run_task(strategy_name: str, seed: int, out: str) -> None:
         "samples_per_second": TRAIN / statistics.median(times[1:]),
     }
     if strategy_name == "ParameterServer":
-        found.update(strategy.staleness())
+        found.update(strategy.communication_stats())
     index = getattr(strategy, "worker_index", 0)
     with open(os.path.join(out, f"worker_{index}.json"), "w") as f:
         json.dump(found, f)

@@ -35,7 +35,7 @@ class ParameterServer(tf.distribute.Strategy):
     the ps tasks, placed to balance bytes. In `fit`, each worker takes its
     own piece of every batch, computes its gradient and applies the update on the ps
     tasks without waiting for the other workers; the update count and each
-    update's staleness are in `staleness()`. Workers meet where a pass over
+    update's staleness are in `communication_stats()`. Workers meet where a pass over
     the data begins or ends (each epoch of `fit`, `evaluate`, `predict`), so
     every worker sees the same variables after `fit`.
 
@@ -105,14 +105,23 @@ class ParameterServer(tf.distribute.Strategy):
         there nothing to restore from a backup."""
         return self.extended.found_variables
 
-    def staleness(self) -> dict:
-        """This worker's updates and their staleness so far.
+    def communication_stats(self) -> dict:
+        """This worker's updates of the shared variables so far, and their
+        staleness (`keras_parallel.callbacks.CommunicationMonitor` logs the
+        staleness each epoch).
 
         Returns:
             A dict: `updates` (this worker's), `mean_staleness` and
             `max_staleness` (other workers' updates applied between one of
             this worker's reads and its update), `total_updates` (all
             workers').
+
+        Example:
+
+        ```python
+        model.fit(x, y, epochs=3)
+        strategy.communication_stats()["mean_staleness"]  # 0.0 on one worker
+        ```
         """
         return self.extended.updates.stats()
 

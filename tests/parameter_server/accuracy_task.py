@@ -71,7 +71,7 @@ def main() -> None:
         found[f"accuracy_{seed}"] = np.array(accuracy)
         for i, weight in enumerate(model.get_weights()):
             found[f"weights_{seed}_{i}"] = weight
-    stats = strategy.staleness()
+    stats = strategy.communication_stats()
     print("staleness", stats, flush=True)
     found.update({k: np.array(v) for k, v in stats.items()})
     np.savez(args.out / f"worker_{strategy.worker_index}.npz", **found)

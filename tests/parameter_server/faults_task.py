@@ -69,7 +69,7 @@ class Faults(keras.callbacks.Callback):
             ready = args.out / f"ready_{self.strategy.worker_index}"
             ready.write_text(str(time.time()))
         if args.die_at and where == at(args.die_at):
-            updates = self.strategy.staleness()["updates"]
+            updates = self.strategy.communication_stats()["updates"]
             print(f"dying after {updates} updates at {time.time():.3f}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         if args.slow:
@@ -95,7 +95,7 @@ def count(strategy, faults, epochs):
     model.fit(
         x, y, batch_size=COUNT_BATCH, epochs=epochs, callbacks=[faults], verbose=0
     )
-    stats = strategy.staleness()
+    stats = strategy.communication_stats()
     return {
         "kernel": model.get_weights()[0],
         "updates": stats["updates"],

@@ -210,7 +210,7 @@ def main():
     trained = {
         "evaluated": np.array(model.evaluate(x, y, batch_size=BATCH, verbose=0)),
         "loss": np.array(history.history["loss"]),
-        **{k: np.array(v) for k, v in strategy.staleness().items()},
+        **{k: np.array(v) for k, v in strategy.communication_stats().items()},
     }
     weights = model.get_weights()
     if strategy.num_workers == 1:

@@ -44,12 +44,25 @@ def build():
 
 def train(strategy=None, epochs=2):
     x, y = data()
+    callbacks = []
     if strategy is None:
         model = build()
     else:
+        import keras_parallel
+
         with strategy.scope():
             model = build()
-    history = model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+        # Staleness in the logs of each epoch, as a user would watch it.
+        callbacks.append(keras_parallel.callbacks.CommunicationMonitor())
+    history = model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
     return model, history
 
 
@@ -130,7 +143,7 @@ def main():
     evaluated = model.evaluate(x, y, batch_size=BATCH, verbose=0)
     index = strategy.worker_index
     model.save(args.out / f"worker_{index}.keras")
-    stats = strategy.staleness()
+    stats = strategy.communication_stats()
     where = placement(strategy, model) if strategy.num_workers == 1 else {}
     counted = count_updates(strategy)
     print("staleness", stats, flush=True)
@@ -138,6 +151,9 @@ def main():
         args.out / f"worker_{index}.npz",
         *model.get_weights(),
         loss=np.array(history.history["loss"]),
+        logged_staleness=np.array(
+            [history.history["mean_staleness"], history.history["max_staleness"]]
+        ),
         evaluated=np.array(evaluated),
         **{k: np.array(v) for k, v in stats.items()},
         **where,

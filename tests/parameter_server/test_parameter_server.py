@@ -37,6 +37,8 @@ def test_one_worker_equals_one_device(tmp_path, reference):
     steps = EPOCHS * SAMPLES // BATCH
     assert int(result["updates"]) == int(result["total_updates"]) == steps
     assert int(result["max_staleness"]) == 0
+    # CommunicationMonitor logged it each epoch.
+    np.testing.assert_array_equal(result["logged_staleness"], np.zeros((2, EPOCHS)))
     # The variables and Adam's arithmetic live on the ps task; the forward
     # pass and the metrics stay on the worker.
     for name in ("model_variables", "optimizer_variables", "Sqrt"):
@@ -62,6 +64,9 @@ def test_two_workers_train_asynchronously_and_end_alike(tmp_path, reference):
     for result in (first, second):
         assert int(result["updates"]) == steps
         assert int(result["total_updates"]) == 2 * steps
+        # The last epoch's logs hold the staleness of all the worker's updates.
+        assert result["logged_staleness"][0][-1] == result["mean_staleness"]
+        assert result["logged_staleness"][1][-1] == result["max_staleness"]
     # No update is lost when both write one variable at once: each of the
     # 2 x 32 SGD steps of the counting model took exactly 0.5 off.
     for result in (first, second):
