@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tensorflow as tf
+
 
 def check_int(name: str, value, least: int) -> int:
     """Returns `value` if it is an integer >= `least` (bools are not), else
@@ -11,3 +13,15 @@ def check_int(name: str, value, least: int) -> int:
             f"`{name}` must be an integer >= {least}. Received: {name}={value!r}"
         )
     return value
+
+
+def check_cluster_resolver(cluster_resolver) -> None:
+    """Raises a TypeError naming `cluster_resolver` unless it is a
+    `tf.distribute.cluster_resolver.ClusterResolver`."""
+    if not isinstance(cluster_resolver, tf.distribute.cluster_resolver.ClusterResolver):
+        raise TypeError(
+            "`cluster_resolver` must be a "
+            "tf.distribute.cluster_resolver.ClusterResolver (e.g. "
+            "TFConfigClusterResolver or SimpleClusterResolver). Received: "
+            f"cluster_resolver={cluster_resolver!r}"
+        )

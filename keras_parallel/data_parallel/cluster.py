@@ -15,6 +15,7 @@ import socket
 import tensorflow as tf
 
 from keras_parallel._tf_internal import collective_server_started
+from keras_parallel._validation import check_cluster_resolver
 
 ENVIRONMENT_VARIABLE = "TF_CONFIG"
 # Jobs whose tasks train under a collective strategy; a chief is a worker
@@ -48,15 +49,8 @@ def resolve_cluster(
             return None
         parse_tf_config(text)
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    elif not isinstance(
-        cluster_resolver, tf.distribute.cluster_resolver.ClusterResolver
-    ):
-        raise TypeError(
-            "`cluster_resolver` must be a "
-            "tf.distribute.cluster_resolver.ClusterResolver (e.g. "
-            "TFConfigClusterResolver or SimpleClusterResolver). Received: "
-            f"cluster_resolver={cluster_resolver!r}"
-        )
+    else:
+        check_cluster_resolver(cluster_resolver)
     spec = cluster_resolver.cluster_spec().as_dict()
     _check_cluster(
         spec,

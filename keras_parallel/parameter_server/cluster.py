@@ -16,6 +16,8 @@ import os
 
 import tensorflow as tf
 
+from keras_parallel._validation import check_cluster_resolver
+
 PS_JOB = "ps"
 WORKER_JOB = "worker"
 EXAMPLE = (
@@ -51,15 +53,8 @@ def resolve_ps_cluster(
             )
         json.loads(os.environ["TF_CONFIG"])  # a clear JSON error first
         cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    elif not isinstance(
-        cluster_resolver, tf.distribute.cluster_resolver.ClusterResolver
-    ):
-        raise TypeError(
-            "`cluster_resolver` must be a "
-            "tf.distribute.cluster_resolver.ClusterResolver (e.g. "
-            "TFConfigClusterResolver or SimpleClusterResolver). Received: "
-            f"cluster_resolver={cluster_resolver!r}"
-        )
+    else:
+        check_cluster_resolver(cluster_resolver)
     jobs = cluster_resolver.cluster_spec().as_dict()
     for job in (PS_JOB, WORKER_JOB):
         if not jobs.get(job):
