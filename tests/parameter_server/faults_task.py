@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from ps_task import BATCH, build, counting_data, counting_model, data  # noqa: E402
+from ps_task import counting_data, counting_model, train  # noqa: E402
 
 COUNT_SAMPLES = 64
 COUNT_BATCH = 8
@@ -109,18 +109,7 @@ def mlp(strategy, faults, epochs, backup):
     callbacks = [faults]
     if backup:
         callbacks.append(keras_parallel.callbacks.BackupAndRestore(backup))
-    with strategy.scope():
-        model = build()
-    x, y = data()
-    history = model.fit(
-        x,
-        y,
-        batch_size=BATCH,
-        epochs=epochs,
-        shuffle=False,
-        verbose=0,
-        callbacks=callbacks,
-    )
+    model, history = train(strategy, epochs, callbacks)
     weights = {f"arr_{i}": w for i, w in enumerate(model.get_weights())}
     return {**weights, "loss": history.history["loss"], "epochs": faults.epochs}
 

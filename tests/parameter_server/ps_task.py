@@ -42,9 +42,9 @@ def build():
     return model
 
 
-def train(strategy=None, epochs=2):
+def train(strategy=None, epochs=2, callbacks=()):
     x, y = data()
-    callbacks = []
+    callbacks = list(callbacks)
     if strategy is None:
         model = build()
     else:
