@@ -8,6 +8,7 @@ scripts: tests/test_launch_faults.py)."""
 import re
 
 import pytest
+from test_launch_faults import reports as launcher_reports
 from test_multi_worker import TASK, _launch, _results, _weights, reference  # noqa: F401
 from transparency import devices
 from transparency import max_difference as _max_difference
@@ -28,14 +29,10 @@ def test_max_restarts_restarts_all_workers_and_the_backup_resumes(
     assert done.returncode == 0, done.stderr[-3000:]
     # Worker 1 left in the middle of epoch 2 (0-based), on the first attempt.
     assert "[worker 1] exiting at epoch 2, batch 1" in done.stdout
-    reports = [
-        line for line in done.stderr.splitlines() if line.startswith("keras-parallel")
-    ]
+    reports = launcher_reports(done)
     assert reports == [
-        "keras-parallel launch: worker 1 exited with code 3; stopping the other "
-        "workers.",
-        "keras-parallel launch: restart 1 of 2 (worker 1 exited with code 3): "
-        "starting all workers again.",
+        "worker 1 exited with code 3; stopping the other workers.",
+        "restart 1 of 2 (worker 1 exited with code 3): starting all workers again.",
     ]
     first, second = _results(tmp_path / "out")
     # Both were started again (they know it) and resumed after the last
@@ -53,20 +50,16 @@ def test_a_worker_asleep_in_a_callback_is_named_with_its_last_step(tmp_path):
     done = _launch(tmp_path, "--stall-at", "1:0:2", options=("--timeout", "5"))
     assert done.returncode == 124, done.stderr[-3000:]
     assert "[worker 1] stalling after epoch 0, batch 2" in done.stdout
-    reports = [
-        line for line in done.stderr.splitlines() if line.startswith("keras-parallel")
-    ]
+    reports = launcher_reports(done)
     assert re.fullmatch(
-        r"keras-parallel launch: worker 1 is stalled: no progress for \d+ s, not "
+        r"worker 1 is stalled: no progress for \d+ s, not "
         r"inside a step \(last completed step 3\)\.",
         reports[0],
     ), reports
     assert reports[1:] == [
-        "keras-parallel launch: worker 0 is waiting, inside step 4 (last "
-        "completed step 3).",
-        "keras-parallel launch: the Python stacks of worker 0, worker 1 follow "
-        "(SIGUSR1).",
-        "keras-parallel launch: stopping all workers.",
+        "worker 0 is waiting, inside step 4 (last completed step 3).",
+        "the Python stacks of worker 0, worker 1 follow (SIGUSR1).",
+        "stopping all workers.",
     ]
     # Worker 1's main thread was in the callback, worker 0's in Keras' step.
     stacks = done.stderr.splitlines()

@@ -17,6 +17,7 @@ import time
 import numpy as np
 from faults_task import COUNT_BATCH, COUNT_SAMPLES
 from ps_task import train
+from test_launch_faults import reports as launcher_reports
 from transparency import max_difference, saved_weights
 
 from keras_parallel.launch import free_ports
@@ -279,19 +280,17 @@ def test_launcher_names_a_worker_asleep_in_a_callback(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[worker 1] stalling after epoch 0" in done.stdout
-    reports = [
-        line for line in done.stderr.splitlines() if line.startswith("keras-parallel")
-    ]
+    reports = launcher_reports(done)
     assert re.fullmatch(
-        r"keras-parallel launch: worker 1 is stalled: no progress for \d+ s, not "
+        r"worker 1 is stalled: no progress for \d+ s, not "
         r"inside a step \(last completed step \d+\)\.",
         reports[0],
     ), reports
     assert reports[1:] == [
-        "keras-parallel launch: the Python stacks of worker 1 follow (SIGUSR1).",
-        "keras-parallel launch: worker 1 stalled; the other workers go on "
+        "the Python stacks of worker 1 follow (SIGUSR1).",
+        "worker 1 stalled; the other workers go on "
         "(parameter-server training is asynchronous).",
-        "keras-parallel launch: the other workers finished; lost: worker 1.",
+        "the other workers finished; lost: worker 1.",
     ], reports
     assert any(
         line.startswith("[worker 1]   File") and "in on_epoch_end" in line
