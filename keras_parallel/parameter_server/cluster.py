@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import tensorflow as tf
 
@@ -96,15 +97,26 @@ def connect_worker(resolver) -> str:
 
 
 def serve(resolver) -> None:
-    """Runs this ps task's server until the process is stopped."""
-    server = tf.distribute.Server(
-        resolver.cluster_spec(),
-        job_name=PS_JOB,
-        task_index=resolver.task_id,
-        protocol="grpc",
-        start=True,
+    """Runs this ps task's server until the process is stopped.
+
+    The server is started by connecting this process's own eager context to a
+    cluster of this task alone, not by `tf.distribute.Server`: the server then
+    holds that context from the start. TensorFlow's eager service (2.21)
+    replaces its collective executor manager whenever a client's context
+    arrives while it holds none, so two workers connecting at the same moment
+    each replaced it and the first one's context kept a pointer to the freed
+    one: the ps crashed (SIGSEGV) at its next new kernel. With a context always
+    there, the manager made with the server is kept.
+    """
+    index = resolver.task_id
+    own = tf.train.ClusterSpec(
+        {PS_JOB: {index: resolver.cluster_spec().task_address(PS_JOB, index)}}
     )
-    server.join()
+    tf.config.experimental_connect_to_cluster(
+        own, job_name=PS_JOB, task_index=index, protocol="grpc"
+    )
+    tf.config.list_logical_devices()  # initialises the context: starts the server
+    threading.Event().wait()
 
 
 def ps_devices(resolver) -> list[str]:

@@ -36,6 +36,9 @@ from keras_parallel.error_reports import add_explainer, chain
 CHECK_SECONDS = 1.0
 # Unreachable this long (at least two failed connections) means gone.
 LOST_AFTER_SECONDS = 3.0
+# A ps task that never answered yet is starting (workers often start first),
+# not lost: it is given this long before the worker gives up on it.
+START_SECONDS = 600.0
 # Given to the script to end by its own error, before the worker exits.
 REPORT_SECONDS = 20.0
 # The line of TensorFlow's message that says why (its first line often says
@@ -122,6 +125,15 @@ def describe(gone: list[tuple[int, str, str]], reported: str | None) -> str:
     )
 
 
+def _never_answered(tasks: list[tuple[int, str, str]], waited: float) -> str:
+    names = ", ".join(f"ps {i} ({address}: {why})" for i, address, why in tasks)
+    return (
+        f"Parameter server {names} never answered in {waited:.0f} s. Start "
+        "every ps task of the cluster (the same TF_CONFIG cluster, with task "
+        "type 'ps'), or use `keras-parallel launch --ps K`, which starts them."
+    )
+
+
 def _explain(error: BaseException) -> ParameterServerLostError | None:
     if isinstance(error, ParameterServerLostError):
         return None  # already ours
@@ -143,17 +155,48 @@ def _explain(error: BaseException) -> ParameterServerLostError | None:
     return ParameterServerLostError(describe(gone, said))
 
 
-def _check_forever() -> None:
-    failing_since = None
-    while _watch.lost is None:
-        gone = unreachable()
-        now = time.monotonic()
+class Verdict:
+    """What the connection checks say of the ps tasks over time.
+
+    A task that answered once and then accepts no connection for
+    `LOST_AFTER_SECONDS` is lost; one that never answered is starting (workers
+    often start first) until `START_SECONDS` after the watch began.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.started = now
+        self.answered: set[int] = set()
+        self.failing_since: float | None = None
+
+    def observe(
+        self, tasks: list[tuple[int, str]], down: list[tuple[int, str, str]], now: float
+    ) -> str | None:
+        """The report once a task counts as lost (None while none does).
+
+        Args:
+            tasks: every watched task, (index, address).
+            down: the tasks that accepted no connection now, as `unreachable`.
+            now: the time of the check.
+        """
+        down_ids = {i for i, _, _ in down}
+        self.answered.update(i for i, _ in tasks if i not in down_ids)
+        gone = [task for task in down if task[0] in self.answered]
+        starting = [task for task in down if task[0] not in self.answered]
         if not gone:
-            failing_since = None
-        elif failing_since is None:
-            failing_since = now
-        elif now - failing_since >= LOST_AFTER_SECONDS:
-            _watch.lost = describe(gone, None)
+            self.failing_since = None
+        elif self.failing_since is None:
+            self.failing_since = now
+        elif now - self.failing_since >= LOST_AFTER_SECONDS:
+            return describe(gone, None)
+        if starting and now - self.started >= START_SECONDS:
+            return _never_answered(starting, now - self.started)
+        return None
+
+
+def _check_forever() -> None:
+    verdict = Verdict(time.monotonic())
+    while _watch.lost is None:
+        _watch.lost = verdict.observe(_watch.tasks, unreachable(), time.monotonic())
         time.sleep(CHECK_SECONDS)
     lost_at = time.monotonic()
     while time.monotonic() - lost_at < REPORT_SECONDS:

@@ -133,8 +133,10 @@ class ParameterServerExtended(OneDeviceExtended):
     """One replica on this worker's device; variables on the ps tasks."""
 
     def __init__(self, container_strategy, resolver, variable_partitioner=None):
-        host = cluster.connect_worker(resolver)
+        # Watched from before connecting: TensorFlow waits for ever for a ps
+        # task that never starts.
         watch_ps_tasks(resolver.cluster_spec().job_tasks(cluster.PS_JOB))
+        host = cluster.connect_worker(resolver)
         self.worker_device = f"{host}/device:CPU:0"
         super().__init__(container_strategy, self.worker_device)
         self.worker_index = resolver.task_id
