@@ -34,6 +34,7 @@ def float64():
     keras.mixed_precision.set_global_policy("float64")
     yield
     keras.backend.set_floatx("float32")
+    keras.mixed_precision.set_global_policy("float32")
 
 
 def run_python(code: str, timeout: float = 300, env: dict | None = None):

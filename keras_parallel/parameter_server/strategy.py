@@ -18,6 +18,7 @@ from keras_parallel.parameter_server import cluster, partitioned, row_ranges
 from keras_parallel.parameter_server.coordination import Meetings, UpdateCounter
 from keras_parallel.parameter_server.lost_ps import watch_ps_tasks
 from keras_parallel.parameter_server.variables import BytePlacer, shared_variable
+from keras_parallel.scope_errors import explained
 from keras_parallel.specialize import keras_step, reachable, specialized
 from keras_parallel.step_progress import step_counter
 
@@ -125,6 +126,12 @@ class ParameterServer(tf.distribute.Strategy):
         """
         return self.extended.updates.stats()
 
+    def scope(self):
+        """The strategy's scope, with errors of objects made outside it
+        explained and models without `call()` built as on one device
+        (`keras_parallel.scope_errors`)."""
+        return explained(super().scope())
+
     def __repr__(self) -> str:
         return f"ParameterServer(worker {self.worker_index} of {self.num_workers})"
 
@@ -163,6 +170,22 @@ class ParameterServerExtended(OneDeviceExtended):
         self.step_counter = step_counter(self.worker_device)
 
     def _create_variable(self, next_creator, **kwargs):
+        # Made eagerly even inside a traced step (keras.io's GAN builds its
+        # optimizers' slots in its first `train_step`): the shared resource is
+        # made and initialised on the ps once, as TensorFlow lifts the
+        # initialisation of a variable created in a tf.function.
+        value = kwargs["initial_value"]
+        if not callable(value) and tf.is_symbolic_tensor(value):
+            raise ValueError(
+                "ParameterServer makes its variables on the ps tasks when they "
+                f"are created, but variable {kwargs.get('name')!r} was given a "
+                "value computed inside a traced function. Give it an initializer "
+                "(a callable), or create it before the first step."
+            )
+        with tf.init_scope():
+            return self._create_eagerly(next_creator, **kwargs)
+
+    def _create_eagerly(self, next_creator, **kwargs):
         colocate_with = kwargs.pop("colocate_with", None)
         value = kwargs["initial_value"]
         if callable(value):

@@ -257,6 +257,22 @@ def train(
 
 
 def main(argv: list[str]) -> int:
+    """`OUT [options] [--then options ...]`: one training run per group of
+    options, each under a DataParallel of its own in the same workers (as a
+    notebook creates one per cell); run k > 0 writes to `OUT/run_k`."""
+    out, *rest = argv
+    groups = [[]]
+    for arg in rest:
+        if arg == "--then":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    for k, group in enumerate(groups):
+        run(parse([out if k == 0 else f"{out}/run_{k}", *group]))
+    return 0
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--epochs", type=int, default=3)
@@ -286,8 +302,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--outer", action="store_true", help="DiLoCo's Nesterov")
     parser.add_argument("--embedding", action="store_true")
     parser.add_argument("--collective-timeout", type=float, default=None)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     import keras_parallel
 
     strategy = keras_parallel.DataParallel(
@@ -359,7 +377,6 @@ def main(argv: list[str]) -> int:
         num_workers=strategy.num_workers,
         restart_count=int(os.environ.get("KERAS_PARALLEL_RESTART_COUNT", "0")),
     )
-    return 0
 
 
 if __name__ == "__main__":

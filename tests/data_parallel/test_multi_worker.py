@@ -60,15 +60,56 @@ def reference():
     )
 
 
-def test_two_workers_equal_single_process(tmp_path, reference):
-    done = _launch(tmp_path)
+# One launch trains every configuration, each under a DataParallel of its own
+# in the same two workers (TensorFlow's start-up in each process is most of a
+# launch's cost); each is then held to one process's result.
+CONFIGURATIONS = {
+    "plain": (),
+    "optimizer_options": ("--optimizer-options",),
+    "bf16": ("--compression", "bf16"),
+    "sharding_gradients": ("--sharding", "gradients"),
+    "sharding_parameters": ("--sharding", "parameters"),
+    "local_sgd": ("--sync-every", "4"),
+    "diloco": ("--sync-every", "4", "--outer"),
+    "split_embedding": ("--sharding", "parameters", "--embedding"),
+    "powersgd": ("--compression", "powersgd"),
+    "fp16": ("--compression", "fp16"),
+    "uneven_last_batch": ("--samples", "250"),
+}
+FP32_BYTES = 4 * (8 * 16 + 2 * 16 + 16 + 1)  # gradients: 8x16, BN 2x16, 16+1
+
+
+def test_configurations_across_workers_equal_one_process(tmp_path, reference):
+    args = []
+    for k, options in enumerate(CONFIGURATIONS.values()):
+        args += [*(["--then"] if k else []), *options]
+    done = _launch(tmp_path, *args)
     assert done.returncode == 0, done.stderr[-3000:]
+    results = {
+        name: _results(tmp_path / f"run_{k}" if k else tmp_path)
+        for k, name in enumerate(CONFIGURATIONS)
+    }
+    for name, (first, second) in results.items():
+        # Every worker ends with the same weights.
+        assert _max_difference(_weights(first), _weights(second)) == 0.0, name
+    _plain(done, *results["plain"], reference)
+    _optimizer_options(results["optimizer_options"][0])
+    _bf16(results["bf16"][0], reference)
+    for sharding in ("gradients", "parameters"):
+        _sharding(results[f"sharding_{sharding}"][0], reference)
+    for name in ("local_sgd", "diloco"):
+        _periodic_averaging(results[name][0], outer=name == "diloco")
+    _split_embedding(results["split_embedding"][0])
+    for name in ("powersgd", "fp16"):
+        _compressed_as_one_process_with_as_many_replicas(results[name][0], name)
+    _uneven_last_batch(results["uneven_last_batch"][0])
+
+
+def _plain(done, first, second, reference):
     assert "[worker 0] DataParallel(worker 0 of 2, 2 replicas)" in done.stdout
     assert "[worker 1] DataParallel(worker 1 of 2, 2 replicas)" in done.stdout
-    first, second = _results(tmp_path)
     assert int(first["num_workers"]) == 2
     # Dense + BatchNormalization (statistics over the global batch) + Adam.
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
     np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
     # Every step logs the whole batch's metrics, the same on every worker.
@@ -81,51 +122,32 @@ def test_two_workers_equal_single_process(tmp_path, reference):
     for result in (first, second):
         assert result["predictions"].shape == (100, 1)
         np.testing.assert_allclose(result["predictions"], reference[2], atol=1e-5)
-    # The gradients went through our engine: 8x16, 2x16 (BN), 16+1 floats.
-    assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
+    # The gradients went through our engine.
+    assert int(first["bytes_per_step"]) == FP32_BYTES
 
 
-def test_optimizer_options_across_workers(tmp_path):
-    done = _launch(tmp_path, "--optimizer-options")
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
+def _optimizer_options(first):
     model, _, *_ = train(optimizer_options=True)
     assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
 
 
-def test_compression_across_workers(tmp_path, reference):
-    done = _launch(tmp_path, "--compression", "bf16")
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
-    fp32 = 4 * (8 * 16 + 2 * 16 + 16 + 1)
-    assert int(first["bytes_per_step"]) == fp32 // 2  # bfloat16 on the wire
+def _bf16(first, reference):
+    assert int(first["bytes_per_step"]) == FP32_BYTES // 2  # bfloat16 on the wire
     # bfloat16 keeps 8 bits of mantissa: close to, not equal to, float32.
     assert 0 < _max_difference(_weights(first), reference[0]) < 0.05
 
 
-@pytest.mark.parametrize("sharding", ["gradients", "parameters"])
-def test_sharding_modes_across_workers(tmp_path, reference, sharding):
+def _sharding(first, reference):
     # Each worker splits over its own devices (one CPU here) and the
     # reduce-scatter sums over both workers' replicas.
-    done = _launch(tmp_path, "--sharding", sharding)
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
     assert _max_difference(_weights(first), reference[0]) <= 1e-5
     np.testing.assert_allclose(first["loss"], reference[1], rtol=1e-5)
-    assert int(first["bytes_per_step"]) == 4 * (8 * 16 + 2 * 16 + 16 + 1)
+    assert int(first["bytes_per_step"]) == FP32_BYTES
 
 
-@pytest.mark.parametrize("outer", [False, True], ids=["local_sgd", "diloco"])
-def test_periodic_averaging_across_workers_equals_one_process(tmp_path, outer):
+def _periodic_averaging(first, outer):
     # Each worker's replica steps alone; every 4 steps the changes are summed
     # over both workers by TensorFlow's collectives.
-    done = _launch(tmp_path, "--sync-every", "4", *(["--outer"] if outer else []))
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
     strategy = keras_parallel.DataParallel(
         devices(2), sync_every=4, outer_optimizer=OUTER_OPTIMIZER if outer else None
     )
@@ -136,27 +158,16 @@ def test_periodic_averaging_across_workers_equals_one_process(tmp_path, outer):
     assert float(first["bytes_per_step"]) == weights / 4
 
 
-def test_split_embedding_across_workers_equals_one_process(tmp_path):
+def _split_embedding(first):
     # The embedding's sparse gradient is gathered from both workers and each
     # worker keeps its rows, still sparse (Adam's per-row update as on one
     # device).
-    done = _launch(tmp_path, "--sharding", "parameters", "--embedding")
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
     model, history, *_ = train(embedding=True)
     assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
     np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["powersgd", "fp16"])
-def test_compressed_across_workers_equals_one_process_with_as_many_replicas(
-    tmp_path, name
-):
-    done = _launch(tmp_path, "--compression", name)
-    assert done.returncode == 0, done.stderr[-3000:]
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
+def _compressed_as_one_process_with_as_many_replicas(first, name):
     # One process, two replicas, the same global batch: PowerSGD's error
     # memory must be each replica's share of what the sum over ALL workers'
     # replicas missed, and fp16's scale must be agreed over all of them.
@@ -167,6 +178,13 @@ def test_compressed_across_workers_equals_one_process_with_as_many_replicas(
     assert (
         int(first["bytes_per_step"]) == strategy.communication_stats()["bytes_per_step"]
     )
+
+
+def _uneven_last_batch(first):
+    # 250 samples in batches of 32 end with a batch of 26, 13 per worker.
+    model, history, *_ = train(epochs=3, samples=250)
+    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
+    np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
 
 
 def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
@@ -206,17 +224,6 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
     ), stderr[-3000:]
     assert "/job:worker/replica:0/task:1" in last_line
     assert keras_parallel.WorkerFailedError.__module__ in last_line
-
-
-def test_uneven_last_batch(tmp_path):
-    # 250 samples in batches of 32 end with a batch of 26, 13 per worker.
-    done = _launch(tmp_path, "--samples", "250")
-    assert done.returncode == 0, done.stderr[-3000:]
-    model, history, *_ = train(epochs=3, samples=250)
-    first, second = _results(tmp_path)
-    assert _max_difference(_weights(first), _weights(second)) == 0.0
-    assert _max_difference(_weights(first), model.get_weights()) <= 1e-5
-    np.testing.assert_allclose(first["loss"], history.history["loss"], rtol=1e-5)
 
 
 def test_steps_per_execution_above_one_is_refused_clearly(tmp_path):

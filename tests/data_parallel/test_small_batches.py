@@ -52,7 +52,10 @@ def model(kind: str):
 CASES = [(n, r) for n in (2, 4) for r in range(n)]
 
 
-@pytest.mark.parametrize("kind", ["plain", "conv", "sequence", "batchnorm"])
+KINDS = ["plain", "conv", "sequence", "batchnorm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("num_devices", "remainder"), CASES)
 def test_fewer_samples_than_replicas(kind, num_devices, remainder):
     # Batches of n - 1 samples leave a replica empty in every step; the last
@@ -64,6 +67,19 @@ def test_fewer_samples_than_replicas(kind, num_devices, remainder):
     parallel, history = train(model(kind), fit, strategy)
     assert max_weight_diff(parallel, reference) <= TOLERANCE
     assert max_history_diff(history, reference_history) <= TOLERANCE
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("num_devices", [2, 4])
+def test_predict_and_evaluate_fewer_samples_than_replicas(kind, num_devices):
+    # The same initial weights (seeded) on one device and under the strategy:
+    # what a replica without a sample would compute counts nowhere.
+    keras.utils.set_random_seed(0)
+    reference = model(kind)()
+    keras.utils.set_random_seed(0)
+    with keras_parallel.DataParallel(devices(num_devices)).scope():
+        parallel = model(kind)()
+    assert max_weight_diff(parallel, reference) == 0.0
     for size in range(1, num_devices + 1):
         np.testing.assert_allclose(
             parallel.predict(X[:size], verbose=0),

@@ -25,4 +25,6 @@ def launch(task, out, workers: int, ps: int, *args: str) -> list[dict]:
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # Under --ps a lost worker does not fail the job: say which one.
+    assert "lost:" not in done.stderr, done.stderr[-3000:]
     return worker_results(out, workers)

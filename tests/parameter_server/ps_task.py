@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -129,6 +130,55 @@ def placement(strategy, model):
     return {k: np.array(sorted(v)) for k, v in {**found, **ops}.items()}
 
 
+def two_inputs_two_outputs():
+    """A functional model of named inputs and outputs, each output with its
+    own loss, weight and metric."""
+    a, b = keras.Input((3,), name="a"), keras.Input((3,), name="b")
+    hidden = keras.layers.Dense(8, activation="tanh")(
+        keras.layers.Concatenate()([a, b])
+    )
+    value = keras.layers.Dense(1, name="value")(hidden)
+    sign = keras.layers.Dense(1, activation="sigmoid", name="sign")(hidden)
+    model = keras.Model({"a": a, "b": b}, {"value": value, "sign": sign})
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.05),
+        loss={"value": "mse", "sign": "binary_crossentropy"},
+        loss_weights={"value": 1.0, "sign": 0.5},
+        metrics={"sign": ["accuracy"]},
+    )
+    return model
+
+
+def keras_patterns(strategy) -> dict:
+    """keras.io patterns (subclassed models, custom `compute_loss` and
+    `train_step`, GANs with two optimizers, every metric) and a model of two
+    inputs and outputs, trained in float64 under `strategy` and without:
+    {name: (largest weight difference, largest per-batch log difference)}."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+    from keras_patterns import LABELS, PATTERNS, X, Y, fit, max_logs_diff
+    from transparency import max_weight_diff
+
+    cases = {name: (build, dict(y=y)) for name, (build, y) in PATTERNS.items()}
+    inputs = {"a": X[:, :3], "b": X[:, 3:]}
+    targets = {"value": Y, "sign": LABELS}
+    cases["two_inputs_two_outputs"] = (
+        two_inputs_two_outputs,
+        dict(x=inputs, y=targets),
+    )
+    keras.backend.set_floatx("float64")
+    keras.mixed_precision.set_global_policy("float64")
+    found = {}
+    for name, (build, data) in sorted(cases.items()):
+        reference, reference_logs, _ = fit(build, None, 16, **data)
+        model, logs, _ = fit(build, strategy, 16, **data)
+        found[f"pattern_{name}"] = np.array(
+            [max_weight_diff(model, reference), max_logs_diff(logs, reference_logs)]
+        )
+    keras.backend.set_floatx("float32")
+    keras.mixed_precision.set_global_policy("float32")
+    return found
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=pathlib.Path)
@@ -144,7 +194,9 @@ def main():
     index = strategy.worker_index
     model.save(args.out / f"worker_{index}.keras")
     stats = strategy.communication_stats()
-    where = placement(strategy, model) if strategy.num_workers == 1 else {}
+    alone = strategy.num_workers == 1
+    where = placement(strategy, model) if alone else {}
+    patterns = keras_patterns(strategy) if alone else {}
     counted = count_updates(strategy)
     print("staleness", stats, flush=True)
     np.savez(
@@ -157,6 +209,7 @@ def main():
         evaluated=np.array(evaluated),
         **{k: np.array(v) for k, v in stats.items()},
         **where,
+        **patterns,
         counted=counted,
     )
 

@@ -48,6 +48,12 @@ def test_one_worker_equals_one_device(tmp_path, reference):
     # Saved from variables on the ps task, loaded with no strategy.
     loaded = keras.models.load_model(tmp_path / "worker_0.keras")
     assert max_difference(loaded.get_weights(), reference[0]) == 0.0
+    # keras.io patterns and a model of two inputs and outputs, in float64:
+    # weights and per-batch logs as without the strategy.
+    patterns = {k: v for k, v in result.items() if k.startswith("pattern_")}
+    assert len(patterns) == 7, sorted(patterns)
+    for name, (weights, logs) in patterns.items():
+        assert weights <= 1e-12 and logs <= 1e-12, (name, weights, logs)
 
 
 def test_two_workers_train_asynchronously_and_end_alike(tmp_path, reference):
