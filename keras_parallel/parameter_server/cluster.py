@@ -5,7 +5,7 @@ Every worker is its own TensorFlow client ("between-graph" training, as
 TensorFlow 1's parameter servers): it starts its own gRPC server and connects
 to the ps tasks only, never to the other workers, so a worker that dies or
 starts late does not hold the others up. A ps task only serves: its process
-starts a `tf.distribute.Server` and waits, and the workers run their reads and
+starts TensorFlow's gRPC server and waits, and the workers run their reads and
 updates on its devices.
 """
 
