@@ -3,7 +3,6 @@
 other dies). Every process is bounded by a timeout."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import LAUNCH_TIMEOUT, cluster_env, launch_task
 from multi_worker_task import OUTER_OPTIMIZER, compression, data, train
 from transparency import devices, worker_results
 from transparency import max_difference as _max_difference
@@ -20,26 +20,12 @@ import keras_parallel
 from keras_parallel.launch import free_ports
 
 TASK = pathlib.Path(__file__).with_name("multi_worker_task.py")
-TIMEOUT = 240
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    return {**env, **extra}
 
 
 def _launch(out, *args, workers=2, options=(), task=TASK, **env):
     """Runs `task` (the training task) on `workers` launched workers
     (`options`: the launcher's, `env`: extra variables)."""
-    return subprocess.run(
-        [sys.executable, "-m", "keras_parallel", "launch", "-n", str(workers)]
-        + [*options, str(task), str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=_env(**env),
-    )
+    return launch_task(task, out, *args, workers=workers, options=options, **env)
 
 
 def _results(out, workers=2):
@@ -195,7 +181,7 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     workers = []
     for index in range(2):
-        env = _env()
+        env = cluster_env()
         env["TF_CONFIG"] = json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}}
         )
@@ -210,7 +196,7 @@ def test_killed_worker_stops_the_other_with_a_clear_error(tmp_path):
             )
         )
     try:
-        _, _ = workers[1].communicate(timeout=TIMEOUT)
+        _, _ = workers[1].communicate(timeout=LAUNCH_TIMEOUT)
         assert workers[1].returncode == -9
         # Worker 0 must stop on its own, not hang in the collective.
         _, stderr = workers[0].communicate(timeout=60)

@@ -7,7 +7,6 @@ and bounded by timeouts; the times from a kill to its report are printed,
 not asserted."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -15,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+from conftest import cluster_env, launch_task
 from faults_task import COUNT_BATCH, COUNT_SAMPLES
 from ps_task import train
 from test_launch_faults import reports as launcher_reports
@@ -43,11 +43,11 @@ class Cluster:
         self.processes = []
 
     def start(self, kind, index, *args, name=None):
-        env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        env["KERAS_PARALLEL_PS_WORKER_TIMEOUT"] = WORKER_TIMEOUT
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": self.spec, "task": {"type": kind, "index": index}}
+        env = cluster_env(
+            KERAS_PARALLEL_PS_WORKER_TIMEOUT=WORKER_TIMEOUT,
+            TF_CONFIG=json.dumps(
+                {"cluster": self.spec, "task": {"type": kind, "index": index}}
+            ),
         )
         name = name or f"{kind}_{index}"
         with (
@@ -270,16 +270,10 @@ def test_launcher_names_a_worker_asleep_in_a_callback(tmp_path):
     # timeout leaves a worker room to start on a loaded machine (with 5 s, a
     # worker still importing TensorFlow while the other waited in the first
     # meeting was once named stalled).
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env["KERAS_PARALLEL_PS_WORKER_TIMEOUT"] = "2"
-    done = subprocess.run(
-        [sys.executable, "-m", "keras_parallel", "launch", "--ps", "1", "-n", "2"]
-        + ["--timeout", "30", str(TASK), str(tmp_path), "mlp", "--stall", "1:0"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        env=env,
+    done = launch_task(
+        *(TASK, tmp_path, "mlp", "--stall", "1:0"),
+        options=("--ps", "1", "--timeout", "30"),
+        KERAS_PARALLEL_PS_WORKER_TIMEOUT="2",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[worker 1] stalling after epoch 0" in done.stdout
