@@ -114,10 +114,9 @@ def unreachable(timeout: float = CHECK_SECONDS) -> list[tuple[int, str, str]]:
 
 def describe(gone: list[tuple[int, str, str]], reported: str | None) -> str:
     """The report of ps tasks `gone`; `reported`: what TensorFlow said."""
-    names = ", ".join(f"ps {i} ({address}: {why})" for i, address, why in gone)
     said = f" TensorFlow reports: {reported!r}." if reported else ""
     return (
-        f"Parameter server {names} stopped answering.{said} The variables "
+        f"Parameter server {_names(gone)} stopped answering.{said} The variables "
         "lived there, so training cannot go on: restart the whole job (every "
         "ps task and worker; `keras-parallel launch --ps K` starts them "
         "together); with keras_parallel.callbacks.BackupAndRestore training "
@@ -125,10 +124,13 @@ def describe(gone: list[tuple[int, str, str]], reported: str | None) -> str:
     )
 
 
+def _names(tasks: list[tuple[int, str, str]]) -> str:
+    return ", ".join(f"ps {i} ({address}: {why})" for i, address, why in tasks)
+
+
 def _never_answered(tasks: list[tuple[int, str, str]], waited: float) -> str:
-    names = ", ".join(f"ps {i} ({address}: {why})" for i, address, why in tasks)
     return (
-        f"Parameter server {names} never answered in {waited:.0f} s. Start "
+        f"Parameter server {_names(tasks)} never answered in {waited:.0f} s. Start "
         "every ps task of the cluster (the same TF_CONFIG cluster, with task "
         "type 'ps'), or use `keras-parallel launch --ps K`, which starts them."
     )
