@@ -25,6 +25,7 @@ import sys
 import tempfile
 
 import tables
+from launched import LAUNCHER, cluster_env
 from mlp import SAMPLES, build_mlp, epoch_timer, make_data
 
 BATCH = 256
@@ -62,13 +63,11 @@ def measure(depth, width, workers, epochs, folder, sync_every=1) -> float:
     out = os.path.join(folder, "result.json")
     script = [os.path.abspath(__file__), "--setup", str(depth), str(width)]
     script += [str(2 // workers), str(epochs), out, str(sync_every)]
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env = cluster_env()
     if workers == 1:
         command = [sys.executable, *script]
     else:
-        command = [sys.executable, "-m", "keras_parallel", "launch"]
-        command += ["-n", str(workers), *script]
+        command = [*LAUNCHER, "-n", str(workers), *script]
     subprocess.run(command, check=True, env=env, timeout=900)
     with open(out) as f:
         return json.load(f)["samples_per_second"]

@@ -35,6 +35,7 @@ import sys
 import tempfile
 
 import tables
+from launched import LAUNCHER, REPORT_PREFIX, cluster_env
 from mlp import build_student, epoch_timer
 
 FEATURES, CLASSES, TRAIN, HELD_OUT = 32, 10, 16384, 4096
@@ -43,7 +44,6 @@ PS_TASKS = 2
 WORKERS = (2, 4)
 STRATEGIES = ("ParameterServer", "DataParallel")
 ATTEMPTS = 3
-LAUNCHER = "keras-parallel launch: "
 
 
 def run_task(strategy_name: str, seed: int, out: str) -> None:
@@ -97,8 +97,7 @@ def measure(
     """What each worker of one fresh job measured. A job that fails is run
     again (at most `ATTEMPTS` times in all), and its failure is added to
     `failures`, with what the launcher said of it."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env = cluster_env()
     for _ in range(ATTEMPTS):
         out = tempfile.mkdtemp(dir=folder)
         script = [os.path.abspath(__file__), "--task", strategy_name, str(seed), out]
@@ -106,8 +105,7 @@ def measure(
             command = [sys.executable, *script]
         else:
             ps = PS_TASKS if strategy_name == "ParameterServer" else 0
-            command = [sys.executable, "-m", "keras_parallel", "launch"]
-            command += ["--ps", str(ps), "-n", str(workers), *script]
+            command = [*LAUNCHER, "--ps", str(ps), "-n", str(workers), *script]
         done = subprocess.run(
             command, env=env, timeout=1800, stderr=subprocess.PIPE, text=True
         )
@@ -115,9 +113,9 @@ def measure(
             break
         print(done.stderr[-5000:], file=sys.stderr, flush=True)
         said = [
-            line.removeprefix(LAUNCHER)
+            line.removeprefix(REPORT_PREFIX)
             for line in done.stderr.splitlines()
-            if line.startswith(LAUNCHER)
+            if line.startswith(REPORT_PREFIX)
         ]
         failures.append(
             {

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from launched import LAUNCHER, cluster_env
+
 RESULTS = pathlib.Path(__file__).with_name("results") / "ps_embedding_bytes.json"
 ROWS, WIDTH, BATCH, IDS, STEPS = 100_000, 16, 32, 3, 20
 
@@ -70,14 +72,12 @@ def worker(out: pathlib.Path, split: bool) -> None:
 
 def main() -> None:
     results = {"table_bytes": ROWS * WIDTH * 4, "ids_per_step": BATCH * IDS}
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env = cluster_env()
     with tempfile.TemporaryDirectory() as folder:
         for name, flag in (("whole", []), ("split", ["--split"])):
             out = pathlib.Path(folder) / f"{name}.json"
             subprocess.run(
-                [sys.executable, "-m", "keras_parallel", "launch", "--ps", "2"]
-                + ["-n", "1", __file__, "--out", str(out), *flag],
+                [*LAUNCHER, "--ps", "2", "-n", "1", __file__, "--out", str(out), *flag],
                 check=True,
                 env=env,
                 timeout=600,

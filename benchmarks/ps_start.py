@@ -22,12 +22,13 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
+
+from launched import LAUNCHER, REPORT_PREFIX, cluster_env
 
 RESULTS = pathlib.Path(__file__).with_name("results") / "ps_start.json"
 WORKERS = 3
 # The launcher's report of a task that ended early ("ps 0 was killed by SIGSEGV").
-REPORT = re.compile(r"keras-parallel launch: ((?:ps|worker) \d+ [^;\n]*)")
+REPORT = re.compile(REPORT_PREFIX + r"((?:ps|worker) \d+ [^;\n]*)")
 
 
 def worker() -> None:
@@ -55,13 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--launches", type=int, default=40)
     launches = parser.parse_args().launches
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env = cluster_env()
     failed = []
     for k in range(launches):
         done = subprocess.run(
-            [sys.executable, "-m", "keras_parallel", "launch", "--ps", "1"]
-            + ["-n", str(WORKERS), __file__],
+            [*LAUNCHER, "--ps", "1", "-n", str(WORKERS), __file__],
             capture_output=True,
             text=True,
             env=env,
